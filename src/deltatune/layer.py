@@ -1,0 +1,176 @@
+"""The base class of every injected layer, and the wrapper for modules trained in full.
+
+A DeltaLayer wraps one module of the user's model (`base_layer`) and holds any number of named
+adapters of one method in containers keyed by adapter name (e.g. `lora_A["default"]`), the layout
+Hugging Face peft uses, so tensor names in saved files match peft's.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class DeltaLayer(nn.Module):
+    """Common bookkeeping: active/merged adapters, deletion, saving of per-adapter tensors.
+
+    Subclasses set `adapter_attributes` (the names of their per-adapter containers) and
+    implement `add_adapter` and `forward`; mergeable ones implement `delta_weight` (additive
+    deltas) or override `merge_adapter`/`unmerge_adapter`.
+    """
+
+    adapter_attributes: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # -- introspection --------------------------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        """The original module under any stack of wrappers (hybrids nest DeltaLayers)."""
+        layer = self.base_layer
+        while isinstance(layer, DeltaLayer):
+            layer = layer.base_layer
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_attributes:
+            for name in getattr(self, attr).keys():
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        for attr in self.adapter_attributes:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                yield item
+            else:
+                yield from item.parameters()
+
+    # -- adapter lifecycle ----------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config, module_name: str) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"Adapter {adapter_name!r} is merged; unmerge before deleting it.")
+        for attr in self.adapter_attributes:
+            getattr(self, attr).pop(adapter_name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def active_unmerged(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    # -- merging --------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise TypeError(
+            f"{type(self).__name__} cannot be merged into the base weights; keep it unmerged "
+            f"(its output is computed beside the base layer)."
+        )
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        weight = self.get_base_layer().weight
+        weight.data += self.delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerge_adapter(self, adapter_name: str) -> None:
+        weight = self.get_base_layer().weight
+        weight.data -= self.delta_weight(adapter_name).to(weight.dtype)
+
+    def merge(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.adapter_names and name not in self.merged_adapters:
+                self.merge_adapter(name)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        # Undo in reverse order: multiplicative deltas (IA3, DoRA) do not commute with additive ones.
+        while self.merged_adapters:
+            self.unmerge_adapter(self.merged_adapters.pop())
+
+    # -- files ----------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Tensors of one adapter, keyed relative to this layer with the adapter name left out."""
+        state: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_attributes:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, (nn.Parameter, torch.Tensor)):
+                state[attr] = item
+            else:
+                for key, tensor in item.state_dict(keep_vars=True).items():
+                    state[f"{attr}.{key}"] = tensor
+        return state
+
+
+class ModulesToSave(DeltaLayer):
+    """A module trained in full beside an adapter (e.g. a classifier head): one copy per adapter.
+
+    Saved under the module's own path (e.g. `classifier.weight`), as peft does.
+    """
+
+    adapter_attributes = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    @property
+    def original_module(self) -> nn.Module:
+        return self.base_layer
+
+    def add_adapter(self, adapter_name: str, config=None, module_name: str = "") -> None:
+        trained_copy = copy.deepcopy(self.get_base_layer())
+        for param in trained_copy.parameters():
+            param.requires_grad_(True)
+        self.modules_to_save[adapter_name] = trained_copy
+
+    def forward(self, *args, **kwargs):
+        active = self.active_unmerged()
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        if len(active) > 1:
+            raise RuntimeError(
+                f"Several active adapters ({active}) each train their own copy of this module; "
+                f"activate one of them, or give only one of them modules_to_save."
+            )
+        return self.modules_to_save[active[0]](*args, **kwargs)
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        # "Merging" a fully trained copy means making it the module: swap parameters in place.
+        source = dict(self.modules_to_save[adapter_name].named_parameters())
+        for name, param in self.get_base_layer().named_parameters():
+            original = param.data.clone()
+            param.data.copy_(source[name].data)
+            source[name].data.copy_(original)
+
+    unmerge_adapter = merge_adapter  # swapping twice restores the original
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[adapter_name].state_dict(keep_vars=True))

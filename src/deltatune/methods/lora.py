@@ -1,0 +1,326 @@
+"""LoRA (Hu et al. 2021) and its variants: rsLoRA scaling, DoRA, PiSSA and gaussian init.
+
+W x  becomes  W x + s · B A x  with A (r × in), B (out × r) and s = alpha / r (alpha / √r for
+rsLoRA). DoRA (Liu et al. 2024) also learns a per-output magnitude m and uses
+m · (W + s·BA) / ‖W + s·BA‖ with the norm treated as a constant in backward, as the paper and
+peft do. Targets: nn.Linear, transformers' GPT-2 Conv1D (weight stored in × out), nn.Embedding
+and nn.Conv2d.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, ConfigError
+from ..inject import LINEAR_TARGETS, layer_attach
+from ..layer import DeltaLayer
+from ..registry import MethodInfo, register_method
+
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """r: rank; lora_alpha: scale numerator; use_rslora: alpha/√r instead of alpha/r;
+    use_dora: learn a magnitude vector (Linear and Conv1D targets);
+    init_lora_weights: True (B = 0, output unchanged at start), "gaussian", "pissa" (A, B from
+    the top-r singular vectors of W, W keeps the residual), or False (random, for tests);
+    rank_pattern / alpha_pattern: {module-name regex: value} overriding r / lora_alpha;
+    bias: only "none" is supported (train biases with the bitfit method in a hybrid)."""
+
+    method = "lora"
+    peft_type = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.init_lora_weights not in INIT_CHOICES:
+            raise ConfigError(f"init_lora_weights must be one of {INIT_CHOICES}, got {self.init_lora_weights!r}.")
+        if self.bias != "none":
+            raise ConfigError(f"bias={self.bias!r} is not supported; use 'none' and add the bitfit method for biases.")
+        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
+        if bad:
+            raise ConfigError(f"rank_pattern ranks must be positive integers, got {bad}.")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        return _pattern_value(self.rank_pattern, module_name, self.r), _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scaling(self, rank: int, alpha: float) -> float:
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    # peft's rule: the key must match the end of the module name at a dot boundary.
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Half-precision adapter weights lose the small updates; keep them in float32 like peft does.
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
+
+
+class _LoraBase(DeltaLayer):
+    """Per-adapter scaling and dropout shared by every LoRA layer type."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.rank: dict[str, int] = {}
+
+    def _register_common(self, adapter_name: str, config: LoraConfig, module_name: str) -> int:
+        rank, alpha = config.rank_and_alpha(module_name)
+        self.rank[adapter_name] = rank
+        self.scaling[adapter_name] = config.scaling(rank, alpha)
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        if config.use_dora and not isinstance(self, LoraLinear):
+            raise ConfigError(f"DoRA is supported on Linear and Conv1D targets; {module_name!r} is a {type(self.get_base_layer()).__name__}.")
+        return rank
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.lora_dropout.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+        self.rank.pop(adapter_name, None)
+
+
+class LoraLinear(_LoraBase):
+    """LoRA on nn.Linear and on GPT-2's Conv1D (whose weight is stored transposed)."""
+
+    adapter_attributes = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        base = self.get_base_layer()
+        self.fan_in_fan_out = type(base).__name__ == "Conv1D"
+        self.in_features, self.out_features = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_norm_at_merge: dict[str, torch.Tensor] = {}
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in) whatever its storage."""
+        weight = self.get_base_layer().weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        rank = self._register_common(adapter_name, config, module_name)
+        weight = self.get_base_layer().weight
+        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False, **kwargs)
+        self.lora_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False, **kwargs)
+        self._init_weights(adapter_name, config.init_lora_weights)
+        if config.use_dora:
+            with torch.no_grad():
+                norm = self._combined_weight(adapter_name).norm(p=2, dim=1)
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(norm.to(kwargs["dtype"]))
+
+    def _init_weights(self, adapter_name: str, init: bool | str) -> None:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        with torch.no_grad():
+            if init == "pissa":
+                self._pissa_init(adapter_name)
+                return
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / self.rank[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            if init is False:
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(B)
+
+    def _pissa_init(self, adapter_name: str) -> None:
+        """A, B from the top-r singular triplets of W; the base keeps W − s·BA (the residual)."""
+        rank, scaling = self.rank[adapter_name], self.scaling[adapter_name]
+        stored = self.get_base_layer().weight
+        weight = self.base_weight().float()
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        root = torch.sqrt(S[:rank] / scaling)
+        A = root[:, None] * Vh[:rank]
+        B = U[:, :rank] * root[None, :]
+        self.lora_A[adapter_name].weight.copy_(A)
+        self.lora_B[adapter_name].weight.copy_(B)
+        residual = weight - scaling * (B @ A)
+        stored.data.copy_((residual.T if self.fan_in_fan_out else residual).to(stored.dtype))
+
+    def _lora_product(self, adapter_name: str) -> torch.Tensor:
+        return self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+
+    def _combined_weight(self, adapter_name: str) -> torch.Tensor:
+        weight = self.base_weight()
+        return weight.to(self.lora_A[adapter_name].weight.dtype) + self.scaling[adapter_name] * self._lora_product(adapter_name)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = self.scaling[adapter_name] * self._lora_product(adapter_name)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().merge_adapter(adapter_name)
+        stored = self.get_base_layer().weight
+        combined = self._combined_weight(adapter_name)
+        norm = combined.norm(p=2, dim=1)
+        self._dora_norm_at_merge[adapter_name] = norm
+        merged = (self.lora_magnitude_vector[adapter_name] / norm)[:, None] * combined
+        stored.data.copy_((merged.T if self.fan_in_fan_out else merged).to(stored.dtype))
+
+    def unmerge_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().unmerge_adapter(adapter_name)
+        stored = self.get_base_layer().weight
+        norm = self._dora_norm_at_merge.pop(adapter_name)
+        merged = self.base_weight().to(norm.dtype)
+        original = merged * (norm / self.lora_magnitude_vector[adapter_name])[:, None] - self.scaling[adapter_name] * self._lora_product(adapter_name)
+        stored.data.copy_((original.T if self.fan_in_fan_out else original).to(stored.dtype))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_unmerged():
+            if name not in self.lora_A:
+                continue
+            A = self.lora_A[name]
+            x_lora = self.lora_dropout[name](x.to(A.weight.dtype))
+            lora_out = self.lora_B[name](A(x_lora)) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                lora_out = self._dora_output(name, x_lora, result, lora_out)
+            result = result + lora_out.to(result.dtype)
+        return result
+
+    def _dora_output(self, name: str, x_lora: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
+        """The extra output of DoRA beyond the base layer's: (m/‖W'‖ − 1)·Wx + m/‖W'‖·s·BAx."""
+        norm = self._combined_weight(name).norm(p=2, dim=1).detach()
+        scale = self.lora_magnitude_vector[name] / norm
+        if isinstance(self.lora_dropout[name], nn.Identity):
+            base_out = result.to(scale.dtype)
+            if self.bias is not None:
+                base_out = base_out - self.bias.to(scale.dtype)
+        else:
+            base_out = F.linear(x_lora, self.base_weight().to(scale.dtype))
+        return (scale - 1) * base_out + scale * lora_out
+
+
+class LoraEmbedding(_LoraBase):
+    """LoRA on nn.Embedding: a low-rank table A (r × vocab) looked up, then projected by B."""
+
+    adapter_attributes = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        rank = self._register_common(adapter_name, config, module_name)
+        if config.init_lora_weights == "pissa":
+            raise ConfigError(f"PiSSA init is for Linear targets; {module_name!r} is an Embedding.")
+        weight = self.get_base_layer().weight
+        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        A = torch.zeros(rank, weight.shape[0], **kwargs)
+        B = torch.empty(weight.shape[1], rank, **kwargs)
+        # peft's embedding init: A = 0, B ~ N(0, 1), so the output starts unchanged.
+        nn.init.normal_(B)
+        if config.init_lora_weights is False:
+            nn.init.normal_(A)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(A)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(B)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]).T * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        for name in self.active_unmerged():
+            if name not in self.lora_embedding_A:
+                continue
+            rows = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            result = result + ((rows @ self.lora_embedding_B[name].T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraConv2d(_LoraBase):
+    """LoRA on nn.Conv2d: A is a conv with the base's kernel into r channels, B a 1×1 conv."""
+
+    adapter_attributes = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        rank = self._register_common(adapter_name, config, module_name)
+        base = self.get_base_layer()
+        if base.groups != 1 or config.init_lora_weights == "pissa":
+            raise ConfigError(f"LoRA on Conv2d {module_name!r} needs groups=1 and a non-PiSSA init.")
+        kwargs = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight)}
+        self.lora_A[adapter_name] = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False, **kwargs)
+        self.lora_B[adapter_name] = nn.Conv2d(rank, base.out_channels, 1, 1, bias=False, **kwargs)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            if config.init_lora_weights is False:
+                nn.init.kaiming_uniform_(self.lora_B[adapter_name].weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        # Composing the r-channel conv with the 1×1 conv is one conv whose kernel is B·A per tap.
+        return torch.einsum("or,rikl->oikl", B[:, :, 0, 0], A) * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_unmerged():
+            if name not in self.lora_A:
+                continue
+            A = self.lora_A[name]
+            out = self.lora_B[name](A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
+            result = result + out.to(result.dtype)
+        return result
+
+
+def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d
+    return None
+
+
+register_method(
+    MethodInfo(
+        name="lora",
+        config_class=LoraConfig,
+        attach=layer_attach(lora_layer_for, LINEAR_TARGETS),
+        kind="reparameterized",
+        description="Low-rank update B·A beside each target weight (rsLoRA, DoRA, PiSSA options)",
+        compare_defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lr": 1e-3},
+    )
+)

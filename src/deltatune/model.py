@@ -1,0 +1,289 @@
+"""The model wrapper: owns named adapters over one frozen base model.
+
+It is a plain nn.Module whose forward is the base model's forward, so `generate()`, Hugging Face
+`Trainer` and `torch.compile` see the model they expect; unknown attributes forward to the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, read_config_dict
+from .inject import set_submodule, wrap_modules_to_save
+from .io import KEY_PREFIX, AdapterFileError, read_adapter_tensors, save_adapter_files
+from .layer import DeltaLayer, ModulesToSave
+from .registry import method_for_config, method_for_peft_type
+
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class ParameterReport:
+    """How much of the model trains: count, share of all parameters, bytes, per method."""
+
+    trainable: int
+    total: int
+    trainable_bytes: int
+    by_method: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}: {v:,}" for k, v in self.by_method.items())
+        return (
+            f"trainable params: {self.trainable:,} of {self.total:,} ({self.percent:.4f}%), "
+            f"{self.trainable_bytes / 2**20:.2f} MiB" + (f" [{parts}]" if parts else "")
+        )
+
+
+class DeltaModel(nn.Module):
+    """A frozen base model plus named adapters of any registered method."""
+
+    def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = DEFAULT_ADAPTER, **build_kwargs: Any) -> None:
+        super().__init__()
+        if isinstance(model, DeltaModel):
+            raise TypeError("This model is already wrapped; call .add_adapter() on it instead.")
+        self.model = model
+        self.configs: dict[str, AdapterConfig] = {}
+        self.active_adapters: list[str] = []
+        self._trainable_names: set[str] = set()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config, activate=True, **build_kwargs)
+
+    # -- forwarding -----------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpointing that works with a frozen base: non-reentrant, so no input needs grads."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"] and hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
+    # -- adapters -------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    def delta_layers(self) -> Iterator[tuple[str, DeltaLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, DeltaLayer):
+                yield name, module
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, activate: bool = False, **build_kwargs: Any) -> None:
+        """Attach a new adapter; with activate=True it becomes the (only) active one."""
+        if adapter_name in self.configs:
+            raise ValueError(
+                f"An adapter named {adapter_name!r} already exists ({self.configs[adapter_name].method}); "
+                f"pick another name or delete_adapter({adapter_name!r}) first."
+            )
+        if not adapter_name or "." in adapter_name:
+            raise ValueError(f"Adapter names must be non-empty and contain no '.', got {adapter_name!r}.")
+        info = method_for_config(config)
+        if info.needs_calibration_data and build_kwargs.get("calibration_data") is None and "saved_tensors" not in build_kwargs:
+            raise ValueError(f"Method {info.name!r} needs calibration_data=<batches> to be built.")
+        if config.base_model_name_or_path is None:
+            name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            config = config.replace(base_model_name_or_path=name_or_path or None)
+        info.attach(self.model, config, adapter_name, **build_kwargs)
+        if config.modules_to_save:
+            wrap_modules_to_save(self.model, list(config.modules_to_save), adapter_name)
+        self.configs[adapter_name] = config
+        # Re-announce the active set so the new layers know it; a first adapter becomes active.
+        self.set_adapter(adapter_name if activate or not self.active_adapters else self.active_adapters)
+
+    def set_adapter(self, names: str | Iterable[str]) -> None:
+        """Make these adapters active (several are summed); they alone are trainable."""
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [n for n in names if n not in self.configs]
+        if missing:
+            raise ValueError(f"No adapter named {missing}; this model has {self.adapter_names}.")
+        self.active_adapters = names
+        for _, layer in self.delta_layers():
+            layer.set_active(names)
+        self._refresh_trainable()
+
+    def _refresh_trainable(self) -> None:
+        trainable = {id(p) for name in self.active_adapters if not self.configs[name].inference_mode for p in self._adapter_params(name)}
+        for param in self.model.parameters():
+            param.requires_grad_(id(param) in trainable)
+
+    def _adapter_params(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        for _, layer in self.delta_layers():
+            yield from layer.adapter_parameters(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the plain base model inside this block (merged adapters stay merged)."""
+        layers = [layer for _, layer in self.delta_layers()]
+        previous = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, previous):
+                layer.disabled = was
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.configs:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has {self.adapter_names}.")
+        # Innermost first, so the path of an outer wrapper stays valid while inner ones go.
+        for name, layer in reversed(list(self.delta_layers())):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                set_submodule(self.model, name, layer.base_layer)
+        del self.configs[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        self.set_adapter(self.active_adapters)
+
+    # -- merging --------------------------------------------------------------------------
+    def merge(self, adapter_names: Iterable[str] | None = None) -> None:
+        """Fold adapters into the base weights (zero added latency); `unmerge` undoes it."""
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        for name in names:
+            if not method_for_config(self.configs[name]).mergeable:
+                raise TypeError(
+                    f"Adapter {name!r} ({self.configs[name].method}) cannot be merged into the base weights; "
+                    f"it runs beside the base layers. Keep it unmerged."
+                )
+        # Innermost wrappers first: an outer multiplicative delta must scale the inner merged weight.
+        for _, layer in reversed(list(self.delta_layers())):
+            layer.merge(names)
+
+    def unmerge(self) -> None:
+        for _, layer in self.delta_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, adapter_names: Iterable[str] | None = None) -> nn.Module:
+        """Merge, then return the plain base model with every deltatune module removed."""
+        self.merge(adapter_names)
+        for name, layer in reversed(list(self.delta_layers())):
+            set_submodule(self.model, name, layer.base_layer)
+        self.configs.clear()
+        self.active_adapters = []
+        return self.model
+
+    # -- reports --------------------------------------------------------------------------
+    def trainable_parameters(self) -> ParameterReport:
+        by_method: dict[str, int] = {}
+        owner: dict[int, str] = {}
+        for adapter, config in self.configs.items():
+            for _, layer in self.delta_layers():
+                label = "modules_to_save" if isinstance(layer, ModulesToSave) else config.method
+                for p in layer.adapter_parameters(adapter):
+                    owner.setdefault(id(p), label)
+        trainable = total = nbytes = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+                nbytes += param.numel() * param.element_size()
+                label = owner.get(id(param), "other")
+                by_method[label] = by_method.get(label, 0) + param.numel()
+        # Copies trained for modules_to_save stand in for their originals: count the model once.
+        total -= sum(p.numel() for _, l in self.delta_layers() if isinstance(l, ModulesToSave) for a in l.adapter_names for p in l.adapter_parameters(a))
+        return ParameterReport(trainable=trainable, total=total, trainable_bytes=nbytes, by_method=by_method)
+
+    # -- files ----------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """One adapter's tensors under the keys of the saved file (peft's naming)."""
+        adapter_name = self._one_adapter(adapter_name)
+        state: dict[str, torch.Tensor] = {}
+        for path, layer in self.delta_layers():
+            if adapter_name in layer.adapter_names:
+                for key, tensor in layer.adapter_state_dict(adapter_name).items():
+                    state[f"{KEY_PREFIX}{path}.{key}"] = tensor
+        return state
+
+    def save(self, directory: str | Path, adapter_name: str | None = None) -> Path:
+        """Write adapter_config.json + adapter_model.safetensors (the adapter only, never the base)."""
+        adapter_name = self._one_adapter(adapter_name)
+        config = self.configs[adapter_name].replace(inference_mode=True)
+        return save_adapter_files(directory, config, self.adapter_state_dict(adapter_name))
+
+    def load_adapter(self, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False, activate: bool = True) -> None:
+        """Add an adapter from a folder written by deltatune or Hugging Face peft."""
+        info = method_for_peft_type(str(read_config_dict(directory)["peft_type"]))
+        config = info.config_class.from_dict(read_config_dict(directory), foreign_ok=True)
+        config = config.replace(inference_mode=not is_trainable)
+        tensors = read_adapter_tensors(directory)
+        build_kwargs = {"saved_tensors": tensors} if info.needs_calibration_data else {}
+        self.add_adapter(adapter_name, config, activate=activate, **build_kwargs)
+        try:
+            self._copy_in(adapter_name, tensors, directory)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise AdapterFileError(
+                f"Adapter in {directory} does not fit this model: "
+                + (f"missing {len(missing)} tensor(s), e.g. {missing[:3]}; " if missing else "")
+                + (f"{len(unexpected)} tensor(s) with no place in this model, e.g. {unexpected[:3]}. " if unexpected else "")
+                + "Was it trained on another base model or with other target_modules?"
+            )
+        for key, target in expected.items():
+            source = tensors[key]
+            if source.shape != target.shape:
+                raise AdapterFileError(
+                    f"Tensor {key} has shape {tuple(source.shape)} in {directory} but the model needs "
+                    f"{tuple(target.shape)}; the adapter was made for a model of another size."
+                )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key])
+
+    def _one_adapter(self, adapter_name: str | None) -> str:
+        if adapter_name is not None:
+            if adapter_name not in self.configs:
+                raise ValueError(f"No adapter named {adapter_name!r}; this model has {self.adapter_names}.")
+            return adapter_name
+        if not self.configs:
+            raise ValueError("This model has no adapter.")
+        return self.active_adapters[0] if self.active_adapters else next(iter(self.configs))
+
+
+def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER, **build_kwargs: Any) -> DeltaModel:
+    """Freeze `model` and attach an adapter described by `config`; returns the wrapper.
+
+    Wrapping a DeltaModel adds the adapter to it and activates it beside the active ones
+    (a hybrid, e.g. LoRA + BitFit).
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a deltatune config such as dt.LoraConfig(...), got {type(config).__name__}.")
+    if isinstance(model, DeltaModel):
+        model.add_adapter(adapter_name, config, **build_kwargs)
+        model.set_adapter([*model.active_adapters, adapter_name])
+        return model
+    return DeltaModel(model, config, adapter_name, **build_kwargs)
+
+
+def load(model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> DeltaModel:
+    """Wrap `model` with the adapter saved in `directory` (by deltatune or peft), active."""
+    wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+    return wrapped

@@ -1,0 +1,87 @@
+"""Method registry: a method's name -> its config class and how to attach it to a model.
+
+Methods register themselves when `deltatune.methods` is imported; the core never imports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from .config import AdapterConfig, ConfigError, _closest
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# attach(model, config, adapter_name, **build_kwargs) -> None: adds one adapter to `model` in place.
+Attach = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the core and the comparison job need to know about a method.
+
+    kind: "additive" (new modules), "reparameterized" (a delta of existing weights, e.g. LoRA),
+        "selective" (train chosen existing entries), or "soft-prompt".
+    mergeable: whether the delta can be folded into the base weights.
+    compare_defaults: config fields the comparison job uses for this method, plus "lr".
+    needs_calibration_data: the method must see batches before it can be built (e.g. a
+        Fisher mask); `dt.wrap(..., calibration_data=...)` passes them to `attach`.
+    """
+
+    name: str
+    config_class: type[AdapterConfig]
+    attach: Attach
+    kind: str
+    description: str
+    mergeable: bool = True
+    compare_defaults: dict[str, Any] = field(default_factory=dict)
+    needs_calibration_data: bool = False
+
+
+_METHODS: dict[str, MethodInfo] = {}
+
+
+def register_method(info: MethodInfo) -> MethodInfo:
+    if info.name in _METHODS and _METHODS[info.name].config_class is not info.config_class:
+        raise ValueError(f"Method name {info.name!r} is already registered by {_METHODS[info.name].config_class}")
+    _METHODS[info.name] = info
+    return info
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_info(name: str) -> MethodInfo:
+    key = name.lower()
+    if key not in _METHODS:
+        raise ValueError(
+            f"Unknown method {name!r}.{_closest(key, available_methods())} "
+            f"Available: {', '.join(available_methods())}."
+        )
+    return _METHODS[key]
+
+
+def method_for_config(config: AdapterConfig) -> MethodInfo:
+    for info in _METHODS.values():
+        if type(config) is info.config_class:
+            return info
+    return method_info(config.method)
+
+
+def method_for_peft_type(peft_type: str) -> MethodInfo:
+    """Find the method for a config file's peft_type (ours or peft's spelling)."""
+    wanted = peft_type.upper()
+    for info in _METHODS.values():
+        if (info.config_class.peft_type or info.name.upper()) == wanted:
+            return info
+    raise ConfigError(
+        f"The adapter file is for method {peft_type!r}, which deltatune does not provide. "
+        f"Available: {', '.join(available_methods())}."
+    )
+
+
+def make_config(name: str, **fields: Any) -> AdapterConfig:
+    """Build a method's config by name; unknown fields are an error listing the valid ones."""
+    return method_info(name).config_class.from_dict(fields)

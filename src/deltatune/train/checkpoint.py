@@ -1,0 +1,279 @@
+"""Training checkpoints without pickle: safetensors for tensors, JSON for the rest.
+
+A checkpoint directory holds
+
+* ``trainable.safetensors`` - the parameters that require grad, by name
+* ``optimizer.safetensors`` - the optimizer's per-parameter tensors
+* ``rng.safetensors``       - torch CPU/CUDA generator states
+* ``state.json``            - step, data position, history, optimizer
+  hyper-parameters, scheduler state, Python/NumPy RNG states
+
+It is written into a temporary directory and renamed into place; only then
+does ``latest.json`` (itself replaced atomically) point at it, and only
+after that are older checkpoints removed. A process killed at any moment
+therefore leaves the previous good checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST_POINTER = "latest.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+FORMAT_VERSION = 1
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters the optimizer updates, by name, in a stable order."""
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    *,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Write a checkpoint for ``step`` atomically and make it the latest one."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=output_dir))
+    try:
+        _write_checkpoint_files(temporary, step, model, optimizer, scheduler, trainer_state)
+        if final.exists():
+            # Left by an earlier run that died before pointing at it: not trusted.
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _write_json_atomically(output_dir / LATEST_POINTER, {"checkpoint": final.name, "step": step})
+    _fsync_directory(output_dir)
+    _remove_other_checkpoints(output_dir, keep=final.name)
+    return final
+
+
+def _write_checkpoint_files(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+) -> None:
+    params = trainable_parameters(model)
+    _save_tensors({name: param.detach() for name, param in params.items()}, directory / "trainable.safetensors")
+    optimizer_tensors, optimizer_meta = _flatten_optimizer_state(optimizer.state_dict())
+    _save_tensors(optimizer_tensors, directory / "optimizer.safetensors")
+    _save_tensors(_torch_rng_tensors(), directory / "rng.safetensors")
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "trainable_names": list(params),
+        "optimizer": optimizer_meta,
+        "scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
+        "python_rng": _python_rng_state(),
+        "numpy_rng": _numpy_rng_state(),
+        "trainer": trainer_state,
+    }
+    _write_json(directory / "state.json", state)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # clone(): safetensors refuses tensors that share storage (views, tied weights).
+    save_file({name: tensor.detach().cpu().contiguous().clone() for name, tensor in tensors.items()}, str(path))
+    _fsync_file(path)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_json_atomically(path: Path, payload: Any) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _write_json(temporary, payload)
+    os.replace(temporary, path)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    # Makes the renames durable; not every platform can open a directory.
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _remove_other_checkpoints(output_dir: Path, keep: str) -> None:
+    for entry in output_dir.iterdir():
+        stale_temporary = entry.name.startswith(f".tmp-{CHECKPOINT_PREFIX}")
+        older = entry.name.startswith(CHECKPOINT_PREFIX) and entry.name != keep
+        if entry.is_dir() and (older or stale_temporary):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest.json`` points at, or None when there is none yet."""
+    pointer = Path(output_dir) / LATEST_POINTER
+    if not pointer.is_file():
+        return None
+    target = Path(output_dir) / json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+    if not (target / "state.json").is_file():
+        raise FileNotFoundError(
+            f"{pointer} points at {target}, which is missing or incomplete; "
+            f"delete {pointer} to start from scratch"
+        )
+    return target
+
+
+def load_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore trainable weights, optimizer, scheduler and RNG states; return the trainer state."""
+    checkpoint = Path(checkpoint)
+    state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+    _load_trainable(checkpoint, model, state["trainable_names"])
+    optimizer_tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer_state(optimizer_tensors, state["optimizer"]))
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _restore_torch_rng(load_file(str(checkpoint / "rng.safetensors")))
+    _restore_python_rng(state["python_rng"])
+    _restore_numpy_rng(state["numpy_rng"])
+    return state["trainer"]
+
+
+def _load_trainable(checkpoint: Path, model: torch.nn.Module, saved_names: list[str]) -> None:
+    params = trainable_parameters(model)
+    if list(params) != saved_names:
+        missing = sorted(set(saved_names) - set(params))
+        unexpected = sorted(set(params) - set(saved_names))
+        raise ValueError(
+            f"checkpoint {checkpoint} was written for other trainable parameters: "
+            f"in checkpoint only: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            f"in model only: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+            f"Resume with the same model and method configuration, or use a new output_dir"
+        )
+    saved = load_file(str(checkpoint / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def _flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into named tensors and JSON metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{key}"] = value
+            else:
+                scalars.setdefault(str(param_id), {})[key] = _jsonable(value)
+    return tensors, {"param_groups": _jsonable(state_dict["param_groups"]), "scalars": scalars}
+
+
+def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, param_id, key = name.split(".", 2)
+        state.setdefault(int(param_id), {})[key] = tensor
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    groups = [dict(group) for group in meta["param_groups"]]
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if callable(value):
+        return None  # e.g. LambdaLR's lambdas: rebuilt by the caller, not stored
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON state")
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def _torch_rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    return tensors
+
+
+def _restore_torch_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("torch_cuda_")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss_next = random.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def _restore_python_rng(state: list) -> None:
+    version, internal, gauss_next = state
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _numpy_rng_state() -> list:
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return [kind, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian)]
+
+
+def _restore_numpy_rng(state: list) -> None:
+    kind, keys, position, has_gauss, cached_gaussian = state
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
