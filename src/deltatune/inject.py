@@ -23,11 +23,15 @@ LINEAR_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+    # transformers < 5 names ViT like BERT; 5.x renamed to q_proj ... fc2. Both are listed.
+    "vit": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
+            "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
 }
 ARCHITECTURE_FAMILY: dict[str, str] = {
     **{t: "llama" for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "phi3", "olmo", "smollm3")},
     **{t: "gpt2" for t in ("gpt2",)},
-    **{t: "bert" for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "vit", "deit")},
+    **{t: "bert" for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+    **{t: "vit" for t in ("vit", "deit")},
     **{t: "t5" for t in ("t5", "mt5", "umt5")},
 }
 # Blocks are numbered children of one of these containers, e.g. `model.layers.3.self_attn`.

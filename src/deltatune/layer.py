@@ -78,7 +78,9 @@ class DeltaLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"Adapter {adapter_name!r} is merged; unmerge before deleting it.")
         for attr in self.adapter_attributes:
-            getattr(self, attr).pop(adapter_name, None)
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def active_unmerged(self) -> list[str]:

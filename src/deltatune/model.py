@@ -54,7 +54,7 @@ class DeltaModel(nn.Module):
         self.model = model
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
-        self._trainable_names: set[str] = set()
+        self.train(model.training)
         for param in model.parameters():
             param.requires_grad_(False)
         if config is not None:
@@ -75,9 +75,14 @@ class DeltaModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpointing that works with a frozen base: non-reentrant, so no input needs grads."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs["use_reentrant"] and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
 
     # -- adapters -------------------------------------------------------------------------
     @property
@@ -107,6 +112,9 @@ class DeltaModel(nn.Module):
         info.attach(self.model, config, adapter_name, **build_kwargs)
         if config.modules_to_save:
             wrap_modules_to_save(self.model, list(config.modules_to_save), adapter_name)
+        # New modules start in training mode; follow the mode of the layer they were added to.
+        for _, layer in self.delta_layers():
+            layer.train(layer.get_base_layer().training)
         self.configs[adapter_name] = config
         # Re-announce the active set so the new layers know it; a first adapter becomes active.
         self.set_adapter(adapter_name if activate or not self.active_adapters else self.active_adapters)

@@ -68,7 +68,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(logits, weight_c, out=grad_hidden[start:stop])
             if grad_weight is not None:
-                grad_weight.addmm_(logits.t(), h)
+                grad_weight += (logits.t() @ h).float()
             del logits
 
         valid_count = (labels1d != ignore_index).sum()

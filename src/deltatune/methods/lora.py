@@ -102,7 +102,8 @@ class _LoraBase(DeltaLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.lora_dropout.pop(adapter_name, None)
+        if adapter_name in self.lora_dropout:
+            del self.lora_dropout[adapter_name]
         self.scaling.pop(adapter_name, None)
         self.rank.pop(adapter_name, None)
 

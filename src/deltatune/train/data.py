@@ -70,19 +70,24 @@ def read_records(path: str | os.PathLike, *, encoding: str = "utf-8") -> list[Re
 
 def _read_table(path: Path, *, delimiter: str, encoding: str) -> list[Record]:
     with path.open(encoding=encoding, newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise DataError(f"{path} is empty: expected a header row naming the columns")
-        records = []
-        line = 2  # the header is line 1; a quoted field may span several lines
-        for row in reader:
-            if None in row:
-                raise DataError(
-                    f"{path}:{line}: row has more fields than the header "
-                    f"({len(reader.fieldnames)} columns: {', '.join(reader.fieldnames)})"
-                )
-            records.append(Record(dict(row), f"{path}:{line}"))
-            line = reader.line_num + 1
+        return read_table_stream(handle, str(path), delimiter=delimiter)
+
+
+def read_table_stream(handle: Iterable[str], name: str, *, delimiter: str = ",") -> list[Record]:
+    """Records of a CSV/TSV text stream with a header row; ``name`` is used in errors."""
+    reader = csv.DictReader(handle, delimiter=delimiter)
+    if not reader.fieldnames:
+        raise DataError(f"{name} is empty: expected a header row naming the columns")
+    records = []
+    line = 2  # the header is line 1; a quoted field may span several lines
+    for row in reader:
+        if None in row:
+            raise DataError(
+                f"{name}:{line}: row has more fields than the header "
+                f"({len(reader.fieldnames)} columns: {', '.join(reader.fieldnames)})"
+            )
+        records.append(Record(dict(row), f"{name}:{line}"))
+        line = reader.line_num + 1
     return records
 
 

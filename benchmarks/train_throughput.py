@@ -1,0 +1,401 @@
+"""Training throughput: full fine-tuning vs HF peft LoRA vs deltatune LoRA, in one process, one GPU.
+
+    PYTHONPATH=src python3 benchmarks/train_throughput.py                 # 1.1B with/without checkpointing, 7B with
+    PYTHONPATH=src python3 benchmarks/train_throughput.py --runs 1b --modes peft,deltatune
+
+Random-init Llama-shaped models in bf16 with sdpa attention, fused AdamW (states in bf16, like the
+parameters), a fixed batch of random tokens, LoRA r=16 / alpha=32 on all seven projections. Each
+mode starts from the same initial weights; LoRA A gets the same random init in peft and deltatune,
+B starts at zero. Step time is the median over the steps after warm-up, measured with CUDA events;
+peak memory is torch's peak allocation over the mode (weights, optimizer state and activations).
+"floor" is every weight frozen, no adapter, gradients flowing to the input embeddings only: what
+any adapter pays at least with HF's unfused model code.
+
+The loss check runs peft and deltatune for the same steps on the same data and reports their
+largest difference; they differ only by bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_RANK, LORA_ALPHA = 16, 32
+LORA_LR, FULL_LR = 1e-3, 1e-5
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    batch: int
+    seq: int = 2048
+    heads: int = 32
+    kv_heads: int = 8
+    vocab: int = 32000
+
+
+SHAPES = {
+    "1b": Shape("1.1B", hidden=2048, layers=16, intermediate=8192, batch=4),
+    "7b": Shape("7B", hidden=4096, layers=32, intermediate=14336, batch=2),
+}
+# (shape, gradient checkpointing)
+RUNS = {"1b": ("1b", False), "1b-ckpt": ("1b", True), "7b-ckpt": ("7b", True)}
+
+
+@dataclass
+class Result:
+    mode: str
+    step_ms: float | None = None
+    tokens_per_s: float | None = None
+    peak_gib: float | None = None
+    losses: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------- model and data
+def build_model(shape: Shape, seed: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.seq, attn_implementation="sdpa", use_cache=False,
+    )
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.train()
+
+
+def make_batch(shape: Shape, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randint(0, shape.vocab, (shape.batch, shape.seq), device="cuda", generator=gen)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+_LORA_PARAM = re.compile(r"(layers\.\d+\.\w+\.\w+)\.lora_([AB])\b")
+
+
+def set_same_lora_init(model: nn.Module, seed: int) -> int:
+    """Give every adapter the same A (seeded by its module path) and B = 0, whatever the wrapper."""
+    count = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            match = _LORA_PARAM.search(name)
+            if not match or not param.requires_grad:
+                continue
+            if match.group(2) == "B":
+                param.zero_()
+            else:
+                gen = torch.Generator(device="cpu").manual_seed(seed + sum(map(ord, match.group(1))) * 7919)
+                bound = param.shape[1] ** -0.5
+                param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
+            count += 1
+    return count
+
+
+def count_graph_nodes(tensor: torch.Tensor, name_part: str) -> int:
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += name_part in type(node).__name__
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return count
+
+
+# ----------------------------------------------------------------------------- modes
+def hf_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
+def setup_full(model, checkpointing):
+    if checkpointing:
+        enable_checkpointing(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=FULL_LR, fused=True)
+    return model, hf_loss, optimizer, ""
+
+
+def setup_floor(model, checkpointing):
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    if checkpointing:
+        enable_checkpointing(model)
+    return model, hf_loss, None, "no trainable weights"
+
+
+def setup_peft(model, checkpointing, seed):
+    import peft
+
+    if checkpointing:
+        enable_checkpointing(model)
+    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGET_MODULES)
+    wrapped = peft.get_peft_model(model, config)
+    set_same_lora_init(wrapped, seed)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True)
+    return wrapped, hf_loss, optimizer, f"peft {peft.__version__}"
+
+
+def _temporary_dispatch() -> str:
+    """TEMPORARY, until deltatune/methods/lora.py dispatches to kernels.lora_linear itself.
+
+    Patches LoraLinear.forward in this process with the dispatch the layer is meant to do."""
+    from deltatune.kernels import lora_linear
+    from deltatune.methods import lora as lora_module
+
+    layer_cls = lora_module.LoraLinear
+    if getattr(layer_cls, "_benchmark_dispatch", False):
+        return "temporary dispatch"
+    original_forward = layer_cls.forward
+
+    def forward(self, x, *args, **kwargs):
+        active = self.active_unmerged()
+        base = self.get_base_layer()
+        if (
+            len(active) == 1 and not args and not kwargs and type(base) is nn.Linear
+            and active[0] in self.lora_A and active[0] not in self.lora_magnitude_vector
+            and not base.weight.requires_grad and x.dtype == base.weight.dtype and not torch.is_autocast_enabled()
+        ):
+            name = active[0]
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                               self.scaling[name], p, self.training)
+        return original_forward(self, x, *args, **kwargs)
+
+    layer_cls.forward = forward
+    layer_cls._benchmark_dispatch = True
+    return "temporary dispatch"
+
+
+def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True):
+    import deltatune as dt
+    from deltatune.kernels import causal_lm_loss, patch_model_for_training
+
+    wrapped = dt.wrap(model, dt.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES))
+    if checkpointing:
+        wrapped.gradient_checkpointing_enable()
+    if patch:
+        patch_model_for_training(wrapped)
+    set_same_lora_init(wrapped, seed)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True)
+    loss_fn = (lambda m, ids: causal_lm_loss(m, ids, ids)) if fused_loss else hf_loss
+    return wrapped, loss_fn, optimizer, ""
+
+
+# ----------------------------------------------------------------------------- timing
+def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup) -> tuple[float, list[float], int]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    losses, fused_nodes = [], 0
+    for i in range(steps):
+        starts[i].record()
+        loss = loss_fn(model, input_ids)
+        if i == 0:
+            fused_nodes = count_graph_nodes(loss, "LoraLinearFunction")
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        ends[i].record()
+        losses.append(loss.detach())
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)][warmup:]
+    return statistics.median(times), [float(v) for v in losses], fused_nodes
+
+
+def profile_steps(model, loss_fn, optimizer, input_ids, path: str, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            loss = loss_fn(model, input_ids)
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    with open(path, "a") as f:
+        f.write(f"\n===== {title} (2 steps)\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
+
+
+def free_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
+    free_cuda()
+    torch.cuda.reset_peak_memory_stats()
+    result = Result(mode)
+    model = wrapped = optimizer = None
+    try:
+        model = build_model(shape, args.seed)
+        if mode == "full":
+            wrapped, loss_fn, optimizer, result.note = setup_full(model, checkpointing)
+        elif mode == "floor":
+            wrapped, loss_fn, optimizer, result.note = setup_floor(model, checkpointing)
+        elif mode == "peft":
+            wrapped, loss_fn, optimizer, result.note = setup_peft(model, checkpointing, args.seed)
+        elif mode.startswith("deltatune"):
+            os.environ["DELTATUNE_DISABLE_TRITON"] = "1" if mode == "deltatune-no-triton" else "0"
+            patch = mode not in ("deltatune-lora-only",)
+            wrapped, loss_fn, optimizer, result.note = setup_deltatune(
+                model, checkpointing, args.seed, patch=patch, fused_loss=patch
+            )
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        input_ids = make_batch(shape, args.seed + 1)
+        steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
+        median_ms, result.losses, fused_nodes = timed_steps(wrapped, loss_fn, optimizer, input_ids, steps, warmup)
+        result.step_ms = median_ms
+        result.tokens_per_s = shape.batch * shape.seq / (median_ms / 1000)
+        result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        if mode.startswith("deltatune"):
+            result.note = f"{fused_nodes} fused LoRA layers in graph"
+        if args.profile and not checkpointing and shape.layers <= 16:
+            profile_steps(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "profile.txt"), f"{shape.name} {mode}")
+    except torch.cuda.OutOfMemoryError:
+        result.note = "does not fit (CUDA out of memory)"
+    finally:
+        del model, wrapped, optimizer
+        if mode.startswith("deltatune"):
+            os.environ.pop("DELTATUNE_DISABLE_TRITON", None)
+        free_cuda()
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b is not None and b > 0 else "-"
+
+
+def format_table(title: str, results: dict[str, Result]) -> str:
+    full, peft_ = results.get("full"), results.get("peft")
+    lines = [title, f"{'mode':<22}{'tokens/s':>10}{'step ms':>10}{'peak GiB':>10}{'tok/s vs peft':>15}{'step vs full':>14}{'mem vs full':>13}{'mem vs peft':>13}  note"]
+    for mode, r in results.items():
+        if r.step_ms is None:
+            lines.append(f"{mode:<22}{'-':>10}{'-':>10}{'-':>10}{'-':>15}{'-':>14}{'-':>13}{'-':>13}  {r.note}")
+            continue
+        lines.append(
+            f"{mode:<22}{r.tokens_per_s:>10,.0f}{r.step_ms:>10.1f}{r.peak_gib:>10.1f}"
+            f"{ratio(r.tokens_per_s, peft_ and peft_.tokens_per_s):>15}{ratio(r.step_ms, full and full.step_ms):>14}"
+            f"{ratio(r.peak_gib, full and full.peak_gib):>13}{ratio(r.peak_gib, peft_ and peft_.peak_gib):>13}  {r.note}"
+        )
+    return "\n".join(lines)
+
+
+def loss_agreement(results: dict[str, Result]) -> str | None:
+    peft_, ours = results.get("peft"), results.get("deltatune")
+    if not (peft_ and ours and peft_.losses and ours.losses):
+        return None
+    diffs = [abs(a - b) / abs(b) for a, b in zip(ours.losses, peft_.losses)]
+    verdict = "agree (bf16 noise)" if max(diffs) < 1e-2 else "DISAGREE"
+    return (
+        f"loss check over {len(diffs)} steps: peft {peft_.losses[0]:.4f} -> {peft_.losses[-1]:.4f}, "
+        f"deltatune {ours.losses[0]:.4f} -> {ours.losses[-1]:.4f}, max relative difference {max(diffs):.2e}: {verdict}"
+    )
+
+
+def environment_line() -> str:
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = "missing"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "missing"
+    return (
+        f"{datetime.date.today().isoformat()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton_version}, transformers {transformers.__version__}, peft {peft_version}, "
+        f"bf16, sdpa, fused AdamW, LoRA r={LORA_RANK} alpha={LORA_ALPHA} on {len(TARGET_MODULES)} projections"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="1b,1b-ckpt,7b-ckpt", help=f"comma list of {sorted(RUNS)}")
+    parser.add_argument("--modes", default="full,floor,peft,deltatune",
+                        help="comma list of full, floor, peft, deltatune, deltatune-lora-only, deltatune-no-triton")
+    parser.add_argument("--big-modes", default="full,peft,deltatune", help="modes for the 7B run")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--big-steps", type=int, default=10)
+    parser.add_argument("--big-warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="write a CUDA kernel profile per mode (1.1B, no checkpointing)")
+    parser.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    parser.add_argument("--json", default=None, help="also write every number here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    print(environment_line(), flush=True)
+    if "deltatune" in args.modes:
+        import deltatune.methods.lora as lora_module
+
+        if "lora_linear" not in open(lora_module.__file__).read():
+            print(f"note: deltatune's LoRA layer does not dispatch to kernels.lora_linear yet: {_temporary_dispatch()}", flush=True)
+
+    tables, report = [], {}
+    for run_name in args.runs.split(","):
+        shape_key, checkpointing = RUNS[run_name]
+        shape = SHAPES[shape_key]
+        modes = (args.big_modes if shape_key == "7b" else args.modes).split(",")
+        results = {}
+        for mode in modes:
+            started = time.time()
+            results[mode] = run_mode(mode, shape, checkpointing, args)
+            r = results[mode]
+            print(f"[{run_name}] {mode}: {r.step_ms and round(r.step_ms, 1)} ms, {r.peak_gib and round(r.peak_gib, 2)} GiB, "
+                  f"{r.note} ({time.time() - started:.0f} s)", flush=True)
+        title = (f"{shape.name}: hidden {shape.hidden}, {shape.layers} layers, MLP {shape.intermediate}, "
+                 f"batch {shape.batch} x {shape.seq} tokens, checkpointing {'on' if checkpointing else 'off'}")
+        table = format_table(title, results)
+        agreement = loss_agreement(results)
+        tables.append(table + ("\n" + agreement if agreement else ""))
+        report[run_name] = {mode: r.__dict__ for mode, r in results.items()}
+
+    print("\n" + environment_line())
+    print("\n\n".join(tables))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment_line(), "runs": report}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The `deltatune` command: a thin argparse layer over functions a Python user can call.
+
+Each subcommand is one entry in SUBCOMMANDS (name, help, add_arguments, run); a later
+subcommand (inspect, serve, ...) is one more entry. `run` returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------- shared parsing helpers
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: 8 -> int, 1e-3 -> float, true -> bool, [a,b] -> list."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _key_values(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must look like KEY=VALUE, got {pair!r}.")
+        values[key.strip()] = _parse_value(value)
+    return values
+
+
+def _method_values(pairs: Sequence[str] | None, what: str) -> dict[str, dict[str, Any]]:
+    """--set lora.r=4 -> {"lora": {"r": 4}}; --lr lora=1e-3 -> {"lora": 1e-3} (via _key_values)."""
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in _key_values(pairs, what).items():
+        method, dot, field = key.partition(".")
+        if not dot:
+            raise ValueError(f"{what} must look like METHOD.FIELD=VALUE (e.g. lora.r=4), got {key!r}.")
+        nested.setdefault(method.lower(), {})[field] = value
+    return nested
+
+
+# ---------------------------------------------------------------- compare
+def _add_compare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="sentiment", help="task name (default: sentiment)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task (repeatable)")
+    parser.add_argument("--methods", type=_csv, help="comma-separated methods, e.g. full,lora,bitfit (default: the preset's)")
+    parser.add_argument("--quick", action="store_true", help="the short preset: under 5 minutes on 2 CPU cores")
+    parser.add_argument("--steps", type=int, help="optimizer steps per method (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, help="examples per step (default: the preset's)")
+    parser.add_argument("--train-limit", type=int, help="training examples to read")
+    parser.add_argument("--eval-limit", type=int, help="examples per evaluation split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", action="append", metavar="METHOD=LR", help="learning rate of one method (repeatable)")
+    parser.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="a method config field, e.g. lora.r=8")
+    parser.add_argument("--output", help="output folder (default: runs/compare-<time>)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--storage-tasks", type=int, default=100, help="N in the storage-for-N-tasks plot")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep the full model copy written to measure its size")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from deltatune.compare import compare
+
+    lrs = {k.lower(): float(v) for k, v in _key_values(args.lr, "--lr").items()}
+    run = compare(
+        args.task,
+        args.methods,
+        quick=args.quick,
+        output_dir=args.output,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        train_limit=args.train_limit,
+        eval_limit=args.eval_limit,
+        seed=args.seed,
+        lrs=lrs,
+        method_options=_method_values(args.set, "--set"),
+        task_options=_key_values(args.task_option, "--task-option"),
+        device=args.device,
+        storage_tasks=args.storage_tasks,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=not args.no_progress,
+    )
+    failed = [n for n, r in run.methods.items() if r.get("status") != "ok"]
+    if failed:
+        print(f"Failed: {', '.join(failed)} (details in {run.output_dir / 'report.md'})", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# ---------------------------------------------------------------- estimate
+def _add_estimate(parser: argparse.ArgumentParser) -> None:
+    from deltatune.compare.presets import MODEL_PRESETS
+
+    parser.add_argument("model", nargs="?", help=f"a model folder or a preset: {', '.join(MODEL_PRESETS)}")
+    parser.add_argument("--methods", type=_csv, help="comma-separated methods (default: full and every registered one)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--task-kind", choices=["classification", "causal_lm"], help="default: from the model")
+    parser.add_argument("--num-labels", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the device to predict for")
+    parser.add_argument("--mixed-precision", default="auto", help="auto (bf16 on CUDA), no, bf16, fp16")
+    parser.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="a method config field, e.g. lora.r=16")
+    parser.add_argument("--results", metavar="RESULTS_JSON", help="show a compare run's estimates against its measurements")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_estimate(args: argparse.Namespace) -> int:
+    if args.results:
+        from deltatune.compare.report import estimate_comparison_text, read_results
+
+        print(estimate_comparison_text(read_results(args.results)))
+        return EXIT_OK
+    if not args.model:
+        raise ValueError("Name a model folder or preset to estimate (or pass --results RESULTS_JSON).")
+    from deltatune.compare import estimate
+
+    report = estimate(
+        args.model,
+        args.methods,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        task_kind=args.task_kind,
+        num_labels=args.num_labels,
+        method_options=_method_values(args.set, "--set"),
+        device=args.device,
+        mixed_precision=args.mixed_precision,
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- train / eval
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with task, method, method_options, lr, train, output, ...")
+    parser.add_argument("--task", help="task name (default: sentiment)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task")
+    parser.add_argument("--method", help="full or a registered method (default: lora)")
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a method config field, e.g. r=8")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--steps", type=int, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--train-option", action="append", metavar="KEY=VALUE", help="any TrainConfig field, e.g. schedule=cosine")
+    parser.add_argument("--train-limit", type=int)
+    parser.add_argument("--eval-limit", type=int)
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    parser.add_argument("--output", help="folder for the adapter (default: runs/train)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from deltatune.compare.jobs import TrainSpec, train_method
+
+    spec = TrainSpec.from_yaml(args.config) if args.config else TrainSpec()
+    train_options = _key_values(args.train_option, "--train-option")
+    for key, value in (("max_steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed)):
+        if value is not None:
+            train_options[key] = value
+    spec = spec.merged(
+        task=args.task,
+        task_options=_key_values(args.task_option, "--task-option") or None,
+        method=args.method,
+        method_options=_key_values(args.set, "--set") or None,
+        lr=args.lr,
+        train=train_options or None,
+        output=args.output,
+        train_limit=args.train_limit,
+        eval_limit=args.eval_limit,
+        evaluate=False if args.no_eval else None,
+    )
+    summary = train_method(spec, progress=not args.no_progress)
+    if "quality" in summary:
+        print(json.dumps(summary["quality"], indent=2))
+    return EXIT_OK
+
+
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="folder written by `deltatune train` (or any adapter folder)")
+    parser.add_argument("--task", help="task name (default: the one recorded in the folder)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE")
+    parser.add_argument("--splits", type=_csv, help="comma-separated splits (default: all)")
+    parser.add_argument("--limit", type=int, help="examples per split")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from deltatune.compare.jobs import evaluate_saved
+
+    options = _key_values(args.task_option, "--task-option") if args.task_option else None
+    metrics = evaluate_saved(args.adapter, args.task, splits=args.splits, limit=args.limit, task_options=options)
+    print(json.dumps(metrics, indent=2))
+    return EXIT_OK
+
+
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand("compare", "train full fine-tuning and every PEFT method on one task and compare them", _add_compare, _run_compare),
+    Subcommand("estimate", "predict trainable parameters and memory before training", _add_estimate, _run_estimate),
+    Subcommand("train", "train one method on a task and save the adapter", _add_train, _run_train),
+    Subcommand("eval", "evaluate a saved adapter on its task", _add_eval, _run_eval),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning, measured against full fine-tuning.")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for sub in SUBCOMMANDS:
+        sub_parser = commands.add_parser(sub.name, help=sub.help, description=sub.help)
+        sub.add_arguments(sub_parser)
+        sub_parser.set_defaults(handler=sub.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("Interrupted; results measured so far are kept in the output folder.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError, OSError) as err:
+        if args.traceback:
+            raise
+        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(err, (ValueError, TypeError, FileNotFoundError, PermissionError)) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

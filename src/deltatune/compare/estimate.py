@@ -1,0 +1,349 @@
+"""Predict a training step's memory and trainable parameters before any training.
+
+The model is built from its config on the meta device (shapes only: no weights are read, no
+memory is taken, no arithmetic is done) and made trainable with the method exactly as the
+comparison does. Then:
+
+* trainable parameters and weight bytes are counted on that model, so they are exact;
+* gradients: one tensor of each trainable parameter's dtype and size;
+* optimizer states: AdamW keeps two tensors per trainable parameter (exp_avg, exp_avg_sq)
+  plus a 4-byte step counter per parameter tensor;
+* activations: one forward pass on meta inputs of the requested batch and sequence length,
+  with the same saved-tensor hooks the measurement uses. This follows the real code path of
+  the architecture and the method (whatever autograd saves, layer by layer), instead of a
+  hand-written per-layer formula that goes stale when transformers changes a layer.
+
+Attention kernels differ by device: on CPU (and meta) PyTorch's scaled-dot-product attention
+in training runs the "math" path, which saves the attention probabilities (b·heads·s² per
+layer); on CUDA the fused kernels save only q, k, v, the output and a log-sum-exp. For
+device="cuda" the trace swaps in a stand-in with the fused kernels' saved tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .measure import (
+    MIB,
+    MemoryBreakdown,
+    SavedTensorCounter,
+    count_parameters,
+    loss_from_outputs,
+    model_tensors,
+    output_tensors,
+    storage_bytes,
+    storage_key,
+    trainable_parameters,
+)
+from .methods import apply_method, method_settings, validate_methods
+from .presets import FULL, MODEL_PRESETS
+
+ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet", "camembert"}
+TASK_KINDS = ("classification", "causal_lm")
+ADAMW_STEP_BYTES = 4  # torch keeps AdamW's step count as a float32 scalar tensor per parameter
+
+
+@dataclass
+class MethodEstimate:
+    method: str
+    trainable: int = 0
+    total: int = 0
+    memory: MemoryBreakdown = field(default_factory=MemoryBreakdown)
+    error: str | None = None
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "trainable": self.trainable,
+            "total": self.total,
+            "percent": self.percent,
+            "memory": self.memory.to_dict(),
+            "error": self.error,
+        }
+
+
+@dataclass
+class EstimateReport:
+    """Predicted memory per method for one model shape, batch and sequence length."""
+
+    model: str
+    task_kind: str
+    batch_size: int
+    seq_len: int
+    device: str
+    mixed_precision: str
+    rows: list[MethodEstimate]
+
+    def row(self, method: str) -> MethodEstimate:
+        for row in self.rows:
+            if row.method == method:
+                return row
+        raise KeyError(f"No estimate for method {method!r}; estimated: {[r.method for r in self.rows]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "task_kind": self.task_kind,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "device": self.device,
+            "mixed_precision": self.mixed_precision,
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+    def render(self) -> str:
+        """A plain-text table (MiB)."""
+        header = f"{'method':<12} {'trainable':>14} {'%':>8} {'weights':>9} {'grads':>9} {'optim':>9} {'activ':>9} {'outputs':>9} {'peak':>10}"
+        lines = [
+            f"Estimate for {self.model} ({self.task_kind}), batch {self.batch_size} x {self.seq_len} tokens, "
+            f"{self.device}, mixed precision: {self.mixed_precision}",
+            header,
+            "-" * len(header),
+        ]
+        for r in self.rows:
+            if r.error:
+                lines.append(f"{r.method:<12} failed: {r.error}")
+                continue
+            m = r.memory
+            lines.append(
+                f"{r.method:<12} {r.trainable:>14,} {r.percent:>7.3f}% {m.weights / MIB:>9.1f} {m.gradients / MIB:>9.1f} "
+                f"{m.optimizer_states / MIB:>9.1f} {m.activations / MIB:>9.1f} {m.outputs / MIB:>9.1f} {m.peak / MIB:>10.1f}"
+            )
+        lines.append("(MiB; peak = weights + gradients + optimizer states + activations + outputs)")
+        return "\n".join(lines)
+
+
+def _load_config(source: Any) -> tuple[Any, str, str | None]:
+    """(transformers config, display name, preset task kind) from a preset, folder or config."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source, type(source).__name__, None
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if text.lower() in MODEL_PRESETS:
+            preset = MODEL_PRESETS[text.lower()]
+            return preset.make_config(), preset.name, preset.task_kind
+        if Path(text).is_dir():
+            if not (Path(text) / "config.json").is_file():
+                raise ValueError(f"{text} has no config.json; point to a transformers model folder.")
+            return AutoConfig.from_pretrained(text), text, None
+        raise ValueError(
+            f"{text!r} is neither a model folder nor a preset. Presets: {', '.join(MODEL_PRESETS)}."
+        )
+    raise TypeError(f"Expected a preset name, a model folder, a transformers config or a model; got {type(source).__name__}.")
+
+
+def infer_task_kind(config: Any) -> str:
+    architectures = " ".join(getattr(config, "architectures", None) or [])
+    if "SequenceClassification" in architectures:
+        return "classification"
+    if "CausalLM" in architectures or "LMHead" in architectures:
+        return "causal_lm"
+    return "classification" if getattr(config, "model_type", None) in ENCODER_MODEL_TYPES else "causal_lm"
+
+
+def _head_modules(model: nn.Module, task_kind: str) -> list[str]:
+    """The freshly initialised head a classification task must train beside any adapter."""
+    if task_kind != "classification":
+        return []
+    names = [n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
+    return names
+
+
+def build_meta_model(source: Any, task_kind: str | None = None, num_labels: int = 2) -> tuple[nn.Module, str, str]:
+    """A model with the architecture of `source` on the meta device: (model, name, task kind)."""
+    if isinstance(source, nn.Module):
+        config = getattr(source, "config", None)
+        if config is None:
+            # Not a transformers model: copy it and drop the copy's storage.
+            return copy.deepcopy(source).to("meta"), type(source).__name__, task_kind or "classification"
+        kind = task_kind or infer_task_kind(config)
+        with torch.device("meta"):
+            model = type(source)._from_config(copy.deepcopy(config)) if hasattr(type(source), "_from_config") else type(source)(config)
+        return model, getattr(config, "_name_or_path", "") or type(source).__name__, kind
+    config, name, preset_kind = _load_config(source)
+    kind = task_kind or preset_kind or infer_task_kind(config)
+    if kind not in TASK_KINDS:
+        raise ValueError(f"task_kind must be one of {', '.join(TASK_KINDS)}, got {kind!r}.")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        if kind == "classification":
+            config.num_labels = num_labels
+            if getattr(config, "pad_token_id", None) is None:
+                config.pad_token_id = 0  # decoder classifiers find the last token through it
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    return model, name, kind
+
+
+class _FusedAttentionShapes(torch.autograd.Function):
+    """Stands in for a fused CUDA attention kernel: saves what it saves (q, k, v, out, lse)."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # pragma: no cover - never run on meta
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+
+@contextlib.contextmanager
+def _attention_as_on(device: str) -> Iterator[None]:
+    if device != "cuda":
+        yield  # meta runs the same math path as CPU
+        return
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _FusedAttentionShapes.apply(query, key, value)
+
+    torch.nn.functional.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def _meta_batch(task_kind: str, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    input_ids = torch.ones(batch_size, seq_len, dtype=torch.long, device="meta")
+    # No attention mask: an all-ones mask is what the model builds itself, and building a
+    # padding mask needs data the meta device does not have.
+    if task_kind == "classification":
+        return {"input_ids": input_ids, "labels": torch.zeros(batch_size, dtype=torch.long, device="meta")}
+    return {"input_ids": input_ids, "labels": input_ids}
+
+
+def _trace_step(model: nn.Module, batch: dict[str, torch.Tensor], device: str, compute_dtype: torch.dtype | None) -> tuple[int, int, list[str]]:
+    """(activation bytes, output bytes, notes) from one meta forward pass."""
+    notes: list[str] = []
+    traced = model
+    if compute_dtype is not None:
+        # Autocast does not run on meta; a low-precision copy saves the same shapes. Autocast
+        # also keeps a low-precision copy of every matmul weight for backward: add those.
+        traced = copy.deepcopy(model).to(compute_dtype)
+    traced.train()
+    with SavedTensorCounter(exclude=model_tensors(traced)) as saved, _attention_as_on(device):
+        outputs = traced(**batch)
+    loss_from_outputs(outputs)
+    excluded = {storage_key(t) for t in model_tensors(traced)} | saved.keys
+    outputs_bytes = storage_bytes(output_tensors(outputs), exclude=excluded)
+    activations = saved.total_bytes
+    if compute_dtype is not None:
+        element = torch.empty((), dtype=compute_dtype).element_size()
+        weight_copies = sum(m.weight.numel() * element for m in model.modules() if isinstance(m, nn.Linear))
+        activations += weight_copies
+        notes.append("includes autocast's low-precision copies of linear weights")
+    return activations, outputs_bytes, notes
+
+
+def estimate_prepared(model: nn.Module, task_kind: str, batch_size: int, seq_len: int, *, device: str = "cpu", compute_dtype: torch.dtype | None = None) -> tuple[int, int, MemoryBreakdown]:
+    """(trainable, total, memory) of a meta model already made trainable by its method."""
+    params = trainable_parameters(model)
+    trainable, total = count_parameters(model)
+    gradients = sum(p.numel() * p.element_size() for p in params)
+    optimizer_states = sum(2 * p.numel() * p.element_size() + ADAMW_STEP_BYTES for p in params)
+    activations, outputs, notes = _trace_step(model, _meta_batch(task_kind, batch_size, seq_len), device, compute_dtype)
+    memory = MemoryBreakdown(
+        weights=storage_bytes(model_tensors(model)),
+        gradients=gradients,
+        optimizer_states=optimizer_states,
+        activations=activations,
+        outputs=outputs,
+        notes=notes,
+    )
+    return trainable, total, memory
+
+
+def estimate(
+    model: Any,
+    methods: Sequence[str] | str | None = None,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    task_kind: str | None = None,
+    num_labels: int = 2,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    device: str = "cpu",
+    mixed_precision: str = "auto",
+) -> EstimateReport:
+    """Predict trainable parameters and the memory breakdown of one training step per method.
+
+    model: a preset name (see `deltatune.compare.presets.MODEL_PRESETS`, e.g. "llama-7b"), a
+        local transformers model folder, a transformers config, or a model instance.
+    methods: "full" and/or registered method names (default: full fine-tuning and every method).
+    method_options: {method: {config field: value}} on top of the comparison's settings.
+    device: "cpu" or "cuda" (selects the attention kernel's saved tensors and mixed precision).
+    mixed_precision: "auto" (bf16 on CUDA, none on CPU), "no", "bf16" or "fp16".
+    """
+    from .methods import available_compare_methods
+
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    chosen = validate_methods(methods or available_compare_methods())
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}.")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}.")
+    precision = mixed_precision.lower()
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "no"
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16; got {mixed_precision!r}.")
+    # Built once up front so that a bad model name fails here, not once per method.
+    _, name, kind = build_meta_model(model, task_kind, num_labels)
+    rows = []
+    for method in chosen:
+        row = MethodEstimate(method)
+        try:
+            meta_model, _, _ = build_meta_model(model, kind, num_labels)
+            settings = method_settings(method, (method_options or {}).get(method))
+            calibration = [_meta_batch(kind, batch_size, seq_len)] if settings.needs_calibration_data else None
+            with torch.device("meta"):
+                prepared = apply_method(meta_model, settings, _head_modules(meta_model, kind), calibration)
+            row.trainable, row.total, row.memory = estimate_prepared(
+                prepared, kind, batch_size, seq_len, device=device, compute_dtype=compute_dtype
+            )
+        except (ValueError, TypeError) as err:
+            row.error = f"{type(err).__name__}: {err}"
+        except (RuntimeError, NotImplementedError) as err:
+            # e.g. a method whose setup needs real numbers (data-dependent masks) cannot run on meta.
+            row.error = f"cannot be traced on the meta device ({type(err).__name__}: {err})"
+        rows.append(row)
+    return EstimateReport(name, kind, batch_size, seq_len, device, precision, rows)
+
+
+def estimate_error(estimated: MemoryBreakdown, measured: MemoryBreakdown) -> dict[str, float | None]:
+    """Relative error (estimate - measured) / measured per component, in percent."""
+
+    def relative(est: int, meas: int) -> float | None:
+        return None if not meas else 100.0 * (est - meas) / meas
+
+    return {
+        "peak": relative(estimated.peak, measured.peak),
+        "weights": relative(estimated.weights, measured.weights),
+        "gradients": relative(estimated.gradients, measured.gradients),
+        "optimizer_states": relative(estimated.optimizer_states, measured.optimizer_states),
+        "activations": relative(estimated.activations, measured.activations),
+    }

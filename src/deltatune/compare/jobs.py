@@ -1,0 +1,178 @@
+"""Train one method on a task and save it; evaluate a saved adapter (`deltatune train` / `eval`).
+
+The run's description (task, method settings, training config, final metrics) is written beside
+the adapter as deltatune_run.json, so `evaluate_saved` knows which task and base to load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from .measure import count_parameters, directory_bytes, save_full_checkpoint, steady_step_time
+from .methods import apply_method, method_settings, validate_methods
+from .presets import FULL
+from .runner import prepare_output_dir
+
+RUN_FILE = "deltatune_run.json"
+SPEC_KEYS = ("task", "task_options", "method", "method_options", "lr", "train", "output", "train_limit", "eval_limit", "evaluate")
+
+
+@dataclass
+class TrainSpec:
+    """One training job, as `deltatune train` reads it from flags and/or a YAML file."""
+
+    task: str = "sentiment"
+    method: str = "lora"
+    output: str = "runs/train"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    evaluate: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "the job spec") -> "TrainSpec":
+        unknown = sorted(set(values) - set(SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"Unknown key(s) {', '.join(unknown)} in {source}; valid keys: {', '.join(SPEC_KEYS)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrainSpec":
+        import yaml
+
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of keys ({', '.join(SPEC_KEYS)}), not {type(values).__name__}.")
+        return cls.from_dict(values, source=str(path))
+
+    def merged(self, **overrides: Any) -> "TrainSpec":
+        """A copy with every override that is not None applied (dicts are merged key by key)."""
+        values = dataclasses.asdict(self)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        return TrainSpec(**values)
+
+
+def _train_config(spec: TrainSpec, lr: float) -> Any:
+    from deltatune.train import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(spec.train) - known)
+    if unknown:
+        raise ValueError(f"Unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}.")
+    values = {"lr": lr, **spec.train}
+    return TrainConfig(**values)
+
+
+def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train `spec.method` on `spec.task`, save it to `spec.output`, and return the run summary."""
+    from deltatune.train import evaluate_task, get_task, train
+    from deltatune.train import seed_everything
+
+    (method,) = validate_methods([spec.method])
+    settings = method_settings(method, spec.method_options, spec.lr)
+    config = _train_config(spec, settings.lr)
+    config.progress = progress
+    output = prepare_output_dir(spec.output)
+    task = get_task(spec.task, **spec.task_options)
+    seed_everything(config.seed)
+    base, tokenizer = task.load_model()
+    data = task.train_data(tokenizer, limit=spec.train_limit)
+    model = apply_method(base, settings, task.head_modules, _first_batches(task, data, config.batch_size))
+    trainable, total = count_parameters(model)
+    if console:
+        console(f"Training {method} on {task.name}: {trainable:,} of {total:,} parameters trainable, lr {config.lr:g}")
+    result = train(model, data, config, collate_fn=task.collate)
+    saved_bytes = _save_trained(model, method, output)
+    summary: dict[str, Any] = {
+        "task": spec.task,
+        "task_options": spec.task_options,
+        "method": method,
+        "method_settings": settings.to_dict(),
+        "train_config": dataclasses.asdict(config),
+        "parameters": {"trainable": trainable, "total": total},
+        "steps": result.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "step_s": steady_step_time(result.step_times),
+        "train_s": result.total_time,
+        "saved_bytes": saved_bytes,
+    }
+    if spec.evaluate:
+        summary["quality"] = evaluate_task(task, model, tokenizer, limit=spec.eval_limit)
+    (output / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    if console:
+        console(f"Saved to {output} ({saved_bytes:,} bytes)")
+    return summary
+
+
+def _first_batches(task: Any, data: Any, batch_size: int, count: int = 16):
+    for start in range(0, min(len(data), count * batch_size), batch_size):
+        yield task.collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+
+
+def _save_trained(model: nn.Module, method: str, output: Path) -> int:
+    if method == FULL:
+        save_full_checkpoint(model, output)
+        return directory_bytes(output / "model.safetensors")
+    model.save(output)
+    return sum(directory_bytes(output / name) for name in ("adapter_config.json", "adapter_model.safetensors") if (output / name).exists())
+
+
+def load_saved(directory: str | os.PathLike, task: Any) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): the task's base with the adapter (or full weights) saved in `directory`."""
+    import deltatune
+
+    directory = Path(directory)
+    base, tokenizer = task.load_model()
+    if (directory / "adapter_config.json").is_file():
+        return deltatune.load(base, directory), tokenizer
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_model
+
+        load_model(base, str(directory / "model.safetensors"))
+        return base, tokenizer
+    raise FileNotFoundError(
+        f"{directory} holds neither adapter_config.json (an adapter) nor model.safetensors (a full model); "
+        f"point to a folder written by `deltatune train`."
+    )
+
+
+def evaluate_saved(
+    directory: str | os.PathLike,
+    task: str | None = None,
+    *,
+    splits: list[str] | None = None,
+    limit: int | None = None,
+    task_options: dict[str, Any] | None = None,
+) -> dict[str, dict]:
+    """Evaluate a folder written by `train_method` (or any adapter) on its task's splits."""
+    from deltatune.train import evaluate_task, get_task
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No such folder: {directory}")
+    run_file = directory / RUN_FILE
+    saved = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    task_name = task or saved.get("task")
+    if not task_name:
+        raise ValueError(f"{directory} has no {RUN_FILE}; name the task it was trained on (--task).")
+    options = task_options if task_options is not None else saved.get("task_options", {})
+    task_object = get_task(task_name, **options)
+    model, tokenizer = load_saved(directory, task_object)
+    return evaluate_task(task_object, model, tokenizer, splits=splits, limit=limit)

@@ -1,0 +1,490 @@
+"""`deltatune compare`: full fine-tuning and every PEFT method on one task, measured alike.
+
+Every method gets the same task, data, data order, seed, steps, batch and schedule shape; only
+the learning rate and the method's own fields differ, and both are written into the report.
+Per method the run records parameters, a measured memory breakdown, step times, bytes on disk,
+quality in domain / out of domain, and forgetting. results.json is rewritten atomically after
+every phase, so a crash or Ctrl-C keeps everything measured so far; a method that fails is
+recorded as failed and the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .estimate import build_meta_model, estimate_error, estimate_prepared
+from .measure import (
+    MemoryBreakdown,
+    PeakRssSampler,
+    count_parameters,
+    directory_bytes,
+    measure_training_step,
+    resolve_device,
+    save_full_checkpoint,
+    steady_step_time,
+)
+from .methods import MethodSettings, apply_method, available_compare_methods, method_settings, validate_methods
+from .presets import FULL, RUN_PRESETS, RunPreset
+
+RESULTS_NAME = "results.json"
+SCHEMA_VERSION = 1
+CALIBRATION_BATCHES = 16  # the most a calibrated method (e.g. a Fisher mask) is offered
+WARMUP_STEPS = 3  # steps left out of the median step time
+
+
+@dataclass
+class CompareSettings:
+    """Everything that defines one comparison run (written to results.json)."""
+
+    task: str
+    methods: list[str]
+    preset: str
+    max_steps: int
+    batch_size: int
+    train_limit: int | None
+    eval_limit: int | None
+    seed: int
+    device: str
+    storage_tasks: int
+    keep_checkpoints: bool
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CompareRun:
+    """What `compare()` returns: the results and where the files went."""
+
+    output_dir: Path
+    results: dict[str, Any]
+    files: list[Path]
+
+    @property
+    def methods(self) -> dict[str, dict[str, Any]]:
+        return self.results["methods"]
+
+
+class ResultsFile:
+    """results.json, rewritten whole and atomically (temp file + rename) on every save."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+
+    def save(self) -> None:
+        text = json.dumps(self.data, indent=2, default=_json_default)
+        fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def default_output_dir() -> Path:
+    return Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_output_dir(output_dir: str | os.PathLike | None) -> Path:
+    """Create the output folder and prove it is writable, before any training starts."""
+    path = Path(output_dir) if output_dir is not None else default_output_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"Cannot write to the output folder {path} ({err.strerror or err}). "
+            f"Choose a writable folder with --output (compare(output_dir=...))."
+        ) from None
+    return path
+
+
+def resolve_settings(
+    task: str,
+    methods: Sequence[str] | str | None,
+    preset: str,
+    max_steps: int | None,
+    batch_size: int | None,
+    train_limit: int | None,
+    eval_limit: int | None,
+    seed: int,
+    device: str,
+    storage_tasks: int,
+    keep_checkpoints: bool,
+    task_options: dict[str, Any] | None,
+) -> CompareSettings:
+    if preset not in RUN_PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}.")
+    chosen: RunPreset = RUN_PRESETS[preset]
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    if methods is None:
+        # A preset's list names methods that may not be registered yet; keep those that are.
+        registered = available_compare_methods()
+        methods = [m for m in chosen.methods if m in registered] if chosen.methods else registered
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("storage_tasks", storage_tasks)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
+    return CompareSettings(
+        task=task,
+        methods=validate_methods(methods),
+        preset=preset,
+        max_steps=max_steps or chosen.max_steps,
+        batch_size=batch_size or chosen.batch_size,
+        train_limit=train_limit if train_limit is not None else chosen.train_limit,
+        eval_limit=eval_limit if eval_limit is not None else chosen.eval_limit,
+        seed=seed,
+        device=device,
+        storage_tasks=storage_tasks,
+        keep_checkpoints=keep_checkpoints,
+        task_options=dict(task_options or {}),
+    )
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def _say(console: Callable[[str], None] | None, message: str) -> None:
+    if console is not None:
+        console(message)
+
+
+class _Comparison:
+    """The state of one compare() call; each phase is one short method."""
+
+    def __init__(self, settings: CompareSettings, output_dir: Path, method_overrides: dict[str, dict[str, Any]],
+                 lrs: dict[str, float], progress: bool, console: Callable[[str], None] | None) -> None:
+        self.settings = settings
+        self.output_dir = output_dir
+        self.progress = progress
+        self.console = console
+        self.device = resolve_device(settings.device)
+        self.method_settings: dict[str, MethodSettings] = {
+            name: method_settings(name, method_overrides.get(name), lrs.get(name)) for name in settings.methods
+        }
+        self.results = ResultsFile(
+            output_dir / RESULTS_NAME,
+            {
+                "schema": SCHEMA_VERSION,
+                "status": "running",
+                "started": datetime.now().isoformat(timespec="seconds"),
+                "settings": settings.to_dict(),
+                "environment": environment(),
+                "method_settings": {n: s.to_dict() for n, s in self.method_settings.items()},
+                "methods": {},
+            },
+        )
+
+    # ------------------------------------------------------------------ setup
+    def load_task(self) -> None:
+        from deltatune.train import get_task
+
+        self.task = get_task(self.settings.task, **self.settings.task_options)
+        self._seed()
+        model, self.tokenizer = self.task.load_model()
+        self.train_data = self.task.train_data(self.tokenizer, limit=self.settings.train_limit)
+        if len(self.train_data) == 0:
+            raise ValueError(f"Task {self.settings.task!r} produced no training examples.")
+        self.eval_splits = list(self.task.eval_splits())
+        self.probe_batch = self.task.collate([self.train_data[i] for i in range(min(self.settings.batch_size, len(self.train_data)))])
+        data = self.results.data
+        data["task"] = {
+            "name": self.task.name,
+            "kind": self.task.kind,
+            "train_examples": len(self.train_data),
+            "eval_splits": self.task.eval_splits(),
+            "head_modules": list(self.task.head_modules),
+            "sequence_length": int(self.probe_batch["input_ids"].shape[-1]) if "input_ids" in self.probe_batch else None,
+        }
+        data["base_model_bytes"] = self._checkpoint_bytes_of(model)
+        self._estimate_all(model)
+        self._evaluate_base(model)
+        self.results.save()
+
+    def _seed(self) -> None:
+        from deltatune.train import seed_everything
+
+        seed_everything(self.settings.seed)
+
+    def _checkpoint_bytes_of(self, model: nn.Module) -> int:
+        with tempfile.TemporaryDirectory(dir=self.output_dir) as tmp:
+            return directory_bytes(save_full_checkpoint(model, tmp))
+
+    def _estimate_all(self, model: nn.Module) -> None:
+        """Predict every method's memory before any training, from the model's config alone."""
+        batch, seq = self.probe_batch["input_ids"].shape[0], self.probe_batch["input_ids"].shape[-1]
+        estimates = {}
+        for name, settings in self.method_settings.items():
+            try:
+                meta_model, _, _ = build_meta_model(model, self.task.kind, getattr(self.task, "num_labels", 2) or 2)
+                calibration = [self._meta_probe()] if settings.needs_calibration_data else None
+                with torch.device("meta"):
+                    prepared = apply_method(meta_model, settings, self.task.head_modules, calibration)
+                trainable, total, memory = estimate_prepared(
+                    prepared, self.task.kind, batch, seq, device=self.device.type, compute_dtype=self._compute_dtype()
+                )
+                estimates[name] = {"trainable": trainable, "total": total, "memory": memory.to_dict()}
+            except Exception as err:  # an estimate that cannot be made must not stop the comparison
+                estimates[name] = {"error": f"{type(err).__name__}: {err}"}
+        self.results.data["estimates"] = {"batch_size": int(batch), "seq_len": int(seq), "methods": estimates}
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        # What TrainConfig(mixed_precision="auto") trains in: bf16 autocast on CUDA, fp32 on CPU.
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+
+    def _meta_probe(self) -> dict[str, Any]:
+        return {k: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v for k, v in self.probe_batch.items()}
+
+    def _evaluate_base(self, model: nn.Module) -> None:
+        """Quality of the untouched base on the forgetting split: the 'before' of forgetting."""
+        if "forgetting" not in self.eval_splits:
+            return
+        _say(self.console, "Evaluating the base model on the forgetting split ...")
+        self.results.data["base_quality"] = self._evaluate(model, ["forgetting"])
+
+    def _evaluate(self, model: nn.Module, splits: list[str]) -> dict[str, Any]:
+        from deltatune.train import evaluate_task
+
+        model.to(self.device)
+        return evaluate_task(self.task, model, self.tokenizer, splits=splits, limit=self.settings.eval_limit)
+
+    # ------------------------------------------------------------------ one method
+    def run_method(self, index: int, name: str) -> None:
+        record: dict[str, Any] = {"method": name, "status": "running", "settings": self.method_settings[name].to_dict()}
+        self.results.data["methods"][name] = record
+        self.results.save()
+        total = len(self.settings.methods)
+        _say(self.console, f"[{index}/{total}] {name}: lr {self.method_settings[name].lr:g}, {self.settings.max_steps} steps")
+        started = time.perf_counter()
+        try:
+            self._run_phases(name, record)
+            record["status"] = "ok"
+        except KeyboardInterrupt:
+            record.update(status="interrupted", error="stopped by the user (Ctrl-C)")
+            raise
+        except Exception as err:
+            record.update(status="failed", error=_describe_failure(err), traceback=traceback.format_exc(limit=6))
+            partial = getattr(err, "result", None)
+            if partial is not None:  # NonFiniteLossError keeps the losses up to the failure
+                record.setdefault("losses", list(partial.losses))
+            _say(self.console, f"  {name} failed: {record['error']}")
+        finally:
+            record["wall_s"] = time.perf_counter() - started
+            self.results.save()
+
+    def _run_phases(self, name: str, record: dict[str, Any]) -> None:
+        settings = self.method_settings[name]
+        self._seed()
+        base, _ = self.task.load_model()
+        model = apply_method(base, settings, self.task.head_modules, self._calibration_batches())
+        trainable, total = count_parameters(model)
+        record["parameters"] = {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
+        self.results.save()
+
+        memory = measure_training_step(model, self.probe_batch, device=self.device)
+        record["memory"] = memory.to_dict()
+        self._compare_with_estimate(name, memory, record)
+        self.results.save()
+
+        train_result, rss_peak = self._train(model, settings, record)
+        record["memory"]["process_rss_peak"] = rss_peak
+        self.results.save()
+
+        record["quality"] = self._evaluate(model, self.eval_splits)
+        self._record_forgetting(record)
+        self.results.save()
+
+        record["storage"] = self._store(name, model)
+
+    def _calibration_batches(self) -> Iterator[dict[str, Any]]:
+        loader = torch.utils.data.DataLoader(self.train_data, batch_size=self.settings.batch_size, shuffle=False, collate_fn=self.task.collate)
+        for index, batch in enumerate(loader):
+            if index >= CALIBRATION_BATCHES:
+                return
+            yield batch
+
+    def _compare_with_estimate(self, name: str, measured: MemoryBreakdown, record: dict[str, Any]) -> None:
+        estimate = self.results.data.get("estimates", {}).get("methods", {}).get(name, {})
+        if "memory" in estimate:
+            predicted = MemoryBreakdown.from_dict(estimate["memory"])
+            record["estimate_error_percent"] = estimate_error(predicted, measured)
+
+    def _train(self, model: nn.Module, settings: MethodSettings, record: dict[str, Any]) -> tuple[Any, int | None]:
+        from deltatune.train import TrainConfig, train
+
+        config = TrainConfig(
+            max_steps=self.settings.max_steps,
+            batch_size=self.settings.batch_size,
+            lr=settings.lr,
+            seed=self.settings.seed,
+            progress=self.progress,
+            device=self.settings.device,
+        )
+        with PeakRssSampler() as rss:
+            result = train(model, self.train_data, config, collate_fn=self.task.collate)
+        record["losses"] = list(result.losses)
+        record["time"] = {
+            "steps": result.steps,
+            "step_s": steady_step_time(result.step_times, WARMUP_STEPS),
+            "train_s": result.total_time,
+            "tokens_seen": result.tokens_seen,
+            "step_times": list(result.step_times),
+        }
+        return result, rss.peak
+
+    def _record_forgetting(self, record: dict[str, Any]) -> None:
+        before = self.results.data.get("base_quality", {}).get("forgetting")
+        after = record["quality"].get("forgetting")
+        if not before or not after:
+            return
+        metric = after.get("metric") or before.get("metric")
+        if metric in before and metric in after:
+            record["forgetting"] = {
+                "metric": metric,
+                "before": before[metric],
+                "after": after[metric],
+                "change": after[metric] - before[metric],
+            }
+
+    def _store(self, name: str, model: nn.Module) -> dict[str, Any]:
+        """Write what this task needs stored and measure it on disk."""
+        directory = self.output_dir / "checkpoints" / name
+        if directory.exists():
+            shutil.rmtree(directory)
+        if name == FULL:
+            path = save_full_checkpoint(model, directory)
+            stored = {"kind": "full model copy", "bytes": directory_bytes(path), "path": str(directory)}
+            if not self.settings.keep_checkpoints:
+                shutil.rmtree(directory)
+                stored["path"] = None
+            return stored
+        model.save(directory)
+        return {"kind": "adapter", "bytes": directory_bytes(directory), "path": str(directory)}
+
+    def finish(self, status: str) -> None:
+        self.results.data["status"] = status
+        self.results.data["finished"] = datetime.now().isoformat(timespec="seconds")
+        self.results.save()
+
+
+def _describe_failure(err: BaseException) -> str:
+    message = str(err) or type(err).__name__
+    return message if type(err).__name__ in message else f"{type(err).__name__}: {message}"
+
+
+def compare(
+    task: str = "sentiment",
+    methods: Sequence[str] | str | None = None,
+    *,
+    quick: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    train_limit: int | None = None,
+    eval_limit: int | None = None,
+    seed: int = 0,
+    lrs: dict[str, float] | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    task_options: dict[str, Any] | None = None,
+    device: str = "auto",
+    storage_tasks: int = 100,
+    keep_checkpoints: bool = False,
+    progress: bool = True,
+    console: Callable[[str], None] | None = print,
+    report: bool = True,
+) -> CompareRun:
+    """Train full fine-tuning and PEFT methods on one task alike and report how they compare.
+
+    methods: names or a comma-separated string ("full,lora,bitfit"); default: the preset's
+        (quick: full, lora, bitfit; default: full and every registered method).
+    quick: the short preset (about 4 minutes on 2 CPU cores) instead of the default one.
+    lrs / method_options: per-method learning rates and config fields over the defaults.
+    Writes results.json (after every phase), report.md and PNG plots into `output_dir`.
+    """
+    settings = resolve_settings(
+        task, methods, "quick" if quick else "default", max_steps, batch_size, train_limit, eval_limit,
+        seed, device, storage_tasks, keep_checkpoints, task_options,
+    )
+    unknown = set(lrs or {}) | set(method_options or {})
+    unknown -= set(settings.methods)
+    if unknown:
+        raise ValueError(f"Options given for methods that are not run: {', '.join(sorted(unknown))}. Run: {', '.join(settings.methods)}.")
+    path = prepare_output_dir(output_dir)
+    comparison = _Comparison(settings, path, method_options or {}, lrs or {}, progress, console)
+    comparison.results.save()
+    status = "interrupted"
+    try:
+        _say(console, f"Loading task {settings.task!r} ...")
+        comparison.load_task()
+        for index, name in enumerate(settings.methods, start=1):
+            comparison.run_method(index, name)
+        status = "completed"
+    except Exception as err:
+        comparison.results.data["error"] = _describe_failure(err)
+        status = "failed"
+        raise
+    finally:
+        comparison.finish(status)
+        files = [comparison.results.path]
+        if report and comparison.results.data.get("methods"):
+            files += _write_reports(comparison.results.data, path, console)
+    return CompareRun(path, comparison.results.data, files)
+
+
+def _write_reports(results: dict[str, Any], output_dir: Path, console: Callable[[str], None] | None) -> list[Path]:
+    from .plots import write_plots
+    from .report import render_table, write_markdown
+
+    files: list[Path] = []
+    try:
+        files += write_plots(results, output_dir)
+    except Exception as err:  # a plotting problem must not hide the measured results
+        _say(console, f"Plots were not written: {_describe_failure(err)}")
+    files.insert(0, write_markdown(results, output_dir / "report.md"))
+    if console is not None:
+        console(render_table(results))
+        console(f"Results: {output_dir / RESULTS_NAME}\nReport: {output_dir / 'report.md'}")
+    return files

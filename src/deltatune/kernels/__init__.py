@@ -1,0 +1,35 @@
+"""Fast training paths: a fused LoRA linear, chunked LM cross-entropy, fused Llama-block ops.
+
+Every function here has a reference twin built from plain autograd ops; the fast one computes the
+same function (tests/test_kernels.py). On CUDA the memory-bound pieces run as Triton kernels; on
+CPU the same autograd functions run PyTorch ops.
+"""
+
+from .cross_entropy import causal_lm_loss, chunked_cross_entropy, cross_entropy_reference
+from .fused_ops import (
+    rms_norm,
+    rms_norm_reference,
+    rotary_embedding,
+    rotary_embedding_reference,
+    swiglu,
+    swiglu_reference,
+)
+from .lora_linear import lora_linear, lora_linear_reference
+from .patch import is_patched, patch_model_for_training, unpatch_model
+
+__all__ = [
+    "lora_linear",
+    "lora_linear_reference",
+    "chunked_cross_entropy",
+    "cross_entropy_reference",
+    "causal_lm_loss",
+    "patch_model_for_training",
+    "unpatch_model",
+    "is_patched",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
+    "rotary_embedding",
+    "rotary_embedding_reference",
+]

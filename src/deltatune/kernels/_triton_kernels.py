@@ -1,0 +1,207 @@
+"""Triton kernels behind the CUDA path. Imported only when a CUDA tensor and Triton are present.
+
+Every kernel reproduces the rounding points of the PyTorch code it replaces (HF computes
+``silu(gate)`` in bf16, then the product in bf16, and so on), so that the fused and the unfused
+model agree to bf16 noise. Each is one pass over its tensors, which is the whole point: these ops
+are memory bound and HF runs each of them as several kernels with float32 temporaries.
+``(v).to(storage_dtype).to(tl.float32)`` marks where an unfused op would have rounded.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+@triton.jit
+def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, stride_row, n_cols, ignore_index, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row)
+    offsets = tl.arange(0, BLOCK)
+
+    running_max = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+    running_sum = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offsets
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(x, 0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+
+    valid = label != ignore_index
+    target = tl.load(row_ptr + label, mask=valid, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+
+    # overwrite the logits with d loss_row / d logits = softmax - onehot (zero for ignored rows)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offsets
+        in_row = cols < n_cols
+        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        grad = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+        grad = tl.where(valid, grad, 0.0)
+        tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    rows, cols = logits.shape
+    losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    labels = labels.contiguous()
+    _cross_entropy_rows_kernel[(rows,)](
+        logits, labels, losses, logits.stride(0), cols, ignore_index, BLOCK=4096, num_warps=8
+    )
+    return losses
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    in_row = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
+    normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=in_row)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, stride_dy, stride_x, stride_dx, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    in_row = cols < n_cols
+    dy = tl.load(dy_ptr + row * stride_dy + cols, mask=in_row, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + row)
+    x_hat = x * rstd
+    d_normed = (dy * w).to(dx_ptr.dtype.element_ty).to(tl.float32)
+    dx = rstd * (d_normed - x_hat * (tl.sum(d_normed * x_hat, 0) / n_cols))
+    tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
+
+
+def _row_launch(n_cols: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n_cols)
+    return block, min(16, max(4, block // 512))
+
+
+def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = x2d.shape
+    y = torch.empty_like(x2d)
+    rstd = torch.empty(rows, device=x2d.device, dtype=torch.float32)
+    block, warps = _row_launch(cols)
+    _rms_norm_fwd_kernel[(rows,)](x2d, weight, y, rstd, x2d.stride(0), y.stride(0), cols, eps, BLOCK=block, num_warps=warps)
+    return y, rstd
+
+
+def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    rows, cols = x2d.shape
+    dx = torch.empty_like(x2d)
+    block, warps = _row_launch(cols)
+    _rms_norm_bwd_kernel[(rows,)](
+        dy2d, x2d, weight, rstd, dx, dy2d.stride(0), x2d.stride(0), dx.stride(0), cols, BLOCK=block, num_warps=warps
+    )
+    return dx
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+_ELEMENTWISE_BLOCK = 2048
+
+
+@triton.jit
+def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + offsets, (activated * up).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(grad_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-gate))
+    activated = (gate * sig).to(grad_up_ptr.dtype.element_ty).to(tl.float32)
+    grad_activated = (grad * up).to(grad_gate_ptr.dtype.element_ty).to(tl.float32)
+    grad_gate = grad_activated * sig * (1.0 + gate * (1.0 - sig))
+    tl.store(grad_up_ptr + offsets, (grad * activated).to(grad_up_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_gate_ptr + offsets, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=inside)
+
+
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    _swiglu_fwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8)
+    return out
+
+
+def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_gate = torch.empty_like(gate)
+    grad_up = torch.empty_like(up)
+    n = gate.numel()
+    _swiglu_bwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
+        grad, gate, up, grad_gate, grad_up, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8
+    )
+    return grad_gate, grad_up
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+@triton.jit
+def _rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr, seq_len, n_heads,
+    sx_b, sx_h, sx_s, sx_d, so_b, so_h, so_s, so_d, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    # one program per (batch, position): all heads share that position's cos/sin
+    pid = tl.program_id(0)
+    b = (pid // seq_len).to(tl.int64)
+    s = (pid % seq_len).to(tl.int64)
+    d = tl.arange(0, HALF)
+    h = tl.arange(0, BLOCK_H)
+    cos_row = cos_ptr + b * sc_b + s * sc_s
+    sin_row = sin_ptr + b * ss_b + s * ss_s
+    c1 = tl.load(cos_row + d * sc_d).to(tl.float32)[None, :]
+    c2 = tl.load(cos_row + (d + HALF) * sc_d).to(tl.float32)[None, :]
+    s1 = tl.load(sin_row + d * ss_d).to(tl.float32)[None, :]
+    s2 = tl.load(sin_row + (d + HALF) * ss_d).to(tl.float32)[None, :]
+
+    heads = h[:, None] < n_heads
+    x_first = x_ptr + b * sx_b + s * sx_s + h[:, None] * sx_h + d[None, :] * sx_d
+    o_first = out_ptr + b * so_b + s * so_s + h[:, None] * so_h + d[None, :] * so_d
+    x1 = tl.load(x_first, mask=heads, other=0.0).to(tl.float32)
+    x2 = tl.load(x_first + HALF * sx_d, mask=heads, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    if BACKWARD:
+        # transpose of rotate_half: grad1 = g1*c1 + g2*s2, grad2 = g2*c2 - g1*s1
+        out1 = (x1 * c1).to(dtype).to(tl.float32) + (x2 * s2).to(dtype).to(tl.float32)
+        out2 = (x2 * c2).to(dtype).to(tl.float32) - (x1 * s1).to(dtype).to(tl.float32)
+    else:
+        # x*cos + rotate_half(x)*sin with rotate_half(x) = (-x2, x1)
+        out1 = (x1 * c1).to(dtype).to(tl.float32) - (x2 * s1).to(dtype).to(tl.float32)
+        out2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    tl.store(o_first, out1.to(dtype), mask=heads)
+    tl.store(o_first + HALF * so_d, out2.to(dtype), mask=heads)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """x (B, H, S, D) any strides; cos, sin broadcastable to (B, S, D)."""
+    batch, heads, seq_len, dim = x.shape
+    out = torch.empty_like(x)
+    cos = cos.expand(batch, seq_len, dim)
+    sin = sin.expand(batch, seq_len, dim)
+    _rotary_kernel[(batch * seq_len,)](
+        x, cos, sin, out, seq_len, heads,
+        *x.stride(), *(out.stride()[i] for i in (0, 1, 2, 3)), *cos.stride(), *sin.stride(),
+        HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), BACKWARD=backward, num_warps=4,
+    )
+    return out
