@@ -28,7 +28,7 @@ SPEC_KEYS = ("task", "task_options", "method", "method_options", "lr", "train", 
 class TrainSpec:
     """One training job, as `deltatune train` reads it from flags and/or a YAML file."""
 
-    task: str = "sentiment"
+    task: Any = "sentiment"  # a task name or a Task object
     method: str = "lora"
     output: str = "runs/train"
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -58,7 +58,8 @@ class TrainSpec:
 
     def merged(self, **overrides: Any) -> "TrainSpec":
         """A copy with every override that is not None applied (dicts are merged key by key)."""
-        values = dataclasses.asdict(self)
+        # Not dataclasses.asdict: it would deep-copy a Task object given as `task`.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key, value in overrides.items():
             if value is None:
                 continue
@@ -90,7 +91,7 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
     config = _train_config(spec, settings.lr)
     config.progress = progress
     output = prepare_output_dir(spec.output)
-    task = get_task(spec.task, **spec.task_options)
+    task = get_task(spec.task, **spec.task_options) if isinstance(spec.task, str) else spec.task
     seed_everything(config.seed)
     base, tokenizer = task.load_model()
     data = task.train_data(tokenizer, limit=spec.train_limit)
@@ -101,7 +102,7 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
     result = train(model, data, config, collate_fn=task.collate)
     saved_bytes = _save_trained(model, method, output)
     summary: dict[str, Any] = {
-        "task": spec.task,
+        "task": spec.task if isinstance(spec.task, str) else task.name,
         "task_options": spec.task_options,
         "method": method,
         "method_settings": settings.to_dict(),
@@ -155,7 +156,7 @@ def load_saved(directory: str | os.PathLike, task: Any) -> tuple[nn.Module, Any]
 
 def evaluate_saved(
     directory: str | os.PathLike,
-    task: str | None = None,
+    task: Any = None,
     *,
     splits: list[str] | None = None,
     limit: int | None = None,
@@ -173,6 +174,6 @@ def evaluate_saved(
     if not task_name:
         raise ValueError(f"{directory} has no {RUN_FILE}; name the task it was trained on (--task).")
     options = task_options if task_options is not None else saved.get("task_options", {})
-    task_object = get_task(task_name, **options)
+    task_object = get_task(task_name, **options) if isinstance(task_name, str) else task_name
     model, tokenizer = load_saved(directory, task_object)
     return evaluate_task(task_object, model, tokenizer, splits=splits, limit=limit)

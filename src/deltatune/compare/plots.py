@@ -53,6 +53,7 @@ def plot_memory(results: dict[str, Any], path: Path) -> Path | None:
         bottom = [b + v for b, v in zip(bottom, values)]
     for x, total in enumerate(bottom):
         ax.annotate(f"{total:,.0f}", (x, total), ha="center", va="bottom", fontsize=8)
+    ax.margins(y=0.12)  # room for the totals above the bars
     ax.set_ylabel("MiB (one training step)")
     ax.set_title("Memory breakdown, measured")
     ax.legend(fontsize=8)

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 from .measure import MIB
 from .presets import FULL
 
+PERCENT_METRICS = {"accuracy", "macro_f1"}
 MEMORY_PARTS = ("weights", "gradients", "optimizer_states", "activations", "outputs")
 
 
@@ -90,7 +91,9 @@ def _metric_text(metric: tuple[str, float] | None) -> str:
     name, value = metric
     if name == "perplexity":
         return f"ppl {value:.2f}"
-    return f"{as_percent(value):.1f}%"
+    if name in PERCENT_METRICS:
+        return f"{as_percent(value):.1f}%"
+    return f"{value:.3f}"
 
 
 def _ood_text(record: dict[str, Any]) -> str:
@@ -106,10 +109,10 @@ def _forgetting_text(record: dict[str, Any]) -> str:
         return "-"
     metric = forgetting["metric"]
     before, after, change = forgetting["before"], forgetting["after"], forgetting["change"]
-    if metric in ("perplexity", "loss"):
-        return f"{metric} {before:.2f}->{after:.2f} ({change:+.2f})"
-    scale = 100.0 if max(abs(before), abs(after)) <= 1.0 else 1.0  # fractions shown as percents
-    return f"{scale * before:.1f}->{scale * after:.1f}% ({scale * change:+.1f})"
+    if metric in PERCENT_METRICS:
+        scale = 100.0 if max(abs(before), abs(after)) <= 1.0 else 1.0  # fractions shown as percents
+        return f"{scale * before:.1f}->{scale * after:.1f}% ({scale * change:+.1f})"
+    return f"{before:.3f}->{after:.3f} ({change:+.3f})"
 
 
 def table_rows(results: dict[str, Any]) -> list[list[str]]:

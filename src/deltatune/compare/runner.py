@@ -129,7 +129,7 @@ def prepare_output_dir(output_dir: str | os.PathLike | None) -> Path:
 
 
 def resolve_settings(
-    task: str,
+    task: Any,
     methods: Sequence[str] | str | None,
     preset: str,
     max_steps: int | None,
@@ -155,7 +155,7 @@ def resolve_settings(
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}.")
     return CompareSettings(
-        task=task,
+        task=task if isinstance(task, str) else getattr(task, "name", type(task).__name__),
         methods=validate_methods(methods),
         preset=preset,
         max_steps=max_steps or chosen.max_steps,
@@ -193,9 +193,10 @@ def _say(console: Callable[[str], None] | None, message: str) -> None:
 class _Comparison:
     """The state of one compare() call; each phase is one short method."""
 
-    def __init__(self, settings: CompareSettings, output_dir: Path, method_overrides: dict[str, dict[str, Any]],
+    def __init__(self, settings: CompareSettings, task: Any, output_dir: Path, method_overrides: dict[str, dict[str, Any]],
                  lrs: dict[str, float], progress: bool, console: Callable[[str], None] | None) -> None:
         self.settings = settings
+        self.task_source = task
         self.output_dir = output_dir
         self.progress = progress
         self.console = console
@@ -220,14 +221,17 @@ class _Comparison:
     def load_task(self) -> None:
         from deltatune.train import get_task
 
-        self.task = get_task(self.settings.task, **self.settings.task_options)
+        if isinstance(self.task_source, str):
+            self.task = get_task(self.task_source, **self.settings.task_options)
+        else:
+            self.task = self.task_source
         self._seed()
         model, self.tokenizer = self.task.load_model()
         self.train_data = self.task.train_data(self.tokenizer, limit=self.settings.train_limit)
         if len(self.train_data) == 0:
             raise ValueError(f"Task {self.settings.task!r} produced no training examples.")
         self.eval_splits = list(self.task.eval_splits())
-        self.probe_batch = self.task.collate([self.train_data[i] for i in range(min(self.settings.batch_size, len(self.train_data)))])
+        self.probe_batch = self._longest_batch()
         data = self.results.data
         data["task"] = {
             "name": self.task.name,
@@ -241,6 +245,17 @@ class _Comparison:
         self._estimate_all(model)
         self._evaluate_base(model)
         self.results.save()
+
+    def _longest_batch(self) -> dict[str, Any]:
+        """The batch of the longest examples: memory peaks on it, so it is the one to measure."""
+        data = self.train_data
+
+        def length(index: int) -> int:
+            ids = data[index].get("input_ids") if isinstance(data[index], dict) else None
+            return len(ids) if ids is not None else 0
+
+        longest = sorted(range(len(data)), key=length, reverse=True)[: self.settings.batch_size]
+        return self.task.collate([data[i] for i in sorted(longest)])
 
     def _seed(self) -> None:
         from deltatune.train import seed_everything
@@ -416,7 +431,7 @@ def _describe_failure(err: BaseException) -> str:
 
 
 def compare(
-    task: str = "sentiment",
+    task: Any = "sentiment",
     methods: Sequence[str] | str | None = None,
     *,
     quick: bool = False,
@@ -438,6 +453,7 @@ def compare(
 ) -> CompareRun:
     """Train full fine-tuning and PEFT methods on one task alike and report how they compare.
 
+    task: a task name (see `deltatune.train.available_tasks()`) or a Task object.
     methods: names or a comma-separated string ("full,lora,bitfit"); default: the preset's
         (quick: full, lora, bitfit; default: full and every registered method).
     quick: the short preset (about 4 minutes on 2 CPU cores) instead of the default one.
@@ -453,7 +469,7 @@ def compare(
     if unknown:
         raise ValueError(f"Options given for methods that are not run: {', '.join(sorted(unknown))}. Run: {', '.join(settings.methods)}.")
     path = prepare_output_dir(output_dir)
-    comparison = _Comparison(settings, path, method_options or {}, lrs or {}, progress, console)
+    comparison = _Comparison(settings, task, path, method_options or {}, lrs or {}, progress, console)
     comparison.results.save()
     status = "interrupted"
     try:

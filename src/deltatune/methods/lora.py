@@ -36,6 +36,8 @@ class LoraConfig(AdapterConfig):
 
     method = "lora"
     peft_type = "LORA"
+    # peft writes these always; they only matter when a flag we refuse (use_qalora...) is on.
+    tolerated_foreign_fields = AdapterConfig.tolerated_foreign_fields | {"qalora_group_size"}
 
     r: int = 8
     lora_alpha: float = 8

@@ -402,13 +402,14 @@ def load_text_documents(
 
 
 def pack_token_blocks(tokenizer: Any, documents: Sequence[str], block_size: int) -> list[list[int]]:
-    """Concatenate documents (EOS between them) and cut into ``block_size`` blocks.
+    """Concatenate documents (EOS, else SEP, between them) and cut into ``block_size`` blocks.
 
     The tail shorter than a block is dropped, unless it is all there is.
     """
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2 tokens, got {block_size}")
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    separator_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    separator = [separator_id] if separator_id is not None else []
     stream: list[int] = []
     for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
         stream.extend(ids)

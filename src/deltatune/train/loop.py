@@ -109,7 +109,6 @@ class NonFiniteLossError(RuntimeError):
         )
         self.step = step
         self.last_checkpoint = last_checkpoint
-        self.checkpoint_step = state["step"] if last_checkpoint else None
         self.result = result
 
 
@@ -161,16 +160,17 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     ``enable_input_require_grads`` hook is needed.
     """
     base = getattr(model, "model", model)
-    enable = getattr(base, "gradient_checkpointing_enable", None) or getattr(
-        model, "gradient_checkpointing_enable", None
-    )
-    if enable is None:
+    checkpoint_kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    else:
         raise ValueError(
             f"gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
             f"(a Hugging Face PreTrainedModel); {type(base).__name__} has none. "
             f"Set gradient_checkpointing=False"
         )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = getattr(base, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False  # the KV cache is useless in training and conflicts with recomputation
