@@ -339,3 +339,34 @@ def test_gradient_checkpointing_works_on_a_frozen_base(tokens):
     for name in plain:
         assert checkpointed[name] is not None and checkpointed[name].abs().sum() > 0, name
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+# -- training hooks a method can declare ----------------------------------------------------------
+def test_methods_reach_the_training_loop_through_generic_hooks(monkeypatch):
+    from dataclasses import dataclass
+
+    from deltatune import registry
+    from deltatune.registry import MethodInfo
+
+    calls = []
+
+    @dataclass
+    class ProbeConfig(dt.LoraConfig):
+        method = "probe-hooks"
+        peft_type = "PROBE_HOOKS"
+
+    lora = dt.method_info("lora")
+    monkeypatch.setitem(registry._METHODS, "probe-hooks", MethodInfo(
+        name="probe-hooks", config_class=ProbeConfig, attach=lora.attach, kind="reparameterized", description="test",
+        after_step=lambda model, name, config, step: calls.append((name, step)),
+        auxiliary_loss=lambda model, name, config: torch.tensor(2.5),
+    ))
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2), adapter_name="plain")
+    assert model.auxiliary_loss() is None
+    dt.wrap(model, ProbeConfig(r=2), adapter_name="probe")
+    assert model.auxiliary_loss().item() == 2.5
+    model.after_optimizer_step(7)
+    assert calls == [("probe", 7)]
+    model.set_adapter("plain")
+    model.after_optimizer_step(8)
+    assert calls == [("probe", 7)]

@@ -20,6 +20,8 @@ from deltatune.kernels import (
     is_patched,
     lora_linear,
     lora_linear_reference,
+    lora_mlp,
+    lora_mlp_reference,
     patch_model_for_training,
     rms_norm,
     rms_norm_reference,
@@ -51,6 +53,18 @@ def run_with_grads(fn, inputs, grad_out_seed=0):
     tracked = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     grads = torch.autograd.grad(out, tracked, grad_out)
     return out, grads
+
+
+def count_nodes(tensor, name_part):
+    seen, stack, count = set(), [tensor.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += name_part in type(node).__name__
+        stack.extend(fn for fn, _ in node.next_functions)
+    return count
 
 
 def assert_same(fast, ref, dtype, what=""):
@@ -151,6 +165,35 @@ def test_lora_linear_under_activation_checkpointing(device):
     assert_same(recomputed, plain, torch.float32)
     for g, rg in zip(ckpt_grads, plain_grads):
         assert_same(g, rg, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lora_mlp_matches_reference(device, dtype, with_bias):
+    torch.manual_seed(13)
+    hidden, inner = 40, 96
+    x = leaf(2, 9, hidden, dtype=dtype, device=device)
+
+    def projection(d_in, d_out, rank, scaling):
+        weight = leaf(d_out, d_in, dtype=dtype, device=device, scale=d_in**-0.5, grad=False)
+        bias = leaf(d_out, dtype=dtype, device=device, grad=False) if with_bias else None
+        lora_a = leaf(rank, d_in, dtype=torch.float32, device=device, scale=d_in**-0.5)
+        lora_b = leaf(d_out, rank, dtype=torch.float32, device=device, scale=rank**-0.5)
+        return [weight, bias, lora_a, lora_b, scaling]
+
+    gate, up, down = projection(hidden, inner, 4, 2.0), projection(hidden, inner, 6, 0.5), projection(inner, hidden, 4, 1.5)
+    inputs = [x, *gate, *up, *down]
+
+    def split(args):
+        return args[0], args[1:6], args[6:11], args[11:16]
+
+    out, grads = run_with_grads(lambda *a: lora_mlp(*split(a)), inputs)
+    ref_out, ref_grads = run_with_grads(lambda *a: lora_mlp_reference(*split(a)), clone_inputs(inputs))
+    assert_same(out, ref_out, dtype, "output")
+    assert len(grads) == 7
+    for g, rg in zip(grads, ref_grads):
+        assert_same(g, rg, dtype, "grad")
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -346,6 +389,10 @@ def test_patched_model_with_lora_linears_trains_like_reference():
             fn = lora_linear if self.fast else lora_linear_reference
             return fn(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, 2.0)
 
+        def lora_fast_path_params(self):
+            # the protocol a LoRA layer offers so that the patched MLP fuses all three projections
+            return (self.base.weight, self.base.bias, self.lora_a, self.lora_b, 2.0, 0.0) if self.fast else None
+
     def adapt(model, fast):
         model.requires_grad_(False)
         for layer in model.model.layers:
@@ -363,6 +410,7 @@ def test_patched_model_with_lora_linears_trains_like_reference():
     grads = torch.autograd.grad(loss, [p for p in fast_model.parameters() if p.requires_grad])
     ref_loss, ref_grads = forward_backward(ref_model, input_ids)
     assert len(grads) == 2 * 7 * 2
+    assert count_nodes(loss, "LoraMLPFunction") == 2 and count_nodes(loss, "LoraLinearFunction") == 2 * 4
     assert_same(loss, ref_loss, torch.float32, "loss")
     for g, rg in zip(grads, ref_grads):
         assert_same(g, rg, torch.float32, "grad")

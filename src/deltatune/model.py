@@ -164,6 +164,28 @@ class DeltaModel(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         self.set_adapter(self.active_adapters)
 
+    # -- training hooks (methods declare them in their MethodInfo) ---------------------------
+    def _training_adapters(self) -> Iterator[tuple[str, AdapterConfig]]:
+        for name in self.active_adapters:
+            if not self.configs[name].inference_mode:
+                yield name, self.configs[name]
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The sum of the active adapters' extra loss terms, or None if no method has one."""
+        terms = []
+        for name, config in self._training_adapters():
+            hook = method_for_config(config).auxiliary_loss
+            if hook is not None:
+                terms.append(hook(self.model, name, config))
+        return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Let methods that adapt during training (e.g. AdaLoRA's rank budget) do so."""
+        for name, config in self._training_adapters():
+            hook = method_for_config(config).after_step
+            if hook is not None:
+                hook(self.model, name, config, step)
+
     # -- merging --------------------------------------------------------------------------
     def merge(self, adapter_names: Iterable[str] | None = None) -> None:
         """Fold adapters into the base weights (zero added latency); `unmerge` undoes it."""

@@ -27,6 +27,11 @@ class MethodInfo:
     compare_defaults: config fields the comparison job uses for this method, plus "lr".
     needs_calibration_data: the method must see batches before it can be built (e.g. a
         Fisher mask); `dt.wrap(..., calibration_data=...)` passes them to `attach`.
+    after_step: called as after_step(model, adapter_name, config, step) after each optimizer
+        step while the adapter trains (e.g. AdaLoRA's rank budget); the training loop reaches
+        it through DeltaModel.after_optimizer_step without knowing the method.
+    auxiliary_loss: auxiliary_loss(model, adapter_name, config) -> scalar tensor added to the
+        task loss (e.g. AdaLoRA's orthogonality penalty), through DeltaModel.auxiliary_loss.
     """
 
     name: str
@@ -37,6 +42,8 @@ class MethodInfo:
     mergeable: bool = True
     compare_defaults: dict[str, Any] = field(default_factory=dict)
     needs_calibration_data: bool = False
+    after_step: Callable[..., None] | None = None
+    auxiliary_loss: Callable[..., Any] | None = None
 
 
 _METHODS: dict[str, MethodInfo] = {}

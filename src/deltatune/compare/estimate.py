@@ -13,10 +13,11 @@ comparison does. Then:
   the architecture and the method (whatever autograd saves, layer by layer), instead of a
   hand-written per-layer formula that goes stale when transformers changes a layer.
 
-Attention kernels differ by device: on CPU (and meta) PyTorch's scaled-dot-product attention
-in training runs the "math" path, which saves the attention probabilities (b·heads·s² per
-layer); on CUDA the fused kernels save only q, k, v, the output and a log-sum-exp. For
-device="cuda" the trace swaps in a stand-in with the fused kernels' saved tensors.
+Attention kernels differ by device: with attention dropout, PyTorch's scaled-dot-product
+attention on CPU runs the "math" path, which saves the attention probabilities (b·heads·s² per
+layer); without dropout on CPU, and always on CUDA, a fused kernel saves only q, k, v, the
+output and a log-sum-exp. Meta always runs the math path, so the trace swaps in a stand-in
+that saves what the fused kernel saves wherever the device would use one.
 """
 
 from __future__ import annotations
@@ -197,7 +198,10 @@ class _FusedAttentionShapes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        batch, heads, length, _ = query.shape
+        # Fused kernels write the output as (batch, length, heads, dim): the usual transpose
+        # back to (batch, length, hidden) is then a view, not a copy.
+        out = query.new_empty(batch, length, heads, value.shape[-1]).transpose(1, 2)
         logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(query, key, value, out, logsumexp)
         return out
@@ -208,17 +212,26 @@ class _FusedAttentionShapes(torch.autograd.Function):
         return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
 
 
+def _dropout_of(args: tuple, kwargs: dict) -> float:
+    # scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, ...)
+    return float(kwargs.get("dropout_p", args[1] if len(args) > 1 else 0.0))
+
+
 @contextlib.contextmanager
 def _attention_as_on(device: str) -> Iterator[None]:
-    if device != "cuda":
-        yield  # meta runs the same math path as CPU
-        return
+    """Make attention save on meta what it saves on `device`.
+
+    On meta, scaled_dot_product_attention always runs the math path. CUDA always has a fused
+    kernel for training; CPU uses its fused (flash) kernel only without attention dropout.
+    """
     original = torch.nn.functional.scaled_dot_product_attention
 
-    def fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return _FusedAttentionShapes.apply(query, key, value)
+    def as_on_device(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if device == "cuda" or _dropout_of(args, kwargs) == 0.0:
+            return _FusedAttentionShapes.apply(query, key, value)
+        return original(query, key, value, *args, **kwargs)
 
-    torch.nn.functional.scaled_dot_product_attention = fused
+    torch.nn.functional.scaled_dot_product_attention = as_on_device
     try:
         yield
     finally:

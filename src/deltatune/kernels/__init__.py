@@ -15,11 +15,15 @@ from .fused_ops import (
     swiglu_reference,
 )
 from .lora_linear import lora_linear, lora_linear_reference
+from .lora_mlp import lora_fast_params, lora_mlp, lora_mlp_reference
 from .patch import is_patched, patch_model_for_training, unpatch_model
 
 __all__ = [
     "lora_linear",
     "lora_linear_reference",
+    "lora_mlp",
+    "lora_mlp_reference",
+    "lora_fast_params",
     "chunked_cross_entropy",
     "cross_entropy_reference",
     "causal_lm_loss",

@@ -84,31 +84,37 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 # ----------------------------------------------------------------------------- SwiGLU
+def swiglu_forward_raw(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate, up) and gate.is_contiguous() and up.is_contiguous():
+        from ._triton_kernels import swiglu_forward
+
+        return swiglu_forward(gate, up)
+    return F.silu(gate) * up
+
+
+def swiglu_backward_raw(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = grad.contiguous()
+    if use_triton(grad, gate, up) and gate.is_contiguous() and up.is_contiguous():
+        from ._triton_kernels import swiglu_backward
+
+        return swiglu_backward(grad, gate, up)
+    sig = torch.sigmoid(gate.float())
+    activated = (gate.float() * sig).to(gate.dtype)
+    grad_activated = (grad * up).float()
+    grad_gate = grad_activated * sig * (1.0 + gate.float() * (1.0 - sig))
+    return grad_gate.to(gate.dtype), grad * activated
+
+
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        if use_triton(gate, up) and gate.is_contiguous() and up.is_contiguous():
-            from ._triton_kernels import swiglu_forward
-
-            out = swiglu_forward(gate, up)
-        else:
-            out = F.silu(gate) * up
         ctx.save_for_backward(gate, up)
-        return out
+        return swiglu_forward_raw(gate, up)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        grad = grad.contiguous()
-        if use_triton(grad, gate, up) and gate.is_contiguous() and up.is_contiguous():
-            from ._triton_kernels import swiglu_backward
-
-            return swiglu_backward(grad, gate, up)
-        sig = torch.sigmoid(gate.float())
-        activated = (gate.float() * sig).to(gate.dtype)
-        grad_activated = (grad * up).float()
-        grad_gate = grad_activated * sig * (1.0 + gate.float() * (1.0 - sig))
-        return grad_gate.to(gate.dtype), grad * activated
+        return swiglu_backward_raw(grad, gate, up)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ the function
     default ``autocast_adapter_dtype`` also saves a float32 copy of x per adapter,
   * computes in the activations' dtype (bf16 matmuls on the tensor cores) even when A and B are kept
     in float32, casting only the tiny adapter matrices,
-  * lets the base matmul add the LoRA term in its epilogue (``addmm`` with C = LoRA output), so the
-    LoRA branch costs one extra write of y instead of three passes (scale, add, copy),
-  * does the same in backward for dx (``addmm`` with C = the rank-r correction),
+  * adds the rank-r term into y in place (``addmm_``, the scaling as alpha): one extra read and
+    write of y instead of peft's three passes (scale, add, copy),
+  * does the same in backward for dx (the rank-r correction takes g @ W in place, scaling as beta),
   * never stores the dropout mask: it is regenerated from a seed in backward.
 
 The same code runs on CPU and CUDA; every product is a cuBLAS/MKL call, which is where the time goes.
@@ -39,56 +39,53 @@ def _draw_seed() -> int:
 
 
 class _LoraLinearFunction(torch.autograd.Function):
+    # Each line below is one dispatcher call or kernel launch; at 8k tokens a training step of a
+    # 1B model is close to host-bound, so the count matters as much as the bytes. The scaling
+    # rides on GEMM epilogues (alpha/beta) instead of separate multiplies.
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, dropout_seed):
-        in_features = x.shape[-1]
-        out_features = weight.shape[0]
-        x2d = x.reshape(-1, in_features)
-        compute_dtype = x.dtype
-        a = lora_a.to(compute_dtype)
-        b_scaled = (lora_b * scaling).to(compute_dtype)
-
-        dropped = x2d * dropout_mask(x2d.shape, dropout_p, dropout_seed, x.device, compute_dtype) if dropout_p > 0 else x2d
-        xa = dropped @ a.t()
-        lora_out = torch.addmm(bias.to(compute_dtype), xa, b_scaled.t()) if bias is not None else xa @ b_scaled.t()
-        y = torch.addmm(lora_out, x2d, weight.t())
-        del lora_out, dropped
+        x2d = x.reshape(-1, x.shape[-1])
+        a = lora_a.to(x.dtype)
+        b = lora_b.to(x.dtype)
+        if dropout_p > 0:
+            xa = F.linear(x2d * dropout_mask(x2d.shape, dropout_p, dropout_seed, x.device, x.dtype), a)
+        else:
+            xa = F.linear(x2d, a)
+        y = F.linear(x2d, weight, bias)
+        y.addmm_(xa, b.t(), alpha=scaling)
 
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x2d if needs_a else None, xa if needs_b else None, weight, lora_a, lora_b)
+        ctx.save_for_backward(x2d if needs_a else None, xa if needs_b else None, weight, a, b)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.dropout_seed = dropout_seed
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], out_features)
+        ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2d, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        x2d, xa, weight, a, b = ctx.saved_tensors
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
         scaling, p = ctx.scaling, ctx.dropout_p
-        compute_dtype = grad_y.dtype
-        g = grad_y.reshape(-1, weight.shape[0])
+        g = grad_y.reshape(-1, grad_y.shape[-1])
 
         grad_x = grad_a = grad_b = None
         mask = None
         if p > 0 and (needs_x or needs_a):
-            mask = dropout_mask((g.shape[0], weight.shape[1]), p, ctx.dropout_seed, g.device, compute_dtype)
+            mask = dropout_mask((g.shape[0], weight.shape[1]), p, ctx.dropout_seed, g.device, g.dtype)
 
         if needs_b:
-            grad_b = (g.t() @ (xa * scaling)).to(lora_b.dtype)
+            grad_b = torch.mm(g.t(), xa).to(ctx.adapter_dtypes[1]).mul_(scaling)
         if needs_x or needs_a:
-            # g @ (s·B): the rank-wide gradient that reaches x·A^T
-            g_xa = g @ (lora_b * scaling).to(compute_dtype)
+            g_xa = torch.mm(g, b)  # gradient reaching x·A^T, without the scaling
             if needs_a:
-                dropped = x2d * mask if mask is not None else x2d
-                grad_a = (g_xa.t() @ dropped).to(lora_a.dtype)
-                del dropped
+                grad_a = torch.mm(g_xa.t(), x2d if mask is None else x2d * mask).to(ctx.adapter_dtypes[0]).mul_(scaling)
             if needs_x:
-                correction = g_xa @ lora_a.to(compute_dtype)
+                correction = torch.mm(g_xa, a)
                 if mask is not None:
                     correction.mul_(mask)
-                grad_x = torch.addmm(correction, g, weight).view(ctx.x_shape)
+                grad_x = correction.addmm_(g, weight, beta=scaling).view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .fused_ops import rms_norm, rotary_embedding, swiglu
+from .lora_mlp import lora_fast_params, lora_mlp
 
 __all__ = ["patch_model_for_training", "unpatch_model", "is_patched"]
 
@@ -39,6 +40,10 @@ def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    projections = [lora_fast_params(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+    if all(p is not None and (len(p) < 6 or not p[5] or not self.training) for p in projections):
+        # all three are LoRA layers without active dropout: the whole MLP is one autograd node
+        return lora_mlp(x, *(p[:5] for p in projections))
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 

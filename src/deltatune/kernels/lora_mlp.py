@@ -1,0 +1,122 @@
+"""A whole Llama MLP with LoRA on gate, up and down projections, as one autograd function.
+
+    out = down(silu(gate(x)) * up(x)),   each projection  W x + b + s · B A x
+
+Against three ``lora_linear`` calls plus a SwiGLU this reads x once for both A projections (their
+A matrices are stacked), accumulates dx in place through GEMM epilogues instead of separate adds,
+and runs one Python autograd node instead of four: at 8k tokens a 1B model's training step is
+close to host-bound, so fewer nodes and launches matter as much as bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fused_ops import swiglu_backward_raw, swiglu_forward_raw
+
+__all__ = ["lora_mlp", "lora_mlp_reference", "LoraParams", "lora_fast_params"]
+
+# (weight, bias, lora_a, lora_b, scaling, dropout_p) of one LoRA projection, weight/bias frozen
+LoraParams = tuple
+
+
+def lora_fast_params(module: torch.nn.Module) -> LoraParams | None:
+    """The fast-path parameters a LoRA layer offers through ``lora_fast_path_params()``, else None."""
+    getter = getattr(type(module), "lora_fast_path_params", None)
+    return getter(module) if getter is not None else None
+
+
+class _LoraMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_w, gate_bias, gate_a, gate_b, up_w, up_bias, up_a, up_b, down_w, down_bias, down_a, down_b, scalings):
+        s_gate, s_up, s_down = scalings
+        dtype = x.dtype
+        x2d = x.reshape(-1, x.shape[-1])
+        a_gate_up = torch.cat((gate_a, up_a)).to(dtype)
+        b_gate, b_up = gate_b.to(dtype), up_b.to(dtype)
+        a_down, b_down = down_a.to(dtype), down_b.to(dtype)
+        rank_gate = gate_a.shape[0]
+
+        xa_gate_up = F.linear(x2d, a_gate_up)
+        gate = F.linear(x2d, gate_w, gate_bias)
+        gate.addmm_(xa_gate_up[:, :rank_gate], b_gate.t(), alpha=s_gate)
+        up = F.linear(x2d, up_w, up_bias)
+        up.addmm_(xa_gate_up[:, rank_gate:], b_up.t(), alpha=s_up)
+        hidden = swiglu_forward_raw(gate, up)
+        xa_down = F.linear(hidden, a_down)
+        out = F.linear(hidden, down_w, down_bias)
+        out.addmm_(xa_down, b_down.t(), alpha=s_down)
+
+        ctx.save_for_backward(x2d, gate, up, hidden, xa_gate_up, xa_down, gate_w, up_w, down_w, a_gate_up, b_gate, b_up, a_down, b_down)
+        ctx.scalings = scalings
+        ctx.rank_gate = rank_gate
+        ctx.x_shape = x.shape
+        ctx.adapter_dtypes = (gate_a.dtype, gate_b.dtype, up_a.dtype, up_b.dtype, down_a.dtype, down_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x2d, gate, up, hidden, xa_gate_up, xa_down, gate_w, up_w, down_w, a_gate_up, b_gate, b_up, a_down, b_down) = ctx.saved_tensors
+        s_gate, s_up, s_down = ctx.scalings
+        r = ctx.rank_gate
+        dt_ga, dt_gb, dt_ua, dt_ub, dt_da, dt_db = ctx.adapter_dtypes
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+
+        # down projection
+        grad_down_b = torch.mm(g.t(), xa_down).to(dt_db).mul_(s_down)
+        g_xa_down = torch.mm(g, b_down)
+        grad_down_a = torch.mm(g_xa_down.t(), hidden).to(dt_da).mul_(s_down)
+        grad_hidden = torch.mm(g_xa_down, a_down)
+        grad_hidden.addmm_(g, down_w, beta=s_down)
+
+        grad_gate, grad_up = swiglu_backward_raw(grad_hidden, gate, up)
+        del grad_hidden
+
+        # gate and up projections share x: one stacked rank-(r_gate + r_up) product for A and dx
+        grad_gate_b = torch.mm(grad_gate.t(), xa_gate_up[:, :r]).to(dt_gb).mul_(s_gate)
+        grad_up_b = torch.mm(grad_up.t(), xa_gate_up[:, r:]).to(dt_ub).mul_(s_up)
+        g_xa = torch.cat((torch.mm(grad_gate, b_gate).mul_(s_gate), torch.mm(grad_up, b_up).mul_(s_up)), dim=1)
+        grad_a_gate_up = torch.mm(g_xa.t(), x2d)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g_xa, a_gate_up)
+            grad_x.addmm_(grad_gate, gate_w)
+            grad_x.addmm_(grad_up, up_w)
+            grad_x = grad_x.view(ctx.x_shape)
+        needs = ctx.needs_input_grad
+        return (
+            grad_x,
+            None, None, grad_a_gate_up[:r].to(dt_ga) if needs[3] else None, grad_gate_b if needs[4] else None,
+            None, None, grad_a_gate_up[r:].to(dt_ua) if needs[7] else None, grad_up_b if needs[8] else None,
+            None, None, grad_down_a if needs[11] else None, grad_down_b if needs[12] else None,
+            None,
+        )
+
+
+def _check_frozen(params: LoraParams) -> None:
+    weight, bias = params[0], params[1]
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("lora_mlp treats the projections' weight and bias as frozen; they must not require grad")
+
+
+def lora_mlp(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` with each projection a LoRA linear without dropout.
+
+    Each of ``gate``, ``up``, ``down`` is ``(weight, bias, lora_a, lora_b, scaling)`` (a sixth
+    item, the dropout probability, must be 0 if present). Same conventions as ``lora_linear``.
+    """
+    for params in (gate, up, down):
+        _check_frozen(params)
+        if len(params) > 5 and params[5]:
+            raise ValueError("lora_mlp has no dropout; use lora_linear per projection")
+    return _LoraMLPFunction.apply(x, *gate[:4], *up[:4], *down[:4], (float(gate[4]), float(up[4]), float(down[4])))
+
+
+def lora_mlp_reference(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams) -> torch.Tensor:
+    from .lora_linear import lora_linear_reference
+
+    def project(inp, params):
+        return lora_linear_reference(inp, *params[:5])
+
+    return project(F.silu(project(x, gate)) * project(x, up), down)

@@ -1,0 +1,166 @@
+"""BitFit (Ben Zaken et al. 2022): train only the bias terms.
+
+Each chosen module keeps its bias frozen and gains a trainable, zero-initialised delta that is
+added to its output along the channel dimension. A bias is the last thing Linear, Conv1D,
+convolutions and normalisation layers add, so this trains exactly what training the bias would,
+while the base stays bit-identical. Llama-style models have no biases: that is an error naming
+the option add_missing_biases, which gives the targeted linear layers zero-initialised biases.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, ConfigError
+from ..inject import inject_layers, is_linear_like, output_head_names
+from ..layer import DeltaLayer
+from ..registry import MethodInfo, register_method
+
+# Layers whose bias is added per channel along dim 1 (N, C, ...), not along the last dim.
+_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+
+
+@dataclass
+class BitFitConfig(AdapterConfig):
+    """target_modules: None for every bias of the model but the output head's (Linear, Conv1D,
+    convolutions, normalisation layers), or names, e.g. ["query", "intermediate.dense"] to train
+    only the query and MLP-intermediate biases.
+    add_missing_biases: give targeted linear layers without a bias a zero-initialised one to
+    train (Llama-style models have none). Merging such an adapter adds bias parameters to them.
+    """
+
+    method = "bitfit"
+    peft_type = "BITFIT"
+
+    add_missing_biases: bool = False
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__
+
+
+def _can_hold_bias(module: nn.Module) -> bool:
+    return is_linear_like(module) or isinstance(module, nn.modules.conv._ConvNd) or _is_norm(module)
+
+
+def _out_features(module: nn.Module) -> int:
+    # transformers' Conv1D stores its weight as (in, out); nn.Linear as (out, in).
+    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+
+
+def _delta_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # Small updates vanish in half precision; keep trainable deltas in float32.
+    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
+
+
+class BitFitLayer(DeltaLayer):
+    """A trainable bias delta per adapter beside the frozen bias (or beside no bias at all)."""
+
+    adapter_attributes = ("bias_delta",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.bias_delta = nn.ParameterDict()
+        self.channel_dim = 1 if isinstance(self.get_base_layer(), _CHANNEL_FIRST) else -1
+        # The bias as it was before each merge (None: the layer had none), so unmerge is exact.
+        self._bias_before_merge: dict[str, torch.Tensor | None] = {}
+
+    def add_adapter(self, adapter_name: str, config: BitFitConfig, module_name: str) -> None:
+        base = self.get_base_layer()
+        bias = _bias(base)
+        if bias is None and not (config.add_missing_biases and is_linear_like(base)):
+            raise ConfigError(
+                f"Module {module_name!r} ({type(base).__name__}) has no bias, so BitFit would train nothing there. "
+                + ("Set add_missing_biases=True to give it a zero-initialised bias to train, or leave it out of target_modules."
+                   if is_linear_like(base) else "Leave it out of target_modules.")
+            )
+        reference = bias if bias is not None else base.weight
+        shape = bias.shape if bias is not None else (_out_features(base),)
+        delta = torch.zeros(shape, device=reference.device, dtype=_delta_dtype(reference))
+        self.bias_delta[adapter_name] = nn.Parameter(delta)
+
+    def _broadcastable(self, delta: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.channel_dim == 1 and result.dim() > 2:
+            return delta.view(-1, *([1] * (result.dim() - 2)))
+        return delta
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(*args, **kwargs)
+        for name in self.active_unmerged():
+            if name in self.bias_delta:
+                result = result + self._broadcastable(self.bias_delta[name], result).to(result.dtype)
+        return result
+
+    def merge_adapter(self, adapter_name: str) -> None:
+        base = self.get_base_layer()
+        delta = self.bias_delta[adapter_name].detach()
+        bias = _bias(base)
+        if bias is None:
+            reference = base.weight
+            base.bias = nn.Parameter(delta.to(reference.dtype).clone(), requires_grad=False)
+            self._bias_before_merge[adapter_name] = None
+            return
+        self._bias_before_merge[adapter_name] = bias.detach().clone()
+        bias.data += delta.to(bias.dtype)
+
+    def unmerge_adapter(self, adapter_name: str) -> None:
+        base = self.get_base_layer()
+        original = self._bias_before_merge.pop(adapter_name)
+        if original is None:
+            base.bias = None
+        else:
+            base.bias.data.copy_(original)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._bias_before_merge.pop(adapter_name, None)
+
+
+def _default_target_pattern(model: nn.Module, config: BitFitConfig) -> str:
+    """A regex of the exact names of every module that has (or, on request, may get) a bias."""
+    skip = set(output_head_names(model)) | set(config.modules_to_save or [])
+    names = []
+    inside_wrapper: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in inside_wrapper):
+            continue
+        if isinstance(module, DeltaLayer):
+            inside_wrapper.append(name + ".")
+            module = module.get_base_layer()
+        if any(name == s or name.endswith("." + s) for s in skip) or not _can_hold_bias(module):
+            continue
+        if _bias(module) is not None or (config.add_missing_biases and is_linear_like(module)):
+            names.append(name)
+    if not names:
+        raise ConfigError(
+            f"{type(model).__name__} has no bias terms outside its output head, so BitFit would train nothing. "
+            "Set add_missing_biases=True to give its linear layers zero-initialised biases to train."
+        )
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def attach(model: nn.Module, config: BitFitConfig, adapter_name: str, **_: object) -> None:
+    fallback = _default_target_pattern(model, config) if config.target_modules is None else None
+    inject_layers(model, config, adapter_name, lambda m: BitFitLayer if _can_hold_bias(m) else None, fallback)
+
+
+register_method(
+    MethodInfo(
+        name="bitfit",
+        config_class=BitFitConfig,
+        attach=attach,
+        kind="selective",
+        description="Train only the bias terms (zero-init biases added on request where a model has none)",
+        # Llama-shaped models have no biases: the comparison gives their linear layers zero-init ones.
+        compare_defaults={"add_missing_biases": True, "lr": 5e-3},
+    )
+)
