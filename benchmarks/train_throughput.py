@@ -8,6 +8,8 @@ parameters), a fixed batch of random tokens, LoRA r=16 / alpha=32 on all seven p
 mode starts from the same initial weights; LoRA A gets the same random init in peft and deltatune,
 B starts at zero. Step time is the median over the steps after warm-up, measured with CUDA events;
 peak memory is torch's peak allocation over the mode (weights, optimizer state and activations).
+"host ms" is the time the host takes to enqueue one step when the GPU is idle: when it comes
+close to the step time, the step is bound by Python and launch overhead, not by the GPU.
 "floor" is every weight frozen, no adapter, gradients flowing to the input embeddings only: what
 any adapter pays at least with HF's unfused model code.
 
@@ -62,6 +64,7 @@ RUNS = {"1b": ("1b", False), "1b-ckpt": ("1b", True), "7b-ckpt": ("7b", True)}
 class Result:
     mode: str
     step_ms: float | None = None
+    host_ms: float | None = None
     tokens_per_s: float | None = None
     peak_gib: float | None = None
     losses: list[float] = field(default_factory=list)
@@ -158,73 +161,69 @@ def setup_peft(model, checkpointing, seed):
     return wrapped, hf_loss, optimizer, f"peft {peft.__version__}"
 
 
-def _temporary_dispatch() -> str:
-    """TEMPORARY, until deltatune/methods/lora.py dispatches to kernels.lora_linear itself.
-
-    Patches LoraLinear.forward in this process with the dispatch the layer is meant to do."""
-    from deltatune.kernels import lora_linear
-    from deltatune.methods import lora as lora_module
-
-    layer_cls = lora_module.LoraLinear
-    if getattr(layer_cls, "_benchmark_dispatch", False):
-        return "temporary dispatch"
-    original_forward = layer_cls.forward
-
-    def forward(self, x, *args, **kwargs):
-        active = self.active_unmerged()
-        base = self.get_base_layer()
-        if (
-            len(active) == 1 and not args and not kwargs and type(base) is nn.Linear
-            and active[0] in self.lora_A and active[0] not in self.lora_magnitude_vector
-            and not base.weight.requires_grad and x.dtype == base.weight.dtype and not torch.is_autocast_enabled()
-        ):
-            name = active[0]
-            dropout = self.lora_dropout[name]
-            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                               self.scaling[name], p, self.training)
-        return original_forward(self, x, *args, **kwargs)
-
-    layer_cls.forward = forward
-    layer_cls._benchmark_dispatch = True
-    return "temporary dispatch"
-
-
-def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True):
+def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, capturable=False):
     import deltatune as dt
-    from deltatune.kernels import causal_lm_loss, patch_model_for_training
+    from deltatune.kernels import causal_lm_loss, unpatch_model
 
+    # The ordinary API: on CUDA, dt.wrap with LoRA dispatches to the fused path and patches the blocks.
     wrapped = dt.wrap(model, dt.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES))
     if checkpointing:
         wrapped.gradient_checkpointing_enable()
-    if patch:
-        patch_model_for_training(wrapped)
+    if not patch:  # the "lora-only" row: fused LoRA layers without the fused block ops
+        unpatch_model(wrapped.model)
     set_same_lora_init(wrapped, seed)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True)
+    optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True, capturable=capturable)
     loss_fn = (lambda m, ids: causal_lm_loss(m, ids, ids)) if fused_loss else hf_loss
     return wrapped, loss_fn, optimizer, ""
 
 
 # ----------------------------------------------------------------------------- timing
-def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup) -> tuple[float, list[float], int]:
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
-    losses, fused_nodes = [], 0
-    for i in range(steps):
-        starts[i].record()
+def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup, graphed=False) -> tuple[float, float, list[float], dict]:
+    """Median step time (CUDA events), median host time to enqueue one step from an idle GPU, losses."""
+
+    def step():
         loss = loss_fn(model, input_ids)
-        if i == 0:
-            fused_nodes = count_graph_nodes(loss, "LoraLinearFunction")
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    if graphed:
+        from deltatune.kernels.cuda_graph import GraphedTrainStep
+
+        def captured(batch):
+            loss = loss_fn(model, batch["input_ids"])
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        graph = GraphedTrainStep(captured, {"input_ids": input_ids}, optimizer)
+
+        def step():
+            return graph({"input_ids": input_ids})
+
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    losses, graph_nodes = [], {}
+    for i in range(steps):
+        starts[i].record()
+        loss = step()
+        if i == 0 and not graphed:
+            graph_nodes = {name: count_graph_nodes(loss, name) for name in ("LoraLinearFunction", "LoraMLPFunction")}
         ends[i].record()
         losses.append(loss.detach())
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)][warmup:]
-    return statistics.median(times), [float(v) for v in losses], fused_nodes
+    host_times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        host_times.append((time.perf_counter() - started) * 1000)
+    torch.cuda.synchronize()
+    return statistics.median(times), statistics.median(host_times), [float(v) for v in losses], graph_nodes
 
 
 def profile_steps(model, loss_fn, optimizer, input_ids, path: str, title: str) -> None:
@@ -265,22 +264,30 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             os.environ["DELTATUNE_DISABLE_TRITON"] = "1" if mode == "deltatune-no-triton" else "0"
             patch = mode not in ("deltatune-lora-only",)
             wrapped, loss_fn, optimizer, result.note = setup_deltatune(
-                model, checkpointing, args.seed, patch=patch, fused_loss=patch
+                model, checkpointing, args.seed, patch=patch, fused_loss=patch, capturable=mode == "deltatune-graphed"
             )
         else:
             raise ValueError(f"unknown mode {mode!r}")
         input_ids = make_batch(shape, args.seed + 1)
         steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
-        median_ms, result.losses, fused_nodes = timed_steps(wrapped, loss_fn, optimizer, input_ids, steps, warmup)
+        median_ms, result.host_ms, result.losses, nodes = timed_steps(
+            wrapped, loss_fn, optimizer, input_ids, steps, warmup, graphed=mode == "deltatune-graphed"
+        )
         result.step_ms = median_ms
         result.tokens_per_s = shape.batch * shape.seq / (median_ms / 1000)
         result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        if mode.startswith("deltatune"):
-            result.note = f"{fused_nodes} fused LoRA layers in graph"
-        if args.profile and not checkpointing and shape.layers <= 16:
+        if mode == "deltatune-graphed":
+            result.note = "whole step replayed as one CUDA graph (kernels.GraphedTrainStep)"
+        elif mode.startswith("deltatune"):
+            result.note = f"fused autograd nodes: {nodes['LoraLinearFunction']} LoRA linear, {nodes['LoraMLPFunction']} LoRA MLP"
+        if args.profile and not checkpointing and shape.layers <= 16 and mode != "deltatune-graphed":
             profile_steps(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "profile.txt"), f"{shape.name} {mode}")
     except torch.cuda.OutOfMemoryError:
         result.note = "does not fit (CUDA out of memory)"
+    except Exception as error:  # a diagnostic mode failing must not cost the other measurements
+        if mode in ("full", "peft", "deltatune"):
+            raise
+        result.note = f"failed: {type(error).__name__}: {str(error)[:120]}"
     finally:
         del model, wrapped, optimizer
         if mode.startswith("deltatune"):
@@ -296,15 +303,15 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def format_table(title: str, results: dict[str, Result]) -> str:
     full, peft_ = results.get("full"), results.get("peft")
-    lines = [title, f"{'mode':<22}{'tokens/s':>10}{'step ms':>10}{'peak GiB':>10}{'tok/s vs peft':>15}{'step vs full':>14}{'mem vs full':>13}{'mem vs peft':>13}  note"]
+    lines = [title, f"{'mode':<22}{'tokens/s':>10}{'step ms':>10}{'peak GiB':>10}{'tok/s vs peft':>15}{'step vs full':>14}{'mem vs full':>13}{'mem vs peft':>13}{'host ms':>9}  note"]
     for mode, r in results.items():
         if r.step_ms is None:
-            lines.append(f"{mode:<22}{'-':>10}{'-':>10}{'-':>10}{'-':>15}{'-':>14}{'-':>13}{'-':>13}  {r.note}")
+            lines.append(f"{mode:<22}{'-':>10}{'-':>10}{'-':>10}{'-':>15}{'-':>14}{'-':>13}{'-':>13}{'-':>9}  {r.note}")
             continue
         lines.append(
             f"{mode:<22}{r.tokens_per_s:>10,.0f}{r.step_ms:>10.1f}{r.peak_gib:>10.1f}"
             f"{ratio(r.tokens_per_s, peft_ and peft_.tokens_per_s):>15}{ratio(r.step_ms, full and full.step_ms):>14}"
-            f"{ratio(r.peak_gib, full and full.peak_gib):>13}{ratio(r.peak_gib, peft_ and peft_.peak_gib):>13}  {r.note}"
+            f"{ratio(r.peak_gib, full and full.peak_gib):>13}{ratio(r.peak_gib, peft_ and peft_.peak_gib):>13}{r.host_ms:>9.1f}  {r.note}"
         )
     return "\n".join(lines)
 
@@ -347,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="1b,1b-ckpt,7b-ckpt", help=f"comma list of {sorted(RUNS)}")
     parser.add_argument("--modes", default="full,floor,peft,deltatune",
-                        help="comma list of full, floor, peft, deltatune, deltatune-lora-only, deltatune-no-triton")
+                        help="comma list of full, floor, peft, deltatune, and diagnostics: deltatune-lora-only (no fused block ops, "
+                        "HF loss), deltatune-no-triton (fused ops on their PyTorch path), deltatune-graphed (CUDA graph)")
     parser.add_argument("--big-modes", default="full,peft,deltatune", help="modes for the 7B run")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -364,11 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
 
     print(environment_line(), flush=True)
-    if "deltatune" in args.modes:
-        import deltatune.methods.lora as lora_module
-
-        if "lora_linear" not in open(lora_module.__file__).read():
-            print(f"note: deltatune's LoRA layer does not dispatch to kernels.lora_linear yet: {_temporary_dispatch()}", flush=True)
 
     tables, report = [], {}
     for run_name in args.runs.split(","):

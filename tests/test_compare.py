@@ -272,10 +272,12 @@ def test_results_file_is_replaced_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
-def test_new_registered_methods_join_the_default_comparison():
-    from deltatune.compare.runner import resolve_settings
+def test_all_runs_every_registered_method_and_presets_skip_unregistered(monkeypatch):
+    from deltatune.compare import runner
+    from deltatune.compare.presets import RUN_PRESETS, RunPreset
 
-    settings = resolve_settings("tiny", None, "default", None, None, None, None, 0, "cpu", 100, False, None)
-    assert settings.methods == ["full", *dt.available_methods()]
-    quick = resolve_settings("tiny", None, "quick", None, None, None, None, 0, "cpu", 100, False, None)
-    assert quick.methods[0] == "full" and set(quick.methods) <= {"full", "lora", "bitfit"}
+    every = runner.resolve_settings("tiny", "all", "default", None, None, None, None, 0, "cpu", 100, False, None)
+    assert every.methods == ["full", *dt.available_methods()]
+    monkeypatch.setitem(RUN_PRESETS, "quick", RunPreset("quick", 5, 8, None, None, ("full", "lora", "not-registered"), "test"))
+    quick = runner.resolve_settings("tiny", None, "quick", None, None, None, None, 0, "cpu", 100, False, None)
+    assert quick.methods == ["full", "lora"] and quick.max_steps == 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -63,7 +64,7 @@ def _method_values(pairs: Sequence[str] | None, what: str) -> dict[str, dict[str
 def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="sentiment", help="task name (default: sentiment)")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task (repeatable)")
-    parser.add_argument("--methods", type=_csv, help="comma-separated methods, e.g. full,lora,bitfit (default: the preset's)")
+    parser.add_argument("--methods", type=_csv, help="comma-separated methods, e.g. full,lora,bitfit, or 'all' (default: the preset's)")
     parser.add_argument("--quick", action="store_true", help="the short preset: under 5 minutes on 2 CPU cores")
     parser.add_argument("--steps", type=int, help="optimizer steps per method (default: the preset's)")
     parser.add_argument("--batch-size", type=int, help="examples per step (default: the preset's)")
@@ -230,9 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_terminate(signum: int, frame: Any) -> None:
+    # `kill` and CI time-outs send SIGTERM: unwind like Ctrl-C so results.json records the stop.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:  # only when run as the `deltatune` program, not when called from Python
+        signal.signal(signal.SIGTERM, _stop_on_terminate)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

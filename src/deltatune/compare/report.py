@@ -202,9 +202,12 @@ def _memory_section(results: dict[str, Any]) -> str:
         rows.append([
             name, *(_mib(memory.get(p)) for p in MEMORY_PARTS), _mib(memory.get("peak")),
             _num(100 * ratio(state, full_training_state) if full_training_state else None, ".2f"),
-            _mib(memory.get("process_rss_peak")), _mib(memory.get("device_peak")),
+            _mib(memory.get("process_rss_peak")), _mib(memory.get("device_peak")), _mib(memory.get("device_peak_training")),
         ])
-    header = ["method", "weights", "gradients", "optimizer", "activations", "outputs", "peak", "grads+optim % of full", "process RSS peak", "CUDA peak"]
+    header = [
+        "method", "weights", "gradients", "optimizer", "activations", "outputs", "peak", "grads+optim % of full",
+        "process RSS peak", "CUDA peak (probe step)", "CUDA peak (training)",
+    ]
     return (
         "## Memory (MiB)\n\n"
         "Measured on one training batch with the run's exact settings: weights = parameters and buffers; "

@@ -37,7 +37,7 @@ from .measure import (
     steady_step_time,
 )
 from .methods import MethodSettings, apply_method, available_compare_methods, method_settings, validate_methods
-from .presets import FULL, RUN_PRESETS, RunPreset
+from .presets import ALL_METHODS, FULL, RUN_PRESETS, RunPreset
 
 RESULTS_NAME = "results.json"
 SCHEMA_VERSION = 1
@@ -147,10 +147,12 @@ def resolve_settings(
     chosen: RunPreset = RUN_PRESETS[preset]
     if isinstance(methods, str):
         methods = methods.split(",")
+    registered = available_compare_methods()
     if methods is None:
         # A preset's list names methods that may not be registered yet; keep those that are.
-        registered = available_compare_methods()
-        methods = [m for m in chosen.methods if m in registered] if chosen.methods else registered
+        methods = [m for m in chosen.methods if m in registered]
+    elif [m.strip().lower() for m in methods] == [ALL_METHODS]:
+        methods = registered
     for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("storage_tasks", storage_tasks)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}.")
@@ -193,17 +195,15 @@ def _say(console: Callable[[str], None] | None, message: str) -> None:
 class _Comparison:
     """The state of one compare() call; each phase is one short method."""
 
-    def __init__(self, settings: CompareSettings, task: Any, output_dir: Path, method_overrides: dict[str, dict[str, Any]],
-                 lrs: dict[str, float], progress: bool, console: Callable[[str], None] | None) -> None:
+    def __init__(self, settings: CompareSettings, task: Any, output_dir: Path, methods: dict[str, MethodSettings],
+                 progress: bool, console: Callable[[str], None] | None) -> None:
         self.settings = settings
         self.task_source = task
         self.output_dir = output_dir
         self.progress = progress
         self.console = console
         self.device = resolve_device(settings.device)
-        self.method_settings: dict[str, MethodSettings] = {
-            name: method_settings(name, method_overrides.get(name), lrs.get(name)) for name in settings.methods
-        }
+        self.method_settings = methods
         self.results = ResultsFile(
             output_dir / RESULTS_NAME,
             {
@@ -378,8 +378,12 @@ class _Comparison:
             progress=self.progress,
             device=self.settings.device,
         )
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         with PeakRssSampler() as rss:
             result = train(model, self.train_data, config, collate_fn=self.task.collate)
+        if self.device.type == "cuda":
+            record["memory"]["device_peak_training"] = torch.cuda.max_memory_allocated(self.device)
         record["losses"] = list(result.losses)
         record["time"] = {
             "steps": result.steps,
@@ -430,6 +434,18 @@ def _describe_failure(err: BaseException) -> str:
     return message if type(err).__name__ in message else f"{type(err).__name__}: {message}"
 
 
+def _run_length_fields(name: str, max_steps: int, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Methods with a schedule over the run (AdaLoRA's total_step) follow the run's length."""
+    if name == FULL:
+        return options
+    import deltatune
+
+    fields = deltatune.method_info(name).config_class.field_names()
+    if "total_step" in fields and "total_step" not in (options or {}):
+        return {**(options or {}), "total_step": max_steps}
+    return options
+
+
 def compare(
     task: Any = "sentiment",
     methods: Sequence[str] | str | None = None,
@@ -454,8 +470,8 @@ def compare(
     """Train full fine-tuning and PEFT methods on one task alike and report how they compare.
 
     task: a task name (see `deltatune.train.available_tasks()`) or a Task object.
-    methods: names or a comma-separated string ("full,lora,bitfit"); default: the preset's
-        (quick: full, lora, bitfit; default: full and every registered method).
+    methods: names or a comma-separated string ("full,lora,bitfit"), or "all" for full
+        fine-tuning and every registered method; default: the preset's list (see RUN_PRESETS).
     quick: the short preset (about 4 minutes on 2 CPU cores) instead of the default one.
     lrs / method_options: per-method learning rates and config fields over the defaults.
     Writes results.json (after every phase), report.md and PNG plots into `output_dir`.
@@ -468,8 +484,15 @@ def compare(
     unknown -= set(settings.methods)
     if unknown:
         raise ValueError(f"Options given for methods that are not run: {', '.join(sorted(unknown))}. Run: {', '.join(settings.methods)}.")
+    # Every method's config is built here, so a bad field fails before anything is written.
+    methods_used = {
+        name: method_settings(
+            name, _run_length_fields(name, settings.max_steps, (method_options or {}).get(name)), (lrs or {}).get(name)
+        )
+        for name in settings.methods
+    }
     path = prepare_output_dir(output_dir)
-    comparison = _Comparison(settings, task, path, method_options or {}, lrs or {}, progress, console)
+    comparison = _Comparison(settings, task, path, methods_used, progress, console)
     comparison.results.save()
     status = "interrupted"
     try:

@@ -5,6 +5,7 @@ same function (tests/test_kernels.py). On CUDA the memory-bound pieces run as Tr
 CPU the same autograd functions run PyTorch ops.
 """
 
+from .cuda_graph import GraphedTrainStep
 from .cross_entropy import causal_lm_loss, chunked_cross_entropy, cross_entropy_reference
 from .fused_ops import (
     rms_norm,
@@ -30,6 +31,7 @@ __all__ = [
     "patch_model_for_training",
     "unpatch_model",
     "is_patched",
+    "GraphedTrainStep",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",

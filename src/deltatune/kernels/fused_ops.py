@@ -48,13 +48,15 @@ class _RMSNormFunction(torch.autograd.Function):
             y, rstd = rms_norm_forward(x2d, weight, eps)
         else:
             y, rstd = _rms_norm_forward_torch(x2d, weight, eps)
-        ctx.save_for_backward(x2d, weight, rstd)
+        ctx.save_for_backward(x2d, rstd)
+        ctx.weight = weight  # a parameter: kept on ctx, not packed by activation checkpointing
         ctx.x_shape = x.shape
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, rstd = ctx.saved_tensors
+        x2d, rstd = ctx.saved_tensors
+        weight = ctx.weight
         dy2d = dy.reshape(-1, dy.shape[-1])
         dx = dweight = None
         if ctx.needs_input_grad[0]:
@@ -145,7 +147,8 @@ def _triton_rotary_ok(x: torch.Tensor, cos: torch.Tensor) -> bool:
 class _RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
+        # cos/sin are shared by every layer: kept on ctx rather than packed per layer by checkpointing
+        ctx.cos, ctx.sin = cos, sin
         if _triton_rotary_ok(x, cos):
             from ._triton_kernels import rotary
 
@@ -155,7 +158,7 @@ class _RotaryFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
+        cos, sin = ctx.cos, ctx.sin
         if _triton_rotary_ok(grad, cos):
             from ._triton_kernels import rotary
 

@@ -55,7 +55,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         y.addmm_(xa, b.t(), alpha=scaling)
 
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x2d if needs_a else None, xa if needs_b else None, weight, a, b)
+        # Only activations go through save_for_backward (activation checkpointing packs and
+        # recomputes each one, at a Python cost per tensor); the frozen weight and the rank-r
+        # casts of A and B are kept on ctx as they are.
+        ctx.save_for_backward(x2d if needs_a else None, xa if needs_b else None)
+        ctx.weight, ctx.a, ctx.b = weight, a, b
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.dropout_seed = dropout_seed
@@ -65,7 +69,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2d, xa, weight, a, b = ctx.saved_tensors
+        x2d, xa = ctx.saved_tensors
+        weight, a, b = ctx.weight, ctx.a, ctx.b
         needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
         scaling, p = ctx.scaling, ctx.dropout_p
         g = grad_y.reshape(-1, grad_y.shape[-1])

@@ -48,7 +48,9 @@ class _LoraMLPFunction(torch.autograd.Function):
         out = F.linear(hidden, down_w, down_bias)
         out.addmm_(xa_down, b_down.t(), alpha=s_down)
 
-        ctx.save_for_backward(x2d, gate, up, hidden, xa_gate_up, xa_down, gate_w, up_w, down_w, a_gate_up, b_gate, b_up, a_down, b_down)
+        # activations through save_for_backward, frozen weights and rank-r casts on ctx (see lora_linear)
+        ctx.save_for_backward(x2d, gate, up, hidden, xa_gate_up, xa_down)
+        ctx.weights = (gate_w, up_w, down_w, a_gate_up, b_gate, b_up, a_down, b_down)
         ctx.scalings = scalings
         ctx.rank_gate = rank_gate
         ctx.x_shape = x.shape
@@ -57,7 +59,8 @@ class _LoraMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x2d, gate, up, hidden, xa_gate_up, xa_down, gate_w, up_w, down_w, a_gate_up, b_gate, b_up, a_down, b_down) = ctx.saved_tensors
+        x2d, gate, up, hidden, xa_gate_up, xa_down = ctx.saved_tensors
+        gate_w, up_w, down_w, a_gate_up, b_gate, b_up, a_down, b_down = ctx.weights
         s_gate, s_up, s_down = ctx.scalings
         r = ctx.rank_gate
         dt_ga, dt_gb, dt_ua, dt_ub, dt_da, dt_db = ctx.adapter_dtypes

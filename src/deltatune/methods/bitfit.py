@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import inject_layers, is_linear_like, output_head_names
+from ..inject import find_targets, inject_layers, is_linear_like, output_head_names
 from ..layer import DeltaLayer
 from ..registry import MethodInfo, register_method
 
@@ -148,9 +148,28 @@ def _default_target_pattern(model: nn.Module, config: BitFitConfig) -> str:
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
+def _check_targets(model: nn.Module, config: BitFitConfig, names: list[str]) -> None:
+    """Refuse targets without a bias to train before any module is wrapped."""
+    unwrapped = {n: model.get_submodule(n) for n in names}
+    unwrapped = {n: m.get_base_layer() if isinstance(m, DeltaLayer) else m for n, m in unwrapped.items()}
+    lacking = [n for n, m in unwrapped.items() if _bias(m) is None and _can_hold_bias(m)]
+    if lacking and not config.add_missing_biases:
+        raise ConfigError(
+            f"{len(lacking)} targeted module(s) have no bias, e.g. {lacking[:3]}, so BitFit would train nothing there. "
+            "Set add_missing_biases=True to give linear layers a zero-initialised bias to train, or leave them out of target_modules."
+        )
+    unsupported = [n for n, m in unwrapped.items() if not _can_hold_bias(m) or (_bias(m) is None and not is_linear_like(m))]
+    if unsupported:
+        raise ConfigError(
+            f"BitFit trains biases of linear, convolution and normalisation layers; {unsupported[:3]} "
+            f"({', '.join(sorted({type(unwrapped[n]).__name__ for n in unsupported}))}) have none to train. Leave them out of target_modules."
+        )
+
+
 def attach(model: nn.Module, config: BitFitConfig, adapter_name: str, **_: object) -> None:
     fallback = _default_target_pattern(model, config) if config.target_modules is None else None
-    inject_layers(model, config, adapter_name, lambda m: BitFitLayer if _can_hold_bias(m) else None, fallback)
+    _check_targets(model, config, find_targets(model, config, fallback))
+    inject_layers(model, config, adapter_name, BitFitLayer, fallback)
 
 
 register_method(

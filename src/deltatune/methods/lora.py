@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import AdapterConfig, ConfigError
 from ..inject import LINEAR_TARGETS, layer_attach
+from ..kernels import lora_linear, patch_model_for_training
 from ..layer import DeltaLayer
 from ..registry import MethodInfo, register_method
 
@@ -84,6 +85,12 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
 
 
+def _is_quantized_linear(module: nn.Module) -> bool:
+    # A linear layer whose weight is stored quantized (deltatune.quant.QuantLinear): it has no
+    # writable .weight, only a dequantized copy on demand.
+    return all(hasattr(module, a) for a in ("in_features", "out_features", "dequantized_weight"))
+
+
 class _LoraBase(DeltaLayer):
     """Per-adapter scaling and dropout shared by every LoRA layer type."""
 
@@ -119,20 +126,27 @@ class LoraLinear(_LoraBase):
         super().__init__(base_layer)
         base = self.get_base_layer()
         self.fan_in_fan_out = type(base).__name__ == "Conv1D"
-        self.in_features, self.out_features = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
+        if _is_quantized_linear(base):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        else:
+            self.in_features, self.out_features = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_norm_at_merge: dict[str, torch.Tensor] = {}
+        self._fast_path_key: tuple | None = None
+        self._fast_path: tuple | None = None
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in) whatever its storage."""
+        if _is_quantized_linear(self.get_base_layer()):
+            return self.get_base_layer().dequantized_weight()
         weight = self.get_base_layer().weight
         return weight.T if self.fan_in_fan_out else weight
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+    def _add_lora(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         rank = self._register_common(adapter_name, config, module_name)
-        weight = self.get_base_layer().weight
+        weight = self.base_weight()
         kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False, **kwargs)
         self.lora_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False, **kwargs)
@@ -160,6 +174,7 @@ class LoraLinear(_LoraBase):
     def _pissa_init(self, adapter_name: str) -> None:
         """A, B from the top-r singular triplets of W; the base keeps W − s·BA (the residual)."""
         rank, scaling = self.rank[adapter_name], self.scaling[adapter_name]
+        self._refuse_quantized_base("PiSSA init (which rewrites the base weight)")
         stored = self.get_base_layer().weight
         weight = self.base_weight().float()
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
@@ -182,7 +197,15 @@ class LoraLinear(_LoraBase):
         delta = self.scaling[adapter_name] * self._lora_product(adapter_name)
         return delta.T if self.fan_in_fan_out else delta
 
+    def _refuse_quantized_base(self, what: str) -> None:
+        if _is_quantized_linear(self.get_base_layer()):
+            raise TypeError(
+                f"{what} needs a full-precision base weight, but this layer's base is quantized. Merge with "
+                f"deltatune.quant.merge_quantized(model, mode='dequantize' or 'requantize', sample_inputs=...)."
+            )
+
     def merge_adapter(self, adapter_name: str) -> None:
+        self._refuse_quantized_base("Merging")
         if adapter_name not in self.lora_magnitude_vector:
             return super().merge_adapter(adapter_name)
         stored = self.get_base_layer().weight
@@ -201,7 +224,45 @@ class LoraLinear(_LoraBase):
         original = merged * (norm / self.lora_magnitude_vector[adapter_name])[:, None] - self.scaling[adapter_name] * self._lora_product(adapter_name)
         stored.data.copy_((original.T if self.fan_in_fan_out else original).to(stored.dtype))
 
+    # -- the fused path (deltatune.kernels.lora_linear) --------------------------------------
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        self._fast_path_key = None
+        self._add_lora(adapter_name, config, module_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._fast_path_key = None
+        super().delete_adapter(adapter_name)
+
+    def lora_fast_path_params(self) -> tuple | None:
+        """(W, b, A, B, scaling, dropout_p) when one plain LoRA adapter runs on an nn.Linear, else None.
+
+        The training step is host-bound on a GPU, so the answer is cached and recomputed only
+        when what it depends on changes.
+        """
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear or torch.is_autocast_enabled():
+            return None
+        key = (tuple(self.active_adapters), tuple(self.merged_adapters), self.disabled, base.weight.requires_grad)
+        if key != self._fast_path_key:
+            self._fast_path_key, self._fast_path = key, self._compute_fast_path(base)
+        return self._fast_path
+
+    def _compute_fast_path(self, base: nn.Linear) -> tuple | None:
+        active = self.active_unmerged()
+        if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_magnitude_vector:
+            return None
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        name = active[0]
+        dropout = self.lora_dropout[name]
+        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        params = None if args or kwargs else self.lora_fast_path_params()
+        if params is not None and x.dtype == params[0].dtype:
+            # One autograd node: saves x and the rank-wide x·A only, dropout recomputed from a seed.
+            return lora_linear(x, *params, training=self.training)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_unmerged():
             if name not in self.lora_A:
@@ -308,7 +369,7 @@ class LoraConv2d(_LoraBase):
 
 
 def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or _is_quantized_linear(module):
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding
@@ -317,11 +378,22 @@ def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
     return None
 
 
+_attach_layers = layer_attach(lora_layer_for, LINEAR_TARGETS)
+
+
+def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str, **kwargs) -> None:
+    _attach_layers(model, config, adapter_name, **kwargs)
+    # On a GPU the step is bound by host overhead and memory traffic: fused RMSNorm, SwiGLU,
+    # rotary and a one-node LoRA MLP for Llama-family blocks (same function, tests/test_kernels.py).
+    if any(p.is_cuda for p in model.parameters()):
+        patch_model_for_training(model)
+
+
 register_method(
     MethodInfo(
         name="lora",
         config_class=LoraConfig,
-        attach=layer_attach(lora_layer_for, LINEAR_TARGETS),
+        attach=attach_lora,
         kind="reparameterized",
         description="Low-rank update B·A beside each target weight (rsLoRA, DoRA, PiSSA options)",
         compare_defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lr": 1e-3},

@@ -103,6 +103,30 @@ class QuantizedWeight:
     def bytes_per_param(self) -> float:
         return self.nbytes() / max(self.numel, 1)
 
+    def row_alignment(self) -> int:
+        """Row counts at which a 2-D weight can be cut without splitting a block or nested block."""
+        width = math.prod(self.shape[1:])
+        unit = self.block_size * (self.nested_block_size if self.double_quant else 1)
+        return unit // math.gcd(unit, width)
+
+    def row_slice(self, first: int, last: int) -> "QuantizedWeight":
+        """Rows [first, last) of a 2-D weight as their own QuantizedWeight (views, no copies).
+
+        `first` must be a multiple of row_alignment(), and so must `last` unless it is the end.
+        """
+        align, rows = self.row_alignment(), self.shape[0]
+        if first % align or (last % align and last != rows) or not 0 <= first < last <= rows:
+            raise ValueError(f"Rows [{first}, {last}) of {self.shape} do not fall on block edges (multiples of {align}).")
+        width, block = math.prod(self.shape[1:]), self.block_size
+        start, stop = first * width // block, -(-last * width // block)
+        nested = None
+        if self.double_quant:
+            nested = self.nested_scale[start // self.nested_block_size : -(-stop // self.nested_block_size)]
+        return replace(
+            self, packed=self.packed[start * block // 2 : stop * block // 2], absmax=self.absmax[start:stop],
+            nested_scale=nested, shape=(last - first, *self.shape[1:]),
+        )
+
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         moved = {name: t.to(device) for name, t in self.tensors().items()}
         return replace(self, **moved)
@@ -184,34 +208,21 @@ def _meta_quantized(shape: tuple[int, ...], quant_type: str, block_size: int, do
     )
 
 
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 bytes -> uint8 codes, two per byte, high nibble first."""
-    return torch.stack(((packed >> 4), (packed & 0x0F)), dim=-1).flatten()
+@functools.lru_cache(maxsize=None)
+def _byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(256, 2): the two values each packed byte stands for; one lookup per byte, no unpacking."""
+    values = codebook(quant_type, device)
+    return torch.stack((values.repeat_interleave(16), values.repeat(16)), dim=1)
 
 
-def dequantize(
-    qweight: QuantizedWeight, dtype: torch.dtype = torch.float32, rows: slice | None = None
-) -> torch.Tensor:
-    """The weight (or the row range `rows` of a 2-D weight) in `dtype`, in plain PyTorch."""
-    shape = qweight.shape
-    start, stop = 0, qweight.numel
-    if rows is not None:
-        width = math.prod(shape[1:])
-        first, last, _ = rows.indices(shape[0])
-        start, stop = first * width, last * width
-        shape = (last - first, *shape[1:])
-    if stop <= start:
-        return torch.empty(shape, dtype=dtype, device=qweight.packed.device)
+def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight in `dtype`, in plain PyTorch (works on every device, meta included)."""
     if qweight.packed.is_meta:
-        return torch.empty(shape, dtype=dtype, device="meta")
-    block = qweight.block_size
-    # Whole blocks covering [start, stop); a row range rarely starts on a block edge.
-    first_block, last_block = start // block, -(-stop // block)
-    scales = block_scales(qweight.absmax, qweight.nested_scale, qweight.offset, qweight.nested_block_size)[first_block:last_block]
-    codes = unpack_codes(qweight.packed[first_block * block // 2 : last_block * block // 2])
-    values = codebook(qweight.quant_type, codes.device)[codes.long()].view(-1, block) * scales[:, None]
-    skip = start - first_block * block
-    return values.flatten()[skip : skip + (stop - start)].view(shape).to(dtype)
+        return torch.empty(qweight.shape, dtype=dtype, device="meta")
+    scales = block_scales(qweight.absmax, qweight.nested_scale, qweight.offset, qweight.nested_block_size)
+    pairs = torch.nn.functional.embedding(qweight.packed.int(), _byte_table(qweight.quant_type, qweight.packed.device))
+    values = pairs.view(-1, qweight.block_size) * scales[:, None]
+    return values.flatten()[: qweight.numel].view(qweight.shape).to(dtype)
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

@@ -159,6 +159,12 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return target
 
 
+def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The trainer's JSON state (step, data position, config...) without loading any tensor."""
+    state = json.loads((Path(checkpoint) / "state.json").read_text(encoding="utf-8"))
+    return state["trainer"]
+
+
 def load_checkpoint(
     checkpoint: str | os.PathLike,
     *,

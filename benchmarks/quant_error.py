@@ -1,0 +1,156 @@
+"""4-bit base quality and size: NF4 vs FP4 vs int4 on the embedded SmolLM2-135M and MiniLM-L6.
+
+    python benchmarks/quant_error.py                  # everything (a few minutes on 2 CPU cores)
+    python benchmarks/quant_error.py --skip-memory    # no peak-RSS comparison of the two loaders
+
+1. Round-trip weight error: every linear layer but the output head is quantized (block 64, double
+   quantization) and dequantized; the table gives ‖W − deq(q(W))‖_F / ‖W‖_F, averaged over layers.
+2. Held-out perplexity of SmolLM2 with each 4-bit base against its float32 base: the "shakespeare"
+   task's held-out plays, `--blocks` blocks of `--block-size` tokens.
+3. Bytes per quantized weight as stored (codes + every constant, summed from the tensors), with and
+   without double quantization, and of the whole model (embeddings, norms and head stay float32).
+4. Peak resident memory of loading SmolLM2 with transformers' from_pretrained vs
+   deltatune.quant.load_quantized, each in a fresh process.
+
+SmolLM2 ships as a GGUF Q4_1 file: its "full-precision" weights are already 4-bit values
+(dequantized by transformers to float32), so every format here rounds an existing 4-bit grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+from torch import nn
+
+from deltatune.inject import output_head_names, set_submodule
+from deltatune.quant import QuantLinear, dequantize, quantize_tensor, relative_error, storage_report
+from deltatune.train import get_task
+from deltatune.train.models import converted_gguf_dir, minilm_dir, smollm2_gguf
+
+FORMATS = ("nf4", "fp4", "int4")
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    heads = output_head_names(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in heads and n not in heads}
+
+
+def round_trip(layers: dict[str, nn.Linear], quant_type: str, double_quant: bool = True) -> tuple[float, float, dict]:
+    """(mean relative error, stored bytes per weight, quantized weights by layer name)."""
+    errors, stored, count, quantized = [], 0, 0, {}
+    for name, layer in layers.items():
+        q = quantize_tensor(layer.weight.detach(), quant_type, double_quant=double_quant)
+        errors.append(relative_error(dequantize(q), layer.weight))
+        stored += q.nbytes()
+        count += layer.weight.numel()
+        quantized[name] = q
+    return sum(errors) / len(errors), stored / count, quantized
+
+
+def perplexity(task, model: nn.Module, tokenizer, blocks: int) -> float:
+    with torch.no_grad():
+        return task.evaluate(model.eval(), tokenizer, "in_domain", limit=blocks)["perplexity"]
+
+
+def swap_in(model: nn.Module, layers: dict[str, nn.Linear], quantized: dict) -> None:
+    for name, q in quantized.items():
+        original = layers[name]
+        set_submodule(model, name, QuantLinear(original.in_features, original.out_features, q, original.bias))
+
+
+def peak_rss(folder: str, loader: str) -> tuple[float, float]:
+    """(RSS after imports, peak RSS) in MiB of a fresh process that imports torch + transformers and loads the model."""
+    script = textwrap.dedent(f"""
+        import resource, torch, transformers
+        from deltatune.quant import load_quantized
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if {loader!r} == "plain":
+            model = transformers.AutoModelForCausalLM.from_pretrained({folder!r})
+        else:
+            model = load_quantized({folder!r}, "nf4")
+        print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before, after = (int(v) for v in out.stdout.split()[-2:])
+    return before / 1024, after / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--blocks", type=int, default=16, help="held-out blocks for perplexity")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per block")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-perplexity", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    started = time.perf_counter()
+
+    from transformers import AutoModel
+
+    task = get_task("shakespeare", block_size=args.block_size, eval_blocks=args.blocks)
+    smollm, tokenizer = task.load_model()
+    minilm = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True)
+    models = {"SmolLM2-135M": smollm, "MiniLM-L6": minilm}
+
+    print("\n## Round-trip weight error (relative Frobenius, mean over linear layers; block 64, double quant)\n")
+    print("| model | layers | nf4 | fp4 | int4 | nf4 without DQ |")
+    print("|---|---|---|---|---|---|")
+    quantized, sizes = {}, {}
+    for label, model in models.items():
+        layers = linear_layers(model)
+        row = []
+        for quant_type in FORMATS:
+            error, size, q = round_trip(layers, quant_type)
+            row.append(error)
+            sizes[(label, quant_type)] = size
+            if label == "SmolLM2-135M":
+                quantized[quant_type] = q
+        no_dq_error, no_dq_size, _ = round_trip(layers, "nf4", double_quant=False)
+        sizes[(label, "nf4-no-dq")] = no_dq_size
+        print(f"| {label} | {len(layers)} | " + " | ".join(f"{e:.4f}" for e in row) + f" | {no_dq_error:.4f} |")
+
+    print("\n## Stored bytes per quantized weight (codes + constants, from the tensors)\n")
+    print("| model | nf4 + DQ | fp4 + DQ | int4 + DQ | nf4 without DQ |")
+    print("|---|---|---|---|---|")
+    for label in models:
+        cells = [sizes[(label, t)] for t in (*FORMATS, "nf4-no-dq")]
+        print(f"| {label} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+
+    if not args.skip_perplexity:
+        print(f"\n## SmolLM2-135M held-out Shakespeare perplexity ({args.blocks} x {args.block_size} tokens)\n")
+        print("| base | perplexity | Δ vs float32 | linear bytes/weight | model bytes/param |")
+        print("|---|---|---|---|---|")
+        layers = linear_layers(smollm)
+        reference = perplexity(task, smollm, tokenizer, args.blocks)
+        print(f"| float32 | {reference:.3f} | — | 4.0000 | 4.0000 |")
+        for quant_type in FORMATS:
+            swap_in(smollm, layers, quantized[quant_type])
+            value = perplexity(task, smollm, tokenizer, args.blocks)
+            report = storage_report(smollm)
+            for name, layer in layers.items():  # back to float32 for the next format
+                set_submodule(smollm, name, layer)
+            print(f"| {quant_type} + DQ | {value:.3f} | {value - reference:+.3f} | "
+                  f"{report['quantized_bytes_per_param']:.4f} | {report['model_bytes_per_param']:.4f} |")
+
+    if not args.skip_memory:
+        folder = str(converted_gguf_dir(smollm2_gguf()))
+        del smollm, minilm, models, quantized
+        print("\n## Peak RSS loading SmolLM2-135M (fresh process; 'after imports' is torch + transformers)\n")
+        print("| loader | after imports MiB | peak MiB | peak − imports MiB |")
+        print("|---|---|---|---|")
+        for loader, label in (("plain", "from_pretrained (float32)"), ("quantized", "load_quantized nf4")):
+            before, after = peak_rss(folder, loader)
+            print(f"| {label} | {before:.0f} | {after:.0f} | {after - before:.0f} |")
+
+    print(f"\n(total {time.perf_counter() - started:.0f} s; this process peaked at "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

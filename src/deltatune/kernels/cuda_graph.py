@@ -1,0 +1,48 @@
+"""Replay a whole training step (forward, backward, optimizer) as one CUDA graph.
+
+A LoRA step of a ~1B model at 8k tokens launches a few thousand kernels, and launching them from
+Python can take as long as running them. Captured once, the step replays with no host work but a
+copy of the next batch into the captured input buffers.
+
+Requirements (checked where cheap, otherwise the caller's to meet): fixed batch shapes; no host
+synchronisation inside the step (no ``.item()``, no data-dependent Python branching); no dropout
+(its seed would be frozen into the graph); an optimizer built with ``capturable=True``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["GraphedTrainStep"]
+
+
+class GraphedTrainStep:
+    """``step(batch) -> loss`` captured as a CUDA graph; call the object with each new batch.
+
+    ``step`` must do forward, ``loss.backward()`` and ``optimizer.step()`` and must not zero the
+    gradients: the captured backward writes them afresh on every replay.
+    """
+
+    def __init__(self, step: Callable[[dict[str, torch.Tensor]], torch.Tensor], example_batch: dict[str, torch.Tensor],
+                 optimizer: torch.optim.Optimizer, warmup_steps: int = 3) -> None:
+        self.static_batch = {name: t.detach().clone() for name, t in example_batch.items()}
+        # warm up on a side stream, as torch.cuda.graph requires: lazy init, autotuning, optimizer state
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                optimizer.zero_grad(set_to_none=True)
+                step(self.static_batch)
+        torch.cuda.current_stream().wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss = step(self.static_batch)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        for name, tensor in batch.items():
+            self.static_batch[name].copy_(tensor, non_blocking=True)
+        self.graph.replay()
+        return self.static_loss

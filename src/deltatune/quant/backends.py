@@ -1,0 +1,94 @@
+"""Which code turns stored 4-bit weights back into floats: our PyTorch reference or bitsandbytes.
+
+Both read the same stored tensors (see formats.py) and give the same values to float32 rounding,
+so the choice changes speed, never results or files.
+
+Measured on 2 busy CPU cores (bitsandbytes 0.50.2, torch 2.13): dequantizing an NF4 4096×4096
+weight took ~80 ms with bitsandbytes and ~200 ms with the reference, a 256-token matmul through it
+~370 vs ~550 ms. But importing bitsandbytes pulls in torch.compile's machinery, 4-16 s per process
+there, which a short run never earns back. So on CPU the reference is the default and
+bitsandbytes is opt-in; on CUDA bitsandbytes is used when installed (unmeasured here: no GPU).
+torchao 0.18's NF4 was slower than both on CPU and needs its scale blocks to divide the block
+count, so it is not used. FP4 and int4 always take the reference: bitsandbytes' FP4 is another
+table and it has no int4.
+
+DELTATUNE_QUANT_BACKEND=torch|bitsandbytes forces one everywhere (A/B timing, ruling one out).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from .formats import QuantizedWeight, codebook, dequantize as reference_dequantize
+
+BACKENDS = ("torch", "bitsandbytes")
+_BNB_DEVICES = ("cpu", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def _bitsandbytes():
+    bnb_logger = logging.getLogger("bitsandbytes")
+    level = bnb_logger.level
+    # Its CPU backend warns about an optional kernel download we never want; keep the import quiet.
+    bnb_logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except Exception:
+        return None
+    finally:
+        bnb_logger.setLevel(level)
+    return bnb_functional
+
+
+def backend_name(device_type: str = "cpu") -> str:
+    """The backend for tensors on `device_type`: the environment's choice, else the default above."""
+    chosen = os.environ.get("DELTATUNE_QUANT_BACKEND", "").strip().lower()
+    if chosen:
+        if chosen not in BACKENDS:
+            raise ValueError(f"DELTATUNE_QUANT_BACKEND={chosen!r}; use one of {', '.join(BACKENDS)} or leave it unset.")
+        if chosen == "bitsandbytes" and _bitsandbytes() is None:
+            raise ImportError("DELTATUNE_QUANT_BACKEND=bitsandbytes but bitsandbytes is not installed: pip install bitsandbytes.")
+        return chosen
+    return "bitsandbytes" if device_type == "cuda" and _bitsandbytes() is not None else "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_int8_map(device: torch.device) -> torch.Tensor:
+    # Our int8 absmax codes q stand for q / 127; bitsandbytes indexes a 256-entry map with q + 128.
+    return (torch.arange(256, dtype=torch.float32, device=device) - 128) / 127
+
+
+def _bnb_dequantize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    F = _bitsandbytes()
+    device = qweight.packed.device
+    nested_state = None
+    absmax = qweight.absmax
+    if qweight.double_quant:
+        nested_state = F.QuantState(
+            absmax=qweight.nested_scale * 127, code=_linear_int8_map(device), blocksize=qweight.nested_block_size, dtype=torch.float32
+        )
+        absmax = (absmax.to(torch.int16) + 128).to(torch.uint8)
+    padded = qweight.packed.numel() * 2
+    state = F.QuantState(
+        absmax=absmax, shape=torch.Size([padded]), code=codebook("nf4", device), blocksize=qweight.block_size,
+        quant_type="nf4", dtype=dtype, offset=qweight.offset, state2=nested_state,
+    )
+    flat = F.dequantize_4bit(qweight.packed.view(-1, 1), state)
+    return flat[: qweight.numel].view(qweight.shape)
+
+
+def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight in `dtype`, by the fastest backend that supports it."""
+    usable = (
+        qweight.quant_type == "nf4"
+        and qweight.packed.device.type in _BNB_DEVICES
+        and dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and backend_name(qweight.packed.device.type) == "bitsandbytes"
+    )
+    if usable:
+        return _bnb_dequantize(qweight, dtype)
+    return reference_dequantize(qweight, dtype)
