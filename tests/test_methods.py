@@ -128,7 +128,9 @@ def test_comparison_defaults_work_on_every_architecture_and_start_unchanged(meth
     model(**batch).loss.backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None for _, p in trainable)
-    assert model.trainable_parameters().by_method.get(method, 0) > 0 or method == "partial"
+    report = model.trainable_parameters().by_method
+    # Partial fine-tuning's copies are reported as modules_to_save until the core labels them by method.
+    assert report.get(method, 0) > 0 or (method == "partial" and report.get("modules_to_save", 0) > 0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -419,6 +421,24 @@ def test_fisher_optimizer_state_exists_only_for_kept_entries(tmp_path):
     assert state == 2 * budget < 0.05 * total
     path = model.save(tmp_path / "fisher")
     assert (path / "adapter_model.safetensors").stat().st_size < 8 * budget + 8192  # int32 index + float32 value each
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_fisher_fused_linear_matches_the_swapped_weight_path(build):
+    model = dt.wrap(build(), dt.FisherConfig(density=0.05, fisher_batches=1), calibration_data=[lm_batch()])
+    randomize_adapters(model)
+    for _, layer in list(model.delta_layers())[:3]:
+        base, delta = layer.base_layer, layer.sparse_delta["default"]
+        x = torch.randn(2, 3, base.weight.shape[0] if type(base).__name__ == "Conv1D" else base.weight.shape[1], requires_grad=True)
+        fused = layer(x)
+        grad_out = torch.randn_like(fused)
+        fused_grads = torch.autograd.grad(fused, [x, delta.values], grad_out)
+        values = delta.values.detach().clone().requires_grad_()
+        weight = base.weight.reshape(-1).index_add(0, delta.indices, values).view(base.weight.shape)
+        reference = torch.func.functional_call(base, {"weight": weight}, (x,))
+        reference_grads = torch.autograd.grad(reference, [x, values], grad_out)
+        assert torch.allclose(fused, reference, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused_grads, reference_grads))
 
 
 def test_fisher_without_data_or_labels_is_a_clear_error():

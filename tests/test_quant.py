@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -79,11 +80,29 @@ def test_bitsandbytes_backend_gives_the_reference_values(monkeypatch):
         assert torch.allclose(fast, backends.dequantize(q), rtol=0, atol=1e-7)
 
 
+def test_triton_kernel_gives_the_reference_values_under_the_interpreter():
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from deltatune.quant import backends, formats
+        for quant_type in formats.QUANT_TYPES:
+            for double_quant in (True, False):
+                q = formats.quantize(torch.randn(37, 100), quant_type, double_quant=double_quant)
+                assert torch.equal(backends.dequantize(q), formats.dequantize(q)), (quant_type, double_quant)
+                fast, ref = backends.dequantize(q, torch.bfloat16), formats.dequantize(q, torch.bfloat16)
+                assert torch.allclose(fast.float(), ref.float(), rtol=2**-7, atol=0), (quant_type, double_quant)
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "DELTATUNE_QUANT_BACKEND": "triton"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_unknown_quant_type_and_backend_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="nf4, fp4, int4"):
         quantize_tensor(torch.randn(4, 64), "nf3")
     monkeypatch.setenv("DELTATUNE_QUANT_BACKEND", "cuda-magic")
-    with pytest.raises(ValueError, match="torch, bitsandbytes"):
+    with pytest.raises(ValueError, match="torch, triton, bitsandbytes"):
         backends.backend_name()
 
 
@@ -116,6 +135,11 @@ def test_quant_linear_under_bf16_autocast_computes_in_bf16():
         y = layer(x)
     assert y.dtype == torch.bfloat16
     assert relative_error(y.float(), layer(x)) < 2e-2
+    # Casting the model must not round the block constants.
+    weight = layer.dequantized_weight()
+    layer.to(torch.bfloat16)
+    assert layer.nested_scale.dtype == torch.float32 and torch.equal(layer.dequantized_weight(), weight)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_quantize_model_replaces_every_linear_but_the_head():

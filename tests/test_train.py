@@ -304,3 +304,26 @@ def test_hugging_face_trainer_accepts_the_datasets_and_collator(tmp_path):
     Trainer(model=model, args=arguments, train_dataset=data, data_collator=data.collate_fn).train()
     after = trainable_state(model)
     assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+class ModelWithMethodHooks(PoisonableRegression):
+    """Offers the hooks a DeltaModel exposes for methods: an extra loss term and a per-step hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.hook_steps = []
+
+    def auxiliary_loss(self):
+        return 100.0 * self.linear.bias.pow(2).sum()
+
+    def after_optimizer_step(self, step):
+        self.hook_steps.append((step, self.linear.weight.grad is not None))
+
+
+def test_loop_calls_model_hooks_for_methods():
+    plain, hooked = PoisonableRegression(), ModelWithMethodHooks()
+    first = train(plain, regression_data(), quiet(max_steps=3, max_grad_norm=None))
+    second = train(hooked, regression_data(), quiet(max_steps=3, max_grad_norm=None))
+    assert hooked.hook_steps == [(1, True), (2, True), (3, True)]
+    assert second.losses[0] > first.losses[0]  # the penalty is part of the optimised loss
+    assert abs(hooked.linear.bias.item()) < abs(plain.linear.bias.item())  # and it pulls the bias to 0

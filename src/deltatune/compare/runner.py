@@ -10,6 +10,7 @@ recorded as failed and the others still run.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -329,6 +330,7 @@ class _Comparison:
         finally:
             record["wall_s"] = time.perf_counter() - started
             self.results.save()
+            gc.collect()  # drop this method's model before the next one is built
 
     def _run_phases(self, name: str, record: dict[str, Any]) -> None:
         settings = self.method_settings[name]

@@ -5,8 +5,10 @@ Before training, the diagonal empirical Fisher of each targeted weight entry is 
 the loss), and the top `density` fraction (or `num_params` count) of entries over all targets is
 kept. Only those entries train: each layer holds the kept entries' flat indices (a buffer) and
 their deltas (a parameter), so gradients and optimizer state exist for the kept entries alone.
-Forward runs the layer's own code with W + scatter(delta) swapped in; that dense sum and its
-gradient live only during the step, like any activation. Files store indices + values.
+On a plain Linear or GPT-2 Conv1D, one autograd function computes x·(W + scatter(delta))ᵀ and
+saves only x, rebuilding the dense sum in backward, so no dense copy of W is kept per layer
+between forward and backward; other modules (or another method's wrapper inside) run their own
+code with W + scatter(delta) swapped in. Files store indices + values.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -81,6 +84,43 @@ def _delta_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
+class _SparseDeltaLinear(torch.autograd.Function):
+    """x·(W + Δ)ᵀ + b for a frozen W and Δ = `values` at flat `indices`, saving x but not W + Δ."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, indices, values, transposed: bool):
+        ctx.save_for_backward(x, weight, indices, values)
+        ctx.transposed = transposed
+        return F.linear(x, _combined(weight, indices, values, transposed), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, indices, values = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ _combined(weight, indices, values, ctx.transposed)
+        if ctx.needs_input_grad[4]:
+            # The dense weight gradient exists only here, one layer at a time; only the kept entries leave.
+            grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            if ctx.transposed:
+                grad_weight = grad_weight.T
+            grad_values = grad_weight.reshape(-1)[indices].to(values.dtype)
+        return grad_x, None, None, None, grad_values, None
+
+
+def _combined(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """W + Δ as (out, in); GPT-2's Conv1D stores W as (in, out)."""
+    combined = weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view(weight.shape)
+    return combined.T if transposed else combined
+
+
+def _can_fuse(module: nn.Module) -> bool:
+    """A plain, frozen Linear or Conv1D outside autocast: _SparseDeltaLinear computes it."""
+    if not (type(module) is nn.Linear or type(module).__name__ == "Conv1D") or torch.is_autocast_enabled():
+        return False
+    return not any(p.requires_grad for p in module.parameters(recurse=False))
+
+
 class SparseDeltaLayer(DeltaLayer):
     """A layer whose weight trains at a fixed set of entries only."""
 
@@ -109,6 +149,11 @@ class SparseDeltaLayer(DeltaLayer):
         active = [n for n in self.active_unmerged() if n in self.sparse_delta]
         if not active:
             return self.base_layer(*args, **kwargs)
+        base = self.base_layer
+        if len(active) == 1 and len(args) == 1 and not kwargs and _can_fuse(base):
+            delta = self.sparse_delta[active[0]]
+            transposed = type(base).__name__ == "Conv1D"
+            return _SparseDeltaLinear.apply(args[0], base.weight, base.bias, delta.indices, delta.values, transposed)
         weight = self.weight
         flat = weight.reshape(-1)
         for name in active:

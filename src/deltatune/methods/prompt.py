@@ -364,22 +364,23 @@ class VirtualTokens(_TokenTables):
                     kw["position_ids"] = (torch.arange(length, device=device) + past - count)[None]
             return
         plan.check_context(length)
+        dtype = kw["inputs_embeds"].dtype if kw.get("inputs_embeds") is not None else self.get_base_layer().weight.dtype
         if host.training and any(getattr(m, "gradient_checkpointing", False) for m in host.modules()):
             raise RuntimeError(_CHECKPOINTING_DROPS_CACHE)
         # A caller that asked for no cache must not get ours back (generate would feed it in again).
         wants_cache = kw.get("use_cache", getattr(host.config, "use_cache", True)) is not False
         drop_from_output = cache is None and not wants_cache
         cache = DynamicCache(config=host.config) if cache is None else cache
-        dtype = kw["inputs_embeds"].dtype if kw.get("inputs_embeds") is not None else self.get_base_layer().weight.dtype
         keys, values = self.prefix_states(name, batch, dtype)
         for layer_idx in range(plan.layers):
             cache.update(keys[layer_idx], values[layer_idx], layer_idx)
         setattr(cache, _CACHE_MARK, count)
         kw["past_key_values"] = cache
-        if mask is None and plan.bidirectional:
-            mask = torch.ones(batch, length, dtype=torch.long, device=device)
-        if mask is not None:  # a decoder without one sizes its mask from the cache
+        if mask is not None:
             kw["attention_mask"] = _insert_filled(mask, 0, count, 1)
+        elif plan.bidirectional:  # decoders size a missing mask from the cache; encoders cannot
+            # Additive and already 4-D, so it is used as it is (a 2-D one is inspected, which a meta model cannot).
+            kw["attention_mask"] = torch.zeros(batch, 1, length, count + length, dtype=dtype, device=device)
         if kw.get("position_ids") is None:  # the model would start after the prefix
             kw["position_ids"] = torch.arange(length, device=device)[None]
         self._filled = (cache, count, drop_from_output)

@@ -1,18 +1,19 @@
-"""Which code turns stored 4-bit weights back into floats: our PyTorch reference or bitsandbytes.
+"""Which code turns stored 4-bit weights back into floats: PyTorch, our Triton kernel, bitsandbytes.
 
-Both read the same stored tensors (see formats.py) and give the same values to float32 rounding,
+All read the same stored tensors (see formats.py) and give the same values to float32 rounding,
 so the choice changes speed, never results or files.
 
 Measured on 2 busy CPU cores (bitsandbytes 0.50.2, torch 2.13): dequantizing an NF4 4096×4096
 weight took ~80 ms with bitsandbytes and ~200 ms with the reference, a 256-token matmul through it
 ~370 vs ~550 ms. But importing bitsandbytes pulls in torch.compile's machinery, 4-16 s per process
 there, which a short run never earns back. So on CPU the reference is the default and
-bitsandbytes is opt-in; on CUDA bitsandbytes is used when installed (unmeasured here: no GPU).
+bitsandbytes is opt-in. On CUDA: bitsandbytes when installed, else our Triton kernel
+(triton_dequant.py) when Triton is, else the reference; none of the CUDA paths is measured yet.
 torchao 0.18's NF4 was slower than both on CPU and needs its scale blocks to divide the block
 count, so it is not used. FP4 and int4 always take the reference: bitsandbytes' FP4 is another
 table and it has no int4.
 
-DELTATUNE_QUANT_BACKEND=torch|bitsandbytes forces one everywhere (A/B timing, ruling one out).
+DELTATUNE_QUANT_BACKEND=torch|triton|bitsandbytes forces one everywhere (A/B timing, ruling one out).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import os
 import torch
 
 from .formats import QuantizedWeight, codebook, dequantize as reference_dequantize
+from .triton_dequant import triton_available, triton_dequantize
 
-BACKENDS = ("torch", "bitsandbytes")
+BACKENDS = ("torch", "triton", "bitsandbytes")
 _BNB_DEVICES = ("cpu", "cuda")
 
 
@@ -52,8 +54,14 @@ def backend_name(device_type: str = "cpu") -> str:
             raise ValueError(f"DELTATUNE_QUANT_BACKEND={chosen!r}; use one of {', '.join(BACKENDS)} or leave it unset.")
         if chosen == "bitsandbytes" and _bitsandbytes() is None:
             raise ImportError("DELTATUNE_QUANT_BACKEND=bitsandbytes but bitsandbytes is not installed: pip install bitsandbytes.")
+        if chosen == "triton" and not triton_available():
+            raise ImportError("DELTATUNE_QUANT_BACKEND=triton but Triton cannot be imported (or DELTATUNE_DISABLE_TRITON=1).")
         return chosen
-    return "bitsandbytes" if device_type == "cuda" and _bitsandbytes() is not None else "torch"
+    if device_type != "cuda":
+        return "torch"
+    if _bitsandbytes() is not None:
+        return "bitsandbytes"
+    return "triton" if triton_available() else "torch"
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,13 +90,15 @@ def _bnb_dequantize(qweight: QuantizedWeight, dtype: torch.dtype) -> torch.Tenso
 
 
 def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight in `dtype`, by the fastest backend that supports it."""
-    usable = (
-        qweight.quant_type == "nf4"
-        and qweight.packed.device.type in _BNB_DEVICES
-        and dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and backend_name(qweight.packed.device.type) == "bitsandbytes"
-    )
-    if usable:
+    """The weight in `dtype`, by the chosen backend where it supports the case, else the reference."""
+    device_type = qweight.packed.device.type
+    if device_type == "meta":
+        return reference_dequantize(qweight, dtype)
+    backend = backend_name(device_type)
+    half_or_float = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if backend == "bitsandbytes" and qweight.quant_type == "nf4" and device_type in _BNB_DEVICES and half_or_float:
         return _bnb_dequantize(qweight, dtype)
+    # Triton runs on CUDA, or anywhere under its interpreter (TRITON_INTERPRET=1: how CPU tests check it).
+    if backend == "triton" and half_or_float and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return triton_dequantize(qweight, dtype)
     return reference_dequantize(qweight, dtype)

@@ -135,11 +135,6 @@ class QuantLinear(nn.Module):
         """Stored weight bytes per weight element (0.5 would be the 4-bit codes alone)."""
         return self.weight_nbytes() / (self.in_features * self.out_features)
 
-    def requantize_(self, weight: torch.Tensor) -> None:
-        """Replace the stored weight with `weight` (out × in) quantized in this layer's format."""
-        qweight = quantize(weight.detach().to(self.qweight.device), self.quant_type, self.block_size, self.double_quant, self.nested_block_size)
-        self._set_quantized(qweight)
-
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain nn.Linear holding the dequantized weight (for merging in full precision)."""
         dtype = dtype or self.weight_dtype
@@ -148,6 +143,16 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().to(dtype).clone(), requires_grad=self.bias.requires_grad)
         return linear.train(self.training)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) / .half() would round the block constants too; keep them float32
+        # (they are a few percent of the bytes) and let the cast reach the bias and compute only.
+        constants = {n: self._buffers[n] for n in ("absmax", "nested_scale", "absmax_offset") if self._buffers[n] is not None}
+        super()._apply(fn, recurse)
+        for name, original in constants.items():
+            if self._buffers[name].dtype != original.dtype:
+                self._buffers[name] = original.to(self._buffers[name].device)
+        return self
 
     # -- compute ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

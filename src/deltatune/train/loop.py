@@ -273,7 +273,10 @@ def train(
     batch that contains ``labels`` (as Hugging Face models do).
     ``eval_fn(model)`` runs every ``eval_every`` steps and at the end, in eval
     mode without grad. ``step_callbacks(step, model, optimizer)`` run after
-    each optimizer step, while gradients still exist, before any checkpoint.
+    each optimizer step (``step`` counts from 1), while gradients still exist,
+    before any checkpoint. A model that has ``auxiliary_loss()`` (added to the
+    loss when not None) or ``after_optimizer_step(step)`` (called before the
+    callbacks), as a DeltaModel does, gets those called too.
 
     Raises NonFiniteLossError (with ``.result``) when the loss turns NaN/inf.
     """
@@ -349,6 +352,10 @@ class _Runner:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.last_checkpoint = last_checkpoint
         self.checkpoint_step = state["step"] if last_checkpoint else None
+        # Hooks a DeltaModel offers for methods that need them (e.g. a rank budget, a penalty term),
+        # so the loop stays method-agnostic. Plain models have neither.
+        self.after_optimizer_step = _optional_method(model, "after_optimizer_step")
+        self.auxiliary_loss = _optional_method(model, "auxiliary_loss")
 
     def run(self) -> TrainResult:
         config, state = self.config, self.state
@@ -366,6 +373,8 @@ class _Runner:
                 state["tokens_seen"] += tokens
                 window_tokens, window_time = window_tokens + tokens, window_time + elapsed
                 bar.update(1)
+                if self.after_optimizer_step is not None:
+                    self.after_optimizer_step(state["step"])
                 for callback in self.callbacks:
                     callback(state["step"], self.model, self.optimizer)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -390,6 +399,10 @@ class _Runner:
             tokens += _count_tokens(batch)
             with autocast_context(self.device, self.precision):
                 loss = _loss_of(self.model(**batch))
+                if self.auxiliary_loss is not None:
+                    extra = self.auxiliary_loss()
+                    if extra is not None:
+                        loss = loss + extra
             if not torch.isfinite(loss.detach()):
                 self._stop(state["step"] + 1, "the training loss")
             scaled = loss / config.grad_accum
@@ -478,6 +491,14 @@ def run_eval(eval_fn: Callable[[nn.Module], dict], model: nn.Module) -> dict:
             return dict(eval_fn(model))
     finally:
         model.train(was_training)
+
+
+def _optional_method(model: nn.Module, name: str) -> Callable | None:
+    try:
+        method = getattr(model, name)
+    except AttributeError:
+        return None
+    return method if callable(method) else None
 
 
 def _progress_bar(config: TrainConfig, initial: int):
