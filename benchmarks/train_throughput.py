@@ -161,7 +161,7 @@ def setup_peft(model, checkpointing, seed):
     return wrapped, hf_loss, optimizer, f"peft {peft.__version__}"
 
 
-def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, capturable=False, repatch=False):
+def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, capturable=False):
     import deltatune as dt
     from deltatune.kernels import causal_lm_loss, unpatch_model
 
@@ -169,12 +169,8 @@ def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, cap
     wrapped = dt.wrap(model, dt.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES))
     if checkpointing:
         wrapped.gradient_checkpointing_enable()
-    if not patch or repatch:  # the "lora-only" row: fused LoRA layers without the fused block ops
+    if not patch:  # the "lora-only" row: fused LoRA layers without the fused block ops
         unpatch_model(wrapped.model)
-    if repatch:  # diagnostic: block ops patched after checkpointing was switched on
-        from deltatune.kernels import patch_model_for_training
-
-        patch_model_for_training(wrapped.model)
     set_same_lora_init(wrapped, seed)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True, capturable=capturable)
@@ -268,8 +264,7 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             os.environ["DELTATUNE_DISABLE_TRITON"] = "1" if mode == "deltatune-no-triton" else "0"
             patch = mode not in ("deltatune-lora-only",)
             wrapped, loss_fn, optimizer, result.note = setup_deltatune(
-                model, checkpointing, args.seed, patch=patch, fused_loss=patch, capturable=mode == "deltatune-graphed",
-                repatch=mode == "deltatune-repatch",
+                model, checkpointing, args.seed, patch=patch, fused_loss=patch, capturable=mode == "deltatune-graphed"
             )
         else:
             raise ValueError(f"unknown mode {mode!r}")
