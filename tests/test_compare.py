@@ -281,3 +281,57 @@ def test_all_runs_every_registered_method_and_presets_skip_unregistered(monkeypa
     monkeypatch.setitem(RUN_PRESETS, "quick", RunPreset("quick", 5, 8, None, None, ("full", "lora", "not-registered"), "test"))
     quick = runner.resolve_settings("tiny", None, "quick", None, None, None, None, 0, "cpu", 100, False, None)
     assert quick.methods == ["full", "lora"] and quick.max_steps == 5
+
+
+class TinyLanguageTask:
+    """A causal-LM task on a 2-layer Llama: repeat a short token cycle; quality is perplexity."""
+
+    name = "tiny-lm"
+    kind = "causal_lm"
+    num_labels = None
+    label_names = None
+    head_modules: list[str] = []
+
+    def load_model(self):
+        from conftest import tiny_llama
+
+        return tiny_llama(layers=2, hidden=32), None
+
+    def _blocks(self, count: int, seed: int) -> list[dict]:
+        generator = torch.Generator().manual_seed(seed)
+        blocks = []
+        for _ in range(count):
+            start = int(torch.randint(0, 20, (1,), generator=generator))
+            ids = (torch.arange(16) % 5) + start
+            blocks.append({"input_ids": ids, "attention_mask": torch.ones(16, dtype=torch.long), "labels": ids.clone()})
+        return blocks
+
+    def train_data(self, tokenizer, limit=None):
+        return self._blocks(limit or 64, seed=1)
+
+    def collate(self, examples):
+        return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}
+
+    def eval_splits(self):
+        return {"in_domain": "held-out cycles", "forgetting": "other cycles"}
+
+    def evaluate(self, model, tokenizer, split, limit=None, batch_size=64):
+        model.eval()
+        batch = self.collate(self._blocks(16, seed=2 if split == "in_domain" else 3))
+        with torch.no_grad():
+            loss = float(model(**batch).loss)
+        result = {"perplexity": float(torch.exp(torch.tensor(loss))), "loss": loss, "n": 16}
+        return {"metric": "perplexity", **result} if split == "forgetting" else result
+
+
+def test_causal_language_model_task_reports_perplexity(tmp_path):
+    run = compare(TinyLanguageTask(), "full,lora", output_dir=tmp_path / "lm", max_steps=3, batch_size=8, train_limit=64,
+                  progress=False, console=None, lrs={"full": 1e-3, "lora": 1e-2})
+    for name in ("full", "lora"):
+        record = run.methods[name]
+        assert record["status"] == "ok", record.get("error")
+        assert record["quality"]["in_domain"]["perplexity"] > 1.0
+        assert record["forgetting"]["metric"] == "perplexity"
+        assert abs(record["estimate_error_percent"]["peak"]) < 15.0
+    table = render_table(run.results)
+    assert "ppl " in table and "ppl 1" in render_markdown(run.results)

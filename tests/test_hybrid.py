@@ -32,13 +32,6 @@ SECOND_METHODS = {  # name: (method, config); LoRA targets every linear layer fi
     "layernorm": ("layernorm", lambda: dt.LayerNormTuningConfig()),
     "adapter": ("adapter", lambda: dt.BottleneckConfig(placement="parallel")),
 }
-# Until the core keys a nested wrapper's tensors by the module's own path (DeltaModel.adapter_state_dict
-# keeps the `base_layer` hop of the wrapper around it), an adapter nested inside another method's
-# wrapper is saved under keys a fresh model does not have. See the report of issue 3.
-NESTED_KEYS = pytest.mark.xfail(reason="core: nested adapters' keys keep 'base_layer' hops", strict=False)
-# Until LoraLinear's fused fast path (methods/lora.py) runs only when its base_layer is the plain
-# nn.Linear and never reuses a weight an outer wrapper swapped in for one call. See the report.
-LORA_FAST_PATH = pytest.mark.xfail(reason="lora.py fast path skips a wrapper inside LoRA / reuses a swapped weight", strict=False)
 
 
 def lora_plus(second: str, lora_targets: list[str] | None = None, second_config=None) -> tuple[dt.DeltaModel, torch.Tensor]:
@@ -110,7 +103,7 @@ def _save_and_load_each(model: dt.DeltaModel, second: str, tmp_path) -> None:
         assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
 
 
-@pytest.mark.parametrize("second", [pytest.param(s, marks=NESTED_KEYS) if s != "layernorm" else s for s in SECOND_METHODS])
+@pytest.mark.parametrize("second", SECOND_METHODS)
 def test_lora_plus_another_method_on_the_same_modules_saves_and_loads_each_under_its_own_name(second, tmp_path):
     model, _ = lora_plus(second)
     randomize_adapters(model)
@@ -124,7 +117,7 @@ def test_lora_plus_bitfit_on_other_modules_saves_and_loads_each_under_its_own_na
     _save_and_load_each(model, "bitfit", tmp_path)
 
 
-@pytest.mark.parametrize("first", ["lora", pytest.param("ia3", marks=LORA_FAST_PATH)])
+@pytest.mark.parametrize("first", ["lora", "ia3"])
 def test_lora_and_ia3_on_the_same_linear_in_either_order_merge_exactly(first):
     base = tiny_llama()
     tokens = token_batch()
@@ -183,7 +176,6 @@ def test_partial_first_then_lora_on_the_other_blocks():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@LORA_FAST_PATH
 def test_fisher_outside_lora_follows_its_values_without_gradients_too():
     model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="lora")
     dt.wrap(model, dt.FisherConfig(target_modules=["q_proj"], num_params=50), adapter_name="fisher", calibration_data=[lm_batch()])

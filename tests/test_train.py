@@ -287,6 +287,13 @@ def test_resume_refuses_a_changed_batch_size(tmp_path):
               quiet(max_steps=4, batch_size=8, checkpoint_every=2, output_dir=str(tmp_path), resume=True))
 
 
+def test_resume_refuses_different_data(tmp_path):
+    train(tiny_bert(), token_dataset(), quiet(max_steps=2, checkpoint_every=2, output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="trained on 40 examples, now train_data has 30"):
+        train(tiny_bert(), token_dataset(count=30),
+              quiet(max_steps=4, checkpoint_every=2, output_dir=str(tmp_path), resume=True))
+
+
 def test_model_without_loss_gets_an_actionable_error():
     data = [{"input_ids": torch.tensor([1, 2, 3])}] * 4
     with pytest.raises(ValueError, match="labels"):

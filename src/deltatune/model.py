@@ -219,7 +219,7 @@ class DeltaModel(nn.Module):
         owner: dict[int, str] = {}
         for adapter, config in self.configs.items():
             for _, layer in self.delta_layers():
-                label = "modules_to_save" if isinstance(layer, ModulesToSave) else config.method
+                label = "modules_to_save" if type(layer) is ModulesToSave else config.method
                 for p in layer.adapter_parameters(adapter):
                     owner.setdefault(id(p), label)
         trainable = total = nbytes = 0
@@ -242,8 +242,18 @@ class DeltaModel(nn.Module):
         for path, layer in self.delta_layers():
             if adapter_name in layer.adapter_names:
                 for key, tensor in layer.adapter_state_dict(adapter_name).items():
-                    state[f"{KEY_PREFIX}{path}.{key}"] = tensor
+                    state[f"{KEY_PREFIX}{self._user_path(path)}.{key}"] = tensor
         return state
+
+    def _user_path(self, path: str) -> str:
+        """A layer's path without the `base_layer` hops of wrappers around it (hybrids), so an
+        adapter's keys do not depend on which other methods were added before it."""
+        module, kept = self.model, []
+        for part in path.split("."):
+            if not (isinstance(module, DeltaLayer) and part == "base_layer"):
+                kept.append(part)
+            module = getattr(module, part)
+        return ".".join(kept)
 
     def save(self, directory: str | Path, adapter_name: str | None = None) -> Path:
         """Write adapter_config.json + adapter_model.safetensors (the adapter only, never the base)."""

@@ -160,8 +160,7 @@ def _head_modules(model: nn.Module, task_kind: str) -> list[str]:
     """The freshly initialised head a classification task must train beside any adapter."""
     if task_kind != "classification":
         return []
-    names = [n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
-    return names
+    return [n for n in ("classifier", "score") if isinstance(getattr(model, n, None), nn.Module)]
 
 
 def build_meta_model(source: Any, task_kind: str | None = None, num_labels: int = 2) -> tuple[nn.Module, str, str]:
@@ -169,7 +168,7 @@ def build_meta_model(source: Any, task_kind: str | None = None, num_labels: int 
     if isinstance(source, nn.Module):
         config = getattr(source, "config", None)
         if config is None:
-            # Not a transformers model: copy it and drop the copy's storage.
+            # Not a transformers model, so no config to rebuild it from: move a copy to meta.
             return copy.deepcopy(source).to("meta"), type(source).__name__, task_kind or "classification"
         kind = task_kind or infer_task_kind(config)
         with torch.device("meta"):
@@ -194,7 +193,7 @@ def build_meta_model(source: Any, task_kind: str | None = None, num_labels: int 
 
 
 class _FusedAttentionShapes(torch.autograd.Function):
-    """Stands in for a fused CUDA attention kernel: saves what it saves (q, k, v, out, lse)."""
+    """Stands in for a fused attention kernel (flash / memory-efficient): saves q, k, v, out, lse."""
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

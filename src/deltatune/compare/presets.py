@@ -42,7 +42,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         name="default",
         max_steps=188,
         batch_size=32,
-        train_limit=6016,
+        train_limit=None,
         eval_limit=None,
         # One or two of each kind (reparameterized, selective, additive, soft prompt), so the run
         # fits in 15 minutes on 2 CPU cores; `--methods all` runs every registered method.

@@ -112,6 +112,8 @@ def _forgetting_text(record: dict[str, Any]) -> str:
     if metric in PERCENT_METRICS:
         scale = 100.0 if max(abs(before), abs(after)) <= 1.0 else 1.0  # fractions shown as percents
         return f"{scale * before:.1f}->{scale * after:.1f}% ({scale * change:+.1f})"
+    if metric == "perplexity":
+        return f"ppl {before:.2f}->{after:.2f} ({change:+.2f})"
     return f"{before:.3f}->{after:.3f} ({change:+.3f})"
 
 
@@ -160,8 +162,8 @@ TABLE_HEADER = [
 def render_table(results: dict[str, Any]) -> str:
     """The comparison as a fixed-width text table for the terminal."""
     rows = table_rows(results)
-    widths = [max(len(h), *(len(r[i]) for r in rows if r[2] or i < 2)) if rows else len(h) for i, h in enumerate(TABLE_HEADER)]
-    widths[1] = max(widths[1], 14)
+    measured = [r for r in rows if r[2]]  # a failed method's message spans its row: not a column
+    widths = [max([len(h), *(len(r[i]) for r in measured)] + ([len(r[0]) for r in rows] if i == 0 else [])) for i, h in enumerate(TABLE_HEADER)]
 
     def line(cells: list[str]) -> str:
         if not cells[2] and cells[1]:  # failed method: its message spans the row

@@ -239,10 +239,11 @@ class LoraLinear(_LoraBase):
         The training step is host-bound on a GPU, so the answer is cached and recomputed only
         when what it depends on changes.
         """
-        base = self.get_base_layer()
+        base = self.base_layer  # a wrapper of another method inside must run its own forward
         if type(base) is not nn.Linear or torch.is_autocast_enabled():
             return None
-        key = (tuple(self.active_adapters), tuple(self.merged_adapters), self.disabled, base.weight.requires_grad)
+        # Outer wrappers (Fisher, LayerNorm tuning) may swap the weight tensor per call.
+        key = (tuple(self.active_adapters), tuple(self.merged_adapters), self.disabled, base.weight.requires_grad, id(base.weight), id(base.bias))
         if key != self._fast_path_key:
             self._fast_path_key, self._fast_path = key, self._compute_fast_path(base)
         return self._fast_path

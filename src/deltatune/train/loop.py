@@ -39,7 +39,6 @@ logger = logging.getLogger("deltatune.train")
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
-# Changing these between a run and its resume would silently change the data order.
 RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed")
 
 StepCallback = Callable[[int, nn.Module, torch.optim.Optimizer], Any]
@@ -298,10 +297,10 @@ def train(
     scheduler = build_scheduler(optimizer, config)
     stream = BatchStream(train_data, config.batch_size, config.seed, collate_fn)
 
-    state = _fresh_state(config)
+    state = _fresh_state(config, len(train_data))
     checkpoint = latest_checkpoint(config.output_dir) if config.resume else None
     if checkpoint is not None:
-        state = _resume(checkpoint, config, model, optimizer, scheduler, scaler)
+        state = _resume(checkpoint, config, len(train_data), model, optimizer, scheduler, scaler)
     else:
         seed_everything(config.seed)
 
@@ -312,9 +311,10 @@ def train(
     return result
 
 
-def _fresh_state(config: TrainConfig) -> dict[str, Any]:
+def _fresh_state(config: TrainConfig, dataset_size: int) -> dict[str, Any]:
     return {
         "step": 0,
+        "dataset_size": dataset_size,
         "data_position": 0,
         "tokens_seen": 0,
         "losses": [],
@@ -324,14 +324,20 @@ def _fresh_state(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _resume(checkpoint, config, model, optimizer, scheduler, scaler) -> dict[str, Any]:
-    saved_config = read_trainer_state(checkpoint)["config"]
-    for name in RESUME_MUST_MATCH:  # checked before any weight is overwritten
-        if saved_config.get(name) != getattr(config, name):
+def _resume(checkpoint, config, dataset_size, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+    saved = read_trainer_state(checkpoint)
+    # Checked before any weight is overwritten: each would silently change the data order.
+    for name in RESUME_MUST_MATCH:
+        if saved["config"].get(name) != getattr(config, name):
             raise ValueError(
-                f"cannot resume from {checkpoint}: it was trained with {name}={saved_config.get(name)}, "
+                f"cannot resume from {checkpoint}: it was trained with {name}={saved['config'].get(name)}, "
                 f"now {name}={getattr(config, name)}; use the same value or a new output_dir"
             )
+    if saved.get("dataset_size", dataset_size) != dataset_size:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained on {saved['dataset_size']} examples, "
+            f"now train_data has {dataset_size}; resume with the same data or use a new output_dir"
+        )
     state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
