@@ -1,7 +1,7 @@
 """4-bit base quality and size: NF4 vs FP4 vs int4 on the embedded SmolLM2-135M and MiniLM-L6.
 
-    python benchmarks/quant_error.py                  # everything (a few minutes on 2 CPU cores)
-    python benchmarks/quant_error.py --skip-memory    # no peak-RSS comparison of the two loaders
+    python benchmarks/quant_error.py                  # everything (several minutes on 2 CPU cores)
+    python benchmarks/quant_error.py --parts memory   # only the peak-RSS comparison of the two loaders
 
 1. Round-trip weight error: every linear layer but the output head is quantized (block 64, double
    quantization) and dequantized; the table gives ‖W − deq(q(W))‖_F / ‖W‖_F, averaged over layers.
@@ -19,7 +19,6 @@ SmolLM2 ships as a GGUF Q4_1 file: its "full-precision" weights are already 4-bi
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import textwrap
@@ -66,38 +65,26 @@ def swap_in(model: nn.Module, layers: dict[str, nn.Linear], quantized: dict) -> 
 
 def peak_rss(folder: str, loader: str) -> tuple[float, float]:
     """(RSS after imports, peak RSS) in MiB of a fresh process that imports torch + transformers and loads the model."""
+    # VmHWM (not ru_maxrss, which a child inherits from its forking parent) restarts at exec.
     script = textwrap.dedent(f"""
-        import resource, torch, transformers
+        import re, torch, transformers
         from deltatune.quant import load_quantized
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        def peak_kib():
+            return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+        base = peak_kib()
         if {loader!r} == "plain":
             model = transformers.AutoModelForCausalLM.from_pretrained({folder!r})
         else:
             model = load_quantized({folder!r}, "nf4")
-        print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        print(base, peak_kib())
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     before, after = (int(v) for v in out.stdout.split()[-2:])
     return before / 1024, after / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--blocks", type=int, default=16, help="held-out blocks for perplexity")
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per block")
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--skip-perplexity", action="store_true")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    started = time.perf_counter()
-
-    from transformers import AutoModel
-
-    task = get_task("shakespeare", block_size=args.block_size, eval_blocks=args.blocks)
-    smollm, tokenizer = task.load_model()
-    minilm = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True)
-    models = {"SmolLM2-135M": smollm, "MiniLM-L6": minilm}
-
+def error_tables(models: dict[str, nn.Module]) -> dict[str, dict]:
+    """Print the round-trip and size tables; returns SmolLM2's quantized weights by format."""
     print("\n## Round-trip weight error (relative Frobenius, mean over linear layers; block 64, double quant)\n")
     print("| model | layers | nf4 | fp4 | int4 | nf4 without DQ |")
     print("|---|---|---|---|---|---|")
@@ -106,13 +93,11 @@ def main() -> None:
         layers = linear_layers(model)
         row = []
         for quant_type in FORMATS:
-            error, size, q = round_trip(layers, quant_type)
+            error, sizes[(label, quant_type)], q = round_trip(layers, quant_type)
             row.append(error)
-            sizes[(label, quant_type)] = size
-            if label == "SmolLM2-135M":
+            if label.startswith("SmolLM2"):
                 quantized[quant_type] = q
-        no_dq_error, no_dq_size, _ = round_trip(layers, "nf4", double_quant=False)
-        sizes[(label, "nf4-no-dq")] = no_dq_size
+        no_dq_error, sizes[(label, "nf4-no-dq")], _ = round_trip(layers, "nf4", double_quant=False)
         print(f"| {label} | {len(layers)} | " + " | ".join(f"{e:.4f}" for e in row) + f" | {no_dq_error:.4f} |")
 
     print("\n## Stored bytes per quantized weight (codes + constants, from the tensors)\n")
@@ -121,35 +106,57 @@ def main() -> None:
     for label in models:
         cells = [sizes[(label, t)] for t in (*FORMATS, "nf4-no-dq")]
         print(f"| {label} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    return quantized
 
-    if not args.skip_perplexity:
-        print(f"\n## SmolLM2-135M held-out Shakespeare perplexity ({args.blocks} x {args.block_size} tokens)\n")
-        print("| base | perplexity | Δ vs float32 | linear bytes/weight | model bytes/param |")
-        print("|---|---|---|---|---|")
-        layers = linear_layers(smollm)
-        reference = perplexity(task, smollm, tokenizer, args.blocks)
-        print(f"| float32 | {reference:.3f} | — | 4.0000 | 4.0000 |")
-        for quant_type in FORMATS:
-            swap_in(smollm, layers, quantized[quant_type])
-            value = perplexity(task, smollm, tokenizer, args.blocks)
-            report = storage_report(smollm)
-            for name, layer in layers.items():  # back to float32 for the next format
-                set_submodule(smollm, name, layer)
-            print(f"| {quant_type} + DQ | {value:.3f} | {value - reference:+.3f} | "
-                  f"{report['quantized_bytes_per_param']:.4f} | {report['model_bytes_per_param']:.4f} |")
 
-    if not args.skip_memory:
-        folder = str(converted_gguf_dir(smollm2_gguf()))
-        del smollm, minilm, models, quantized
-        print("\n## Peak RSS loading SmolLM2-135M (fresh process; 'after imports' is torch + transformers)\n")
-        print("| loader | after imports MiB | peak MiB | peak − imports MiB |")
-        print("|---|---|---|---|")
-        for loader, label in (("plain", "from_pretrained (float32)"), ("quantized", "load_quantized nf4")):
-            before, after = peak_rss(folder, loader)
-            print(f"| {label} | {before:.0f} | {after:.0f} | {after - before:.0f} |")
+def perplexity_table(task, smollm: nn.Module, tokenizer, quantized: dict[str, dict], blocks: int, block_size: int) -> None:
+    print(f"\n## SmolLM2-135M held-out Shakespeare perplexity ({blocks} x {block_size} tokens)\n")
+    print("| base | perplexity | Δ vs float32 | linear bytes/weight | model bytes/param |")
+    print("|---|---|---|---|---|")
+    layers = linear_layers(smollm)
+    reference = perplexity(task, smollm, tokenizer, blocks)
+    print(f"| float32 | {reference:.3f} | — | 4.0000 | 4.0000 |")
+    for quant_type in FORMATS:
+        swap_in(smollm, layers, quantized[quant_type])
+        value = perplexity(task, smollm, tokenizer, blocks)
+        report = storage_report(smollm)
+        for name, layer in layers.items():  # back to float32 for the next format
+            set_submodule(smollm, name, layer)
+        print(f"| {quant_type} + DQ | {value:.3f} | {value - reference:+.3f} | "
+              f"{report['quantized_bytes_per_param']:.4f} | {report['model_bytes_per_param']:.4f} |")
 
-    print(f"\n(total {time.perf_counter() - started:.0f} s; this process peaked at "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+
+def memory_table() -> None:
+    folder = str(converted_gguf_dir(smollm2_gguf()))
+    print("\n## Peak RSS loading SmolLM2-135M (fresh process; 'after imports': torch + transformers loaded)\n")
+    print("| loader | after imports MiB | peak MiB | peak − after imports MiB |")
+    print("|---|---|---|---|")
+    for loader, label in (("plain", "from_pretrained (float32)"), ("quantized", "load_quantized nf4 + DQ")):
+        before, after = peak_rss(folder, loader)
+        print(f"| {label} | {before:.0f} | {after:.0f} | {after - before:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--blocks", type=int, default=16, help="held-out blocks for perplexity")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per block")
+    parser.add_argument("--parts", default="errors,perplexity,memory", help="comma-separated parts to run")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    if "memory" in parts:
+        memory_table()  # first, while this process is small
+    if parts & {"errors", "perplexity"}:
+        from transformers import AutoModel
+
+        task = get_task("shakespeare", block_size=args.block_size, eval_blocks=args.blocks)
+        smollm, tokenizer = task.load_model()
+        minilm = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True)
+        quantized = error_tables({"SmolLM2-135M": smollm, "MiniLM-L6": minilm})
+        if "perplexity" in parts:
+            perplexity_table(task, smollm, tokenizer, quantized, args.blocks, args.block_size)
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

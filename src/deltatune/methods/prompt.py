@@ -20,10 +20,10 @@ the rest, and only while the adapter is active and not disabled. Decoding steps 
 reuse the cache; a mark on the cache object says it holds the virtual tokens / prefixes already.
 
 P-tuning's prompt encoder and prefix tuning's reparameterisation MLP are saved folded: the file
-holds their output and loads as a plain table. So that a folded table can also be trained further,
-the tokens are `encoder(seeds) + (table − anchor)`, `anchor` being the encoder's output when
-`table` was last written: plain P-tuning up to a constant, which also starts the tokens at real
-token embeddings (prefixes: the keys/values of real tokens) instead of an untrained net's output.
+holds their output and loads as a plain table. So that a folded file can also be trained further
+(load(..., is_trainable=True) brings a fresh encoder back), the tokens are
+`encoder(seeds) + (table − anchor)`, `anchor` being the encoder's output when `table` was last
+written: exactly encoder(seeds) in a fresh adapter (table = anchor), the saved tokens after a load.
 """
 
 from __future__ import annotations
@@ -208,14 +208,18 @@ class _TokenTables(DeltaLayer):
         self.prompt_encoder = nn.ModuleDict()
         self.plans: dict[str, _Plan] = {}
 
-    def add_tables(self, adapter_name: str, plan: _Plan, table: torch.Tensor, encoder: PromptEncoder | None = None) -> None:
+    def add_tables(self, adapter_name: str, plan: _Plan, table: torch.Tensor | None = None,
+                   encoder: PromptEncoder | None = None) -> None:
+        """A trainable `table`, or tokens made by `encoder` (the table then holds them as last folded)."""
+        if encoder is not None:
+            # Start folded (table = anchor = output), so the tokens are exactly encoder(seeds).
+            with torch.no_grad():
+                if not encoder.seeds.is_meta:
+                    encoder.anchor.copy_(encoder())
+            table = encoder.anchor.clone()
+            self.prompt_encoder[adapter_name] = encoder
         self.plans[adapter_name] = plan
         self.prompt_embeddings[adapter_name] = nn.Parameter(table)
-        if encoder is not None:
-            self.prompt_encoder[adapter_name] = encoder
-            if not table.is_meta:
-                with torch.no_grad():
-                    encoder.anchor.copy_(encoder())
 
     def virtual_tokens(self, adapter_name: str) -> torch.Tensor:
         table = self.prompt_embeddings[adapter_name]
@@ -637,20 +641,25 @@ def _prefix_encoder(config: PrefixTuningConfig, dim: int, width: int, like: torc
 
 
 # -- attach -------------------------------------------------------------------------------------
+def _placeholder(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The table of an adapter loaded for inference: its values come from the file."""
+    return torch.zeros(rows, width, device=like.device, dtype=_adapter_dtype(like))
+
+
 def _attach_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: str, tokenizer: Any = None, **_: Any) -> None:
     plan = _token_plan(model, config)
     weight = model.get_input_embeddings().weight
-    # A loaded adapter's values come from its file: no tokenizer needed then.
-    table = torch.zeros(plan.tokens, weight.shape[1], device=weight.device, dtype=_adapter_dtype(weight)) \
-        if config.inference_mode else _prompt_table(config, weight, tokenizer)
+    table = _placeholder(plan.tokens, weight.shape[1], weight) if config.inference_mode else _prompt_table(config, weight, tokenizer)
     _embedding_layer(model).add_tables(adapter_name, plan, table)
 
 
 def _attach_ptuning(model: nn.Module, config: PTuningConfig, adapter_name: str, **_: Any) -> None:
     plan = _token_plan(model, config)
     weight = model.get_input_embeddings().weight
-    encoder = None if config.inference_mode else _ptuning_encoder(config, weight)
-    _embedding_layer(model).add_tables(adapter_name, plan, _sample_rows(weight, plan.tokens), encoder)
+    if config.inference_mode:  # saved folded: a plain table
+        _embedding_layer(model).add_tables(adapter_name, plan, _placeholder(plan.tokens, weight.shape[1], weight))
+    else:
+        _embedding_layer(model).add_tables(adapter_name, plan, encoder=_ptuning_encoder(config, weight))
 
 
 def _attach_prefix(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, **_: Any) -> None:
@@ -661,11 +670,13 @@ def _attach_prefix(model: nn.Module, config: PrefixTuningConfig, adapter_name: s
     _check_token_dim(config, hidden)
     plan = _prefix_plan(model, model_config, config.num_virtual_tokens)
     weight = model.get_input_embeddings().weight
-    table = _prefix_from_activations(model, plan, weight)
-    encoder = None
-    if config.prefix_projection and not config.inference_mode:
-        encoder = _prefix_encoder(config, hidden, table.shape[1], weight)
-    _embedding_layer(model).add_tables(adapter_name, plan, table, encoder)
+    width = plan.layers * 2 * plan.kv_heads * plan.head_dim
+    if config.inference_mode:  # saved folded: a plain table
+        _embedding_layer(model).add_tables(adapter_name, plan, _placeholder(plan.tokens, width, weight))
+    elif config.prefix_projection:
+        _embedding_layer(model).add_tables(adapter_name, plan, encoder=_prefix_encoder(config, hidden, width, weight))
+    else:
+        _embedding_layer(model).add_tables(adapter_name, plan, _prefix_from_activations(model, plan, weight))
 
 
 def _attach_prefix_to_attention(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, names: list[str]) -> None:
@@ -682,12 +693,13 @@ def _attach_prefix_to_attention(model: nn.Module, config: PrefixTuningConfig, ad
             set_submodule(model, name, module)
         mha, count = module.get_base_layer(), config.num_virtual_tokens
         # Values in the scale of the attention's own projections of unit-variance inputs.
-        scale = mha.in_proj_weight.detach().float().pow(2).sum(1).mean().sqrt()
-        table = torch.randn(count, 2 * mha.embed_dim, device=mha.in_proj_weight.device) * scale
-        encoder = None
+        weight, plan = mha.in_proj_weight, _Plan("prefix", count)
         if config.prefix_projection and not config.inference_mode:
-            encoder = _prefix_encoder(config, mha.embed_dim, table.shape[1], mha.in_proj_weight)
-        module.add_tables(adapter_name, _Plan("prefix", count), table.to(_adapter_dtype(mha.in_proj_weight)), encoder)
+            module.add_tables(adapter_name, plan, encoder=_prefix_encoder(config, mha.embed_dim, 2 * mha.embed_dim, weight))
+            continue
+        scale = weight.detach().float().pow(2).sum(1).mean().sqrt()
+        table = torch.randn(count, 2 * mha.embed_dim, device=weight.device) * scale
+        module.add_tables(adapter_name, plan, table.to(_adapter_dtype(weight)))
 
 
 register_method(MethodInfo(
