@@ -100,8 +100,11 @@ def _is_target(name: str, module: nn.Module, config: AdapterConfig, targets: lis
     return True
 
 
-def _plain_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """Module names as the user knows them: the inside of our wrappers is not a target."""
+def plain_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Module names as the user knows them: the inside of our wrappers is not a target.
+
+    A wrapper itself is yielded under the name of the module it wraps; call get_base_layer()
+    on it for that module."""
     skip_prefixes: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
@@ -117,14 +120,14 @@ def find_targets(
     """Names of the modules this config targets; an error naming close matches if none match."""
     targets = config.target_modules if config.target_modules is not None else (fallback or default_targets(model))
     heads = output_head_names(model)
-    found = [name for name, module in _plain_modules(model) if name and _is_target(name, module, config, targets, heads)]
+    found = [name for name, module in plain_modules(model) if name and _is_target(name, module, config, targets, heads)]
     if not found:
         raise ConfigError(_no_match_message(model, config, targets))
     return found
 
 
 def _no_match_message(model: nn.Module, config: AdapterConfig, targets: list[str] | str) -> str:
-    names = [n for n, _ in _plain_modules(model) if n]
+    names = [n for n, _ in plain_modules(model) if n]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     wanted = [targets] if isinstance(targets, str) else list(targets)
     hints = sorted({c for w in wanted for c in difflib.get_close_matches(w.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.4)})
@@ -193,7 +196,7 @@ def layer_attach(layer_for: "type[DeltaLayer] | LayerChooser", fallback_targets:
 def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) -> None:
     """Give each named module a trainable copy for this adapter (names match as suffixes)."""
     for wanted in names:
-        matches = [n for n, m in _plain_modules(model) if n and (n == wanted or n.endswith("." + wanted))]
+        matches = [n for n, m in plain_modules(model) if n and (n == wanted or n.endswith("." + wanted))]
         if not matches:
             raise ConfigError(_no_match_message(model, AdapterConfig(), [wanted]).replace("target_modules", "modules_to_save"))
         for name in matches:

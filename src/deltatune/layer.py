@@ -14,6 +14,14 @@ import torch
 from torch import nn
 
 
+def adapter_dtype(reference: torch.Tensor) -> torch.dtype:
+    """The dtype for trainable adapter tensors beside a base tensor: float32 when the base is
+    half precision or not floating point, because small updates vanish in 16-bit weights."""
+    if reference.dtype in (torch.float16, torch.bfloat16) or not reference.is_floating_point():
+        return torch.float32
+    return reference.dtype
+
+
 class DeltaLayer(nn.Module):
     """Common bookkeeping: active/merged adapters, deletion, saving of per-adapter tensors.
 
@@ -38,6 +46,14 @@ class DeltaLayer(nn.Module):
         while isinstance(layer, DeltaLayer):
             layer = layer.base_layer
         return layer
+
+    def inner_prefix(self) -> str:
+        """The `base_layer.` hops from this layer's base_layer to the original module, so that
+        torch.func.functional_call can address its tensors under nested wrappers (hybrids)."""
+        prefix, layer = "", self.base_layer
+        while isinstance(layer, DeltaLayer):
+            prefix, layer = prefix + "base_layer.", layer.base_layer
+        return prefix
 
     @property
     def weight(self) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import AdapterConfig, ConfigError
 from ..inject import inject_layers, is_linear_like, model_family
-from ..layer import DeltaLayer
+from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -122,9 +122,6 @@ def _output_features(module: nn.Module, module_name: str) -> int:
     return last.weight.shape[1] if type(last).__name__ == "Conv1D" else last.weight.shape[0]
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Small updates vanish in half precision; keep adapters in float32 like LoRA.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 class _BottleneckLayer(DeltaLayer):
@@ -137,7 +134,7 @@ class _BottleneckLayer(DeltaLayer):
     def add_adapter(self, adapter_name: str, config: BottleneckConfig, module_name: str) -> None:
         reference = next(self.get_base_layer().parameters())
         features = _output_features(self.base_layer, module_name)
-        self.bottleneck[adapter_name] = Bottleneck(features, config, reference.device, _adapter_dtype(reference))
+        self.bottleneck[adapter_name] = Bottleneck(features, config, reference.device, adapter_dtype(reference))
 
     def _active(self) -> list[str]:
         return [n for n in self.active_unmerged() if n in self.bottleneck]

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import find_targets, inject_layers, is_linear_like, output_head_names
-from ..layer import DeltaLayer
+from ..inject import find_targets, inject_layers, is_linear_like, output_head_names, plain_modules
+from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
 
 # Layers whose bias is added per channel along dim 1 (N, C, ...), not along the last dim.
@@ -57,9 +57,6 @@ def _out_features(module: nn.Module) -> int:
     return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
 
 
-def _delta_dtype(tensor: torch.Tensor) -> torch.dtype:
-    # Small updates vanish in half precision; keep trainable deltas in float32.
-    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
 class BitFitLayer(DeltaLayer):
@@ -85,7 +82,7 @@ class BitFitLayer(DeltaLayer):
             )
         reference = bias if bias is not None else base.weight
         shape = bias.shape if bias is not None else (_out_features(base),)
-        delta = torch.zeros(shape, device=reference.device, dtype=_delta_dtype(reference))
+        delta = torch.zeros(shape, device=reference.device, dtype=adapter_dtype(reference))
         self.bias_delta[adapter_name] = nn.Parameter(delta)
 
     def _broadcastable(self, delta: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -129,12 +126,10 @@ def _default_target_pattern(model: nn.Module, config: BitFitConfig) -> str:
     """A regex of the exact names of every module that has (or, on request, may get) a bias."""
     skip = set(output_head_names(model)) | set(config.modules_to_save or [])
     names = []
-    inside_wrapper: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in inside_wrapper):
+    for name, module in plain_modules(model):
+        if not name:
             continue
         if isinstance(module, DeltaLayer):
-            inside_wrapper.append(name + ".")
             module = module.get_base_layer()
         if any(name == s or name.endswith("." + s) for s in skip) or not _can_hold_bias(module):
             continue

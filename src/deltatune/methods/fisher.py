@@ -25,7 +25,7 @@ from torch.func import functional_call
 from ..config import AdapterConfig, ConfigError
 from ..inject import default_targets, find_targets, set_submodule
 from ..io import KEY_PREFIX, AdapterFileError
-from ..layer import DeltaLayer
+from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
 
 DEFAULT_DENSITY = 0.005
@@ -79,9 +79,6 @@ class SparseDelta(nn.Module):
         self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=dtype, device=indices.device))
 
 
-def _delta_dtype(tensor: torch.Tensor) -> torch.dtype:
-    # Small updates vanish in half precision; keep trainable deltas in float32.
-    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
 class _SparseDeltaLinear(torch.autograd.Function):
@@ -136,14 +133,7 @@ class SparseDeltaLayer(DeltaLayer):
         if indices is None:
             raise ValueError("A Fisher-sparse layer is built from the entries the Fisher mask kept; add it with dt.wrap(..., calibration_data=...).")
         weight = self.weight
-        self.sparse_delta[adapter_name] = SparseDelta(indices.to(weight.device), _delta_dtype(weight))
-
-    def _inner_prefix(self) -> str:
-        # functional_call names tensors from self.base_layer; hybrids nest wrappers in between.
-        prefix, layer = "", self.base_layer
-        while isinstance(layer, DeltaLayer):
-            prefix, layer = prefix + "base_layer.", layer.base_layer
-        return prefix
+        self.sparse_delta[adapter_name] = SparseDelta(indices.to(weight.device), adapter_dtype(weight))
 
     def forward(self, *args, **kwargs):
         active = [n for n in self.active_unmerged() if n in self.sparse_delta]
@@ -159,7 +149,7 @@ class SparseDeltaLayer(DeltaLayer):
         for name in active:
             delta = self.sparse_delta[name]
             flat = flat.index_add(0, delta.indices, delta.values.to(weight.dtype))
-        return functional_call(self.base_layer, {self._inner_prefix() + "weight": flat.view(weight.shape)}, tuple(args), kwargs)
+        return functional_call(self.base_layer, {self.inner_prefix() + "weight": flat.view(weight.shape)}, tuple(args), kwargs)
 
     def merge_adapter(self, adapter_name: str) -> None:
         delta = self.sparse_delta[adapter_name]

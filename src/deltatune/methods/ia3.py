@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import AdapterConfig, ConfigError
 from ..inject import inject_layers, is_linear_like, model_family
-from ..layer import DeltaLayer
+from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
 
 _BERT_FFN_OUT = r"layer\.\d+\.output\.dense"  # not attention.output.dense
@@ -69,9 +69,6 @@ def _matches(name: str, patterns: list[str] | str | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _delta_dtype(tensor: torch.Tensor) -> torch.dtype:
-    # Small updates vanish in half precision; keep the trainable vectors in float32 as peft does.
-    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
 class IA3Layer(DeltaLayer):
@@ -94,7 +91,7 @@ class IA3Layer(DeltaLayer):
         weight = self.get_base_layer().weight
         # peft's shapes: (1, in) for feed-forward targets, (out, 1) otherwise.
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
-        kwargs = {"device": weight.device, "dtype": _delta_dtype(weight)}
+        kwargs = {"device": weight.device, "dtype": adapter_dtype(weight)}
         vector = torch.ones(shape, **kwargs) if config.init_ia3_weights else torch.randn(shape, **kwargs)
         self.ia3_l[adapter_name] = nn.Parameter(vector)
         self.is_feedforward[adapter_name] = feedforward

@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import inject_layers
-from ..layer import DeltaLayer
+from ..inject import inject_layers, plain_modules
+from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
 
 
@@ -36,9 +36,6 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-def _delta_dtype(tensor: torch.Tensor) -> torch.dtype:
-    # Small updates vanish in half precision; keep trainable deltas in float32.
-    return torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
 
 
 class NormTuningLayer(DeltaLayer):
@@ -72,14 +69,7 @@ class NormTuningLayer(DeltaLayer):
         for attr, container in (("weight", self.norm_weight_delta), ("bias", self.norm_bias_delta)):
             if attr in tensors and (attr == "weight" or config.train_bias):
                 tensor = tensors[attr]
-                container[adapter_name] = nn.Parameter(torch.zeros(tensor.shape, device=tensor.device, dtype=_delta_dtype(tensor)))
-
-    def _inner_prefix(self) -> str:
-        # functional_call names tensors from self.base_layer; hybrids nest wrappers in between.
-        prefix, layer = "", self.base_layer
-        while isinstance(layer, DeltaLayer):
-            prefix, layer = prefix + "base_layer.", layer.base_layer
-        return prefix
+                container[adapter_name] = nn.Parameter(torch.zeros(tensor.shape, device=tensor.device, dtype=adapter_dtype(tensor)))
 
     def forward(self, *args, **kwargs):
         active = [n for n in self.active_unmerged() if n in self.norm_weight_delta]
@@ -92,7 +82,7 @@ class NormTuningLayer(DeltaLayer):
                 delta = self._deltas(name).get(attr)
                 if delta is not None:
                     value = value + delta.to(tensor.dtype)
-            swapped[self._inner_prefix() + attr] = value
+            swapped[self.inner_prefix() + attr] = value
         return functional_call(self.base_layer, swapped, tuple(args), kwargs)
 
     def merge_adapter(self, adapter_name: str) -> None:
@@ -115,12 +105,10 @@ class NormTuningLayer(DeltaLayer):
 def _norm_pattern(model: nn.Module) -> str:
     """A regex of the exact names of the model's normalisation layers (inside no other wrapper)."""
     names = []
-    inside_wrapper: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in inside_wrapper):
+    for name, module in plain_modules(model):
+        if not name:
             continue
         if isinstance(module, DeltaLayer):
-            inside_wrapper.append(name + ".")
             module = module.get_base_layer()
         if _is_norm(module):
             names.append(name)

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import AdapterConfig, ConfigError
 from ..inject import LINEAR_TARGETS, layer_attach
 from ..kernels import lora_linear, patch_model_for_training
-from ..layer import DeltaLayer
+from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
@@ -80,9 +80,6 @@ def _pattern_value(pattern: dict, module_name: str, default):
     return default
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    # Half-precision adapter weights lose the small updates; keep them in float32 like peft does.
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
 
 
 def _is_quantized_linear(module: nn.Module) -> bool:
@@ -147,7 +144,7 @@ class LoraLinear(_LoraBase):
     def _add_lora(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         rank = self._register_common(adapter_name, config, module_name)
         weight = self.base_weight()
-        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        kwargs = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self.lora_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False, **kwargs)
         self.lora_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False, **kwargs)
         self._init_weights(adapter_name, config.init_lora_weights)
@@ -304,7 +301,7 @@ class LoraEmbedding(_LoraBase):
         if config.init_lora_weights == "pissa":
             raise ConfigError(f"PiSSA init is for Linear targets; {module_name!r} is an Embedding.")
         weight = self.get_base_layer().weight
-        kwargs = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        kwargs = {"device": weight.device, "dtype": adapter_dtype(weight)}
         A = torch.zeros(rank, weight.shape[0], **kwargs)
         B = torch.empty(weight.shape[1], rank, **kwargs)
         # peft's embedding init: A = 0, B ~ N(0, 1), so the output starts unchanged.
@@ -343,7 +340,7 @@ class LoraConv2d(_LoraBase):
         base = self.get_base_layer()
         if base.groups != 1 or config.init_lora_weights == "pissa":
             raise ConfigError(f"LoRA on Conv2d {module_name!r} needs groups=1 and a non-PiSSA init.")
-        kwargs = {"device": base.weight.device, "dtype": _adapter_dtype(base.weight)}
+        kwargs = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
         self.lora_A[adapter_name] = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False, **kwargs)
         self.lora_B[adapter_name] = nn.Conv2d(rank, base.out_channels, 1, 1, bias=False, **kwargs)
         with torch.no_grad():
