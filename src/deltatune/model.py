@@ -176,7 +176,7 @@ class DeltaModel(nn.Module):
         for name, config in self._training_adapters():
             hook = method_for_config(config).auxiliary_loss
             if hook is not None:
-                terms.append(hook(self.model, name, config))
+                terms.append(hook(self, name, config))
         return torch.stack([t.reshape(()) for t in terms]).sum() if terms else None
 
     def after_optimizer_step(self, step: int) -> None:
@@ -184,7 +184,7 @@ class DeltaModel(nn.Module):
         for name, config in self._training_adapters():
             hook = method_for_config(config).after_step
             if hook is not None:
-                hook(self.model, name, config, step)
+                hook(self, name, config, step)
 
     # -- merging --------------------------------------------------------------------------
     def merge(self, adapter_names: Iterable[str] | None = None) -> None:
@@ -267,8 +267,8 @@ class DeltaModel(nn.Module):
         config = info.config_class.from_dict(read_config_dict(directory), foreign_ok=True)
         config = config.replace(inference_mode=not is_trainable)
         tensors = read_adapter_tensors(directory)
-        build_kwargs = {"saved_tensors": tensors} if info.needs_calibration_data else {}
-        self.add_adapter(adapter_name, config, activate=activate, **build_kwargs)
+        # The file's tensors let a method skip data-dependent setup (a Fisher mask, a prompt from text).
+        self.add_adapter(adapter_name, config, activate=activate, saved_tensors=tensors)
         try:
             self._copy_in(adapter_name, tensors, directory)
         except Exception:

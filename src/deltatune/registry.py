@@ -27,10 +27,10 @@ class MethodInfo:
     compare_defaults: config fields the comparison job uses for this method, plus "lr".
     needs_calibration_data: the method must see batches before it can be built (e.g. a
         Fisher mask); `dt.wrap(..., calibration_data=...)` passes them to `attach`.
-    after_step: called as after_step(model, adapter_name, config, step) after each optimizer
+    after_step: called as after_step(delta_model, adapter_name, config, step) after each optimizer
         step while the adapter trains (e.g. AdaLoRA's rank budget); the training loop reaches
         it through DeltaModel.after_optimizer_step without knowing the method.
-    auxiliary_loss: auxiliary_loss(model, adapter_name, config) -> scalar tensor added to the
+    auxiliary_loss: auxiliary_loss(delta_model, adapter_name, config) -> scalar tensor added to the
         task loss (e.g. AdaLoRA's orthogonality penalty), through DeltaModel.auxiliary_loss.
     """
 

@@ -3,16 +3,16 @@
 
 * Prompt tuning / P-tuning insert n virtual token embeddings into the input. input_ids become
   inputs_embeds with the tokens inserted; attention_mask, position_ids, token_type_ids and
-  per-token labels grow to match (labels with -100, so the loss ignores virtual tokens), and
-  token-level logits come back trimmed to the caller's length. The tokens go first, except in
-  BERT-style encoders, where they follow the first token: the classifier pools position 0,
-  which so stays [CLS].
+  per-token labels grow to match (with -100: the loss has the targets it has without the
+  adapter), and token-level logits come back trimmed to the caller's length. The tokens go
+  first, except in BERT-style encoders, where they follow the first token: the classifier
+  pools position 0, which so stays [CLS].
 * Prefix tuning puts n learned key/value vectors in front of every attention layer's keys and
   values. In transformers models they go through the model's own key/value cache (DynamicCache,
   filled before the first forward of a sequence), so generate() keeps working and grouped-query
   attention gets prefixes of the key/value width (num_key_value_heads × head_dim); the caller's
-  tokens keep positions 0, 1, … since prefixes have none. Other models get them through hooks on
-  their torch.nn.MultiheadAttention modules.
+  tokens keep positions 0, 1, … since prefixes have none. Models without a transformers cache
+  get them through a wrapper of each torch.nn.MultiheadAttention, which sees its keys and values.
 
 The tensors live in one wrapper of the input embedding (or of each MultiheadAttention), so the
 core saves, loads, activates and deletes them like any layer adapter; hooks on the top model do
@@ -129,7 +129,9 @@ class PTuningConfig(_VirtualTokenConfig):
     def validate(self) -> None:
         super().validate()
         if self.encoder_reparameterization_type not in ENCODERS:
-            raise ConfigError(f"encoder_reparameterization_type must be one of {ENCODERS}, got {self.encoder_reparameterization_type!r}.")
+            raise ConfigError(
+                f"encoder_reparameterization_type must be one of {ENCODERS}, got {self.encoder_reparameterization_type!r}."
+            )
         if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
             raise ConfigError(f"encoder_hidden_size must be positive, got {self.encoder_hidden_size}.")
         if self.encoder_num_layers < 1:
@@ -506,7 +508,9 @@ def _transformers_host(model: nn.Module, method: str) -> tuple[Any, int]:
             f"{type(model).__name__} has none. (Prefix tuning also works on models built from torch.nn.MultiheadAttention.)"
         )
     if getattr(config, "is_encoder_decoder", False):
-        raise ConfigError(f"{method} supports decoder-only and encoder-only models; {type(model).__name__} is an encoder-decoder.")
+        raise ConfigError(
+            f"{method} supports decoder-only and encoder-only models; {type(model).__name__} is an encoder-decoder."
+        )
     return config, get_embeddings().weight.shape[1]
 
 
@@ -551,7 +555,7 @@ def _init_text_ids(config: PromptTuningConfig, tokenizer: Any, vocab: int) -> li
     if tokenizer is None:
         raise ConfigError(
             "prompt_tuning_init='text' needs a tokenizer: pass dt.wrap(model, config, tokenizer=tok) "
-            "or set tokenizer_name_or_path in the config."
+            "or set tokenizer_name_or_path in the config (dt.load(..., is_trainable=True) can only use the latter)."
         )
     ids = list(tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"])
     count = config.num_virtual_tokens
@@ -587,7 +591,9 @@ def _ptuning_encoder(config: PTuningConfig, weight: torch.Tensor) -> PromptEncod
         lstm = nn.LSTM(dim, hidden, num_layers=config.encoder_num_layers, bidirectional=True, batch_first=True, **kw)
         mlp = nn.Sequential(nn.Linear(2 * hidden, hidden, **kw), nn.ReLU(), nn.Linear(hidden, dim, **kw))
         return PromptEncoder(seeds, mlp, lstm)
-    mlp = nn.Sequential(nn.Linear(dim, hidden, **kw), nn.ReLU(), nn.Linear(hidden, hidden, **kw), nn.ReLU(), nn.Linear(hidden, dim, **kw))
+    mlp = nn.Sequential(
+        nn.Linear(dim, hidden, **kw), nn.ReLU(), nn.Linear(hidden, hidden, **kw), nn.ReLU(), nn.Linear(hidden, dim, **kw)
+    )
     return PromptEncoder(seeds, mlp)
 
 
@@ -627,6 +633,8 @@ def _prefix_from_activations(model: nn.Module, plan: _Plan, weight: torch.Tensor
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), _hooks_bypassed(model):
         model(input_ids=ids, past_key_values=cache, use_cache=True)
+    if _cached_length(cache) != plan.tokens:
+        raise RuntimeError(_CHECKPOINTING_DROPS_CACHE)
     states = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers[: plan.layers]])
     if tuple(states.shape) != (plan.layers, 2, plan.kv_heads, plan.tokens, plan.head_dim):
         raise ConfigError(f"The model's key/value cache has shape {tuple(states.shape)}, not the one its config describes.")
@@ -646,10 +654,14 @@ def _placeholder(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(rows, width, device=like.device, dtype=_adapter_dtype(like))
 
 
-def _attach_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: str, tokenizer: Any = None, **_: Any) -> None:
+def _attach_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: str, tokenizer: Any = None,
+                   saved_tensors: dict | None = None, **_: Any) -> None:
     plan = _token_plan(model, config)
     weight = model.get_input_embeddings().weight
-    table = _placeholder(plan.tokens, weight.shape[1], weight) if config.inference_mode else _prompt_table(config, weight, tokenizer)
+    if config.inference_mode or saved_tensors is not None:  # the values come from the file: no tokenizer needed
+        table = _placeholder(plan.tokens, weight.shape[1], weight)
+    else:
+        table = _prompt_table(config, weight, tokenizer)
     _embedding_layer(model).add_tables(adapter_name, plan, table)
 
 
@@ -662,7 +674,8 @@ def _attach_ptuning(model: nn.Module, config: PTuningConfig, adapter_name: str, 
         _embedding_layer(model).add_tables(adapter_name, plan, encoder=_ptuning_encoder(config, weight))
 
 
-def _attach_prefix(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, **_: Any) -> None:
+def _attach_prefix(model: nn.Module, config: PrefixTuningConfig, adapter_name: str,
+                   saved_tensors: dict | None = None, **_: Any) -> None:
     attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if attention and getattr(model, "config", None) is None:
         return _attach_prefix_to_attention(model, config, adapter_name, attention)
@@ -675,6 +688,8 @@ def _attach_prefix(model: nn.Module, config: PrefixTuningConfig, adapter_name: s
         _embedding_layer(model).add_tables(adapter_name, plan, _placeholder(plan.tokens, width, weight))
     elif config.prefix_projection:
         _embedding_layer(model).add_tables(adapter_name, plan, encoder=_prefix_encoder(config, hidden, width, weight))
+    elif saved_tensors is not None:  # loading for more training: no need to run the model for a start
+        _embedding_layer(model).add_tables(adapter_name, plan, _placeholder(plan.tokens, width, weight))
     else:
         _embedding_layer(model).add_tables(adapter_name, plan, _prefix_from_activations(model, plan, weight))
 
@@ -710,7 +725,9 @@ register_method(MethodInfo(
 register_method(MethodInfo(
     name="ptuning", config_class=PTuningConfig, attach=_attach_ptuning, kind="soft-prompt", mergeable=False,
     description="Virtual tokens produced by a trainable prompt encoder, saved as its output (Liu et al.)",
-    compare_defaults={"num_virtual_tokens": 20, "encoder_reparameterization_type": "MLP", "encoder_hidden_size": 128, "lr": 1e-3},
+    compare_defaults={
+        "num_virtual_tokens": 20, "encoder_reparameterization_type": "MLP", "encoder_hidden_size": 128, "lr": 1e-3,
+    },
 ))
 register_method(MethodInfo(
     name="prefix", config_class=PrefixTuningConfig, attach=_attach_prefix, kind="soft-prompt", mergeable=False,
