@@ -9,8 +9,9 @@
    task's held-out plays, `--blocks` blocks of `--block-size` tokens.
 3. Bytes per quantized weight as stored (codes + every constant, summed from the tensors), with and
    without double quantization, and of the whole model (embeddings, norms and head stay float32).
-4. Peak resident memory of loading SmolLM2 with transformers' from_pretrained vs
-   deltatune.quant.load_quantized, each in a fresh process.
+4. Peak resident memory of getting SmolLM2 ready to compute: transformers' from_pretrained
+   (float32), from_pretrained then quantize() in place, and deltatune.quant.load_quantized
+   (streaming, layer by layer), each in a fresh process.
 
 SmolLM2 ships as a GGUF Q4_1 file: its "full-precision" weights are already 4-bit values
 (dequantized by transformers to float32), so every format here rounds an existing 4-bit grid.
@@ -63,24 +64,37 @@ def swap_in(model: nn.Module, layers: dict[str, nn.Linear], quantized: dict) -> 
         set_submodule(model, name, QuantLinear(original.in_features, original.out_features, q, original.bias))
 
 
-def peak_rss(folder: str, loader: str) -> tuple[float, float]:
-    """(RSS after imports, peak RSS) in MiB of a fresh process that imports torch + transformers and loads the model."""
+LOADERS = {
+    "plain": "from_pretrained (float32), one forward",
+    "plain+quantize": "from_pretrained, then quantize() in place",
+    "streaming": "load_quantized nf4 + DQ, one forward",
+}
+
+
+def peak_rss(folder: str, loader: str) -> tuple[float, float, float]:
+    """(RSS after imports, peak RSS, bytes of the model's tensors) in MiB, in a fresh process."""
     # VmHWM (not ru_maxrss, which a child inherits from its forking parent) restarts at exec.
+    # transformers maps safetensors files lazily, so the plain load only becomes resident when
+    # the weights are used: one short forward pass makes every loader hold what it computes with.
     script = textwrap.dedent(f"""
         import re, torch, transformers
-        from deltatune.quant import load_quantized
+        from deltatune.quant import load_quantized, quantize, storage_report
         def peak_kib():
             return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
         base = peak_kib()
-        if {loader!r} == "plain":
-            model = transformers.AutoModelForCausalLM.from_pretrained({folder!r})
-        else:
+        if {loader!r} == "streaming":
             model = load_quantized({folder!r}, "nf4")
-        print(base, peak_kib())
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained({folder!r})
+        if {loader!r} == "plain+quantize":
+            quantize(model, "nf4")
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 8, dtype=torch.long))
+        print(base, peak_kib(), storage_report(model)["model_bytes"] // 1024)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    before, after = (int(v) for v in out.stdout.split()[-2:])
-    return before / 1024, after / 1024
+    before, after, tensors = (int(v) / 1024 for v in out.stdout.split()[-3:])
+    return before, after, tensors
 
 
 def error_tables(models: dict[str, nn.Module]) -> dict[str, dict]:
@@ -128,12 +142,12 @@ def perplexity_table(task, smollm: nn.Module, tokenizer, quantized: dict[str, di
 
 def memory_table() -> None:
     folder = str(converted_gguf_dir(smollm2_gguf()))
-    print("\n## Peak RSS loading SmolLM2-135M (fresh process; 'after imports': torch + transformers loaded)\n")
-    print("| loader | after imports MiB | peak MiB | peak − after imports MiB |")
-    print("|---|---|---|---|")
-    for loader, label in (("plain", "from_pretrained (float32)"), ("quantized", "load_quantized nf4 + DQ")):
-        before, after = peak_rss(folder, loader)
-        print(f"| {label} | {before:.0f} | {after:.0f} | {after - before:.0f} |")
+    print("\n## Peak RSS loading SmolLM2-135M (fresh process each; 'imports': RSS with torch + transformers loaded)\n")
+    print("| loader | imports MiB | peak MiB | peak − imports MiB | model tensors MiB |")
+    print("|---|---|---|---|---|")
+    for loader, label in LOADERS.items():
+        before, after, tensors = peak_rss(folder, loader)
+        print(f"| {label} | {before:.0f} | {after:.0f} | {after - before:.0f} | {tensors:.0f} |")
 
 
 def main() -> None:

@@ -335,3 +335,12 @@ def test_causal_language_model_task_reports_perplexity(tmp_path):
         assert abs(record["estimate_error_percent"]["peak"]) < 15.0
     table = render_table(run.results)
     assert "ppl " in table and "ppl 1" in render_markdown(run.results)
+
+
+def test_busy_machine_makes_the_report_warn_about_timings():
+    from deltatune.compare.report import busy_machine_warning
+
+    quiet = {"environment": {"cpu_count": 2, "load_average_start": 0.3, "load_average_end": 2.1}}
+    busy = {"environment": {"cpu_count": 2, "load_average_start": 0.3, "load_average_end": 7.5}}
+    assert busy_machine_warning(quiet) == ""
+    assert "load average up to 7.5 on 2 CPUs" in busy_machine_warning(busy)

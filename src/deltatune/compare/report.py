@@ -259,7 +259,21 @@ def _time_section(results: dict[str, Any]) -> str:
         "## Time\n\n"
         f"Median seconds per optimizer step, leaving out the first {3} warm-up steps; train s is the whole "
         "training call; wall s also holds loading, measuring, evaluating and saving.\n\n"
+        + busy_machine_warning(results)
         + markdown_table(["method", "s/step", "x full", "steps", "train s", "wall s"], rows)
+    )
+
+
+def busy_machine_warning(results: dict[str, Any]) -> str:
+    """A warning when other programs shared the CPUs during the run, which makes timings unreliable."""
+    env = results.get("environment", {})
+    loads = [v for v in (env.get("load_average_start"), env.get("load_average_end")) if v is not None]
+    cpus = env.get("cpu_count") or 0
+    if not loads or not cpus or max(loads) <= cpus + 1.0:  # the run itself keeps about cpus busy
+        return ""
+    return (
+        f"**Warning:** the machine was busy (load average up to {max(loads):.1f} on {cpus} CPUs), so other "
+        "programs shared the cores: step times and their ratios are not reliable in this run.\n\n"
     )
 
 
@@ -363,7 +377,8 @@ def headline_checks(results: dict[str, Any], method: str = "lora") -> list[tuple
         checks.append((f"{method} gradient + optimizer memory < 2% of full", f"{100 * state:.3f}%", state < 0.02))
     step = ratio(_get(peft, "time", "step_s"), _get(full, "time", "step_s"))
     if step is not None:
-        checks.append((f"{method} step time <= 0.8x full", f"{step:.2f}x", step <= 0.8))
+        busy = " (machine busy: unreliable)" if busy_machine_warning(results) else ""
+        checks.append((f"{method} step time <= 0.8x full", f"{step:.2f}x{busy}", step <= 0.8))
     peak = ratio(_get(peft, "memory", "peak"), _get(full, "memory", "peak"))
     if peak is not None:
         checks.append((f"{method} peak memory below full", f"{peak:.2f}x", peak < 1.0))

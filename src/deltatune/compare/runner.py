@@ -184,8 +184,17 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_start": _load_average(),
     }
     return info
+
+
+def _load_average() -> float | None:
+    """1-minute load average: above the CPU count, other programs share the cores and slow steps."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
 
 
 def _say(console: Callable[[str], None] | None, message: str) -> None:
@@ -428,6 +437,7 @@ class _Comparison:
     def finish(self, status: str) -> None:
         self.results.data["status"] = status
         self.results.data["finished"] = datetime.now().isoformat(timespec="seconds")
+        self.results.data["environment"]["load_average_end"] = _load_average()
         self.results.save()
 
 

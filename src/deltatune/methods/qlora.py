@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..inject import default_targets, find_targets, LINEAR_TARGETS
+from ..inject import LINEAR_TARGETS, default_targets, find_targets
 from ..quant import QUANT_TYPES, quantize, quantized_layers
 from ..registry import MethodInfo, method_info, register_method
 

@@ -6,8 +6,9 @@ values, and two indices are packed into one byte. The per-block absmax constants
 64 values = 0.5 bits per weight; double quantization stores them instead as int8 around their mean,
 with one float32 scale per `nested_block_size` (256) constants: 8/64 + 32/(64·256) ≈ 0.127 bits.
 
-The stored layout is the one bitsandbytes computes with (same NF4 table, high nibble first, absmax
-= code · nested_scale + offset), so a backend can dequantize these tensors without converting them.
+The layout is the one bitsandbytes computes with (same NF4 table, high nibble first, absmax =
+code · nested_scale + offset; our int8 codes index its 256-entry table after adding 128), so the
+backends in backends.py dequantize these very tensors and give the same values.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ FP4_VALUES = tuple(s * m / 6.0 for s in (1.0, -1.0) for m in (0.0, 0.5, 1.0, 1.5
 INT4_VALUES = tuple((k - 8) / 7.0 for k in range(16))
 
 _CODEBOOKS = {"nf4": NF4_VALUES, "fp4": FP4_VALUES, "int4": INT4_VALUES}
-# Rows quantized at once: bounds the int64 index tensor bucketize makes to ~32 MiB.
-_CHUNK_ELEMENTS = 1 << 22
+# Values quantized at once. Small, equal-sized temporaries (12 bytes/value) let the allocator reuse
+# its memory; 4M-value chunks raised the peak RSS of load_quantized(SmolLM2) by ~170 MB.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 class QuantizationError(ValueError):

@@ -14,7 +14,7 @@ pick one:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 import torch
@@ -38,7 +38,6 @@ class MergeReport:
     weight_error: float | None = None  # mean relative Frobenius error of re-quantized merged weights
     bytes_before: int = 0
     bytes_after: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = [f"merge ({self.mode}): {self.layers} quantized layers {'re-quantized' if self.mode == 'requantize' else 'now full precision'}"]
@@ -46,8 +45,15 @@ class MergeReport:
             parts.append(f"relative output error {self.output_error:.3e} on the sample inputs")
         if self.weight_error is not None:
             parts.append(f"mean weight re-quantization error {self.weight_error:.3e}")
-        parts.append(f"weights {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
-        return "; ".join(parts) + "".join(f"\n  note: {n}" for n in self.notes)
+        parts.append(f"weights {_size(self.bytes_before)} -> {_size(self.bytes_after)}")
+        return "; ".join(parts)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _as_batches(sample_inputs: Any) -> list[Any]:
