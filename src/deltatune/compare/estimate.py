@@ -45,7 +45,7 @@ from .measure import (
     trainable_parameters,
 )
 from .methods import apply_method, method_settings, validate_methods
-from .presets import FULL, MODEL_PRESETS
+from .presets import MODEL_PRESETS
 
 ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet", "camembert"}
 TASK_KINDS = ("classification", "causal_lm")
