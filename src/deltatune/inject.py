@@ -47,7 +47,8 @@ def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear and transformers' GPT-2 Conv1D (a linear layer with a transposed weight)."""
     if isinstance(module, DeltaLayer):
         module = module.get_base_layer()
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    # A 4-bit QuantLinear (deltatune.quant) is a linear layer whose weight is stored packed.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or hasattr(module, "dequantized_weight")
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -19,6 +19,7 @@ COMPARE_OVERRIDES: dict[str, dict[str, Any]] = {
     # Rank 4 on every encoder linear keeps LoRA under 1% of MiniLM's parameters (rank 8: 1.4%)
     # at the same scale alpha / r = 2.
     "lora": {"r": 4, "lora_alpha": 8},
+    "qlora": {"r": 4, "lora_alpha": 8},  # same adapter as the lora row, over a 4-bit base
 }
 
 
