@@ -172,7 +172,10 @@ def render_table(results: dict[str, Any]) -> str:
 
     title = _title(results)
     rule = "-" * len(line(TABLE_HEADER))
-    notes = "W/G/O/A: weights / gradients / optimizer states / activations, measured on one training batch."
+    notes = (
+        "W/G/O/A: weights / gradients / optimizer states / activations, measured on one training batch.\n"
+        "s/step: lower quartile of the steps after warm-up (other programs only add time); train s: unfiltered."
+    )
     return "\n".join([title, rule, line(TABLE_HEADER), rule, *(line(r) for r in rows), rule, notes])
 
 
@@ -257,8 +260,9 @@ def _time_section(results: dict[str, Any]) -> str:
         ])
     return (
         "## Time\n\n"
-        f"Median seconds per optimizer step, leaving out the first {3} warm-up steps; train s is the whole "
-        "training call; wall s also holds loading, measuring, evaluating and saving.\n\n"
+        "Seconds per optimizer step: the lower quartile of the steps after the first 3 warm-up steps, "
+        "because other programs on the machine only ever add time to a step; train s is the whole training "
+        "call, unfiltered; wall s also holds loading, measuring, evaluating and saving.\n\n"
         + busy_machine_warning(results)
         + markdown_table(["method", "s/step", "x full", "steps", "train s", "wall s"], rows)
     )

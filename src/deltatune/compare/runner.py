@@ -43,7 +43,7 @@ from .presets import ALL_METHODS, FULL, RUN_PRESETS, RunPreset
 RESULTS_NAME = "results.json"
 SCHEMA_VERSION = 1
 CALIBRATION_BATCHES = 16  # the most a calibrated method (e.g. a Fisher mask) is offered
-WARMUP_STEPS = 3  # steps left out of the median step time
+WARMUP_STEPS = 3  # steps left out of the reported step time
 
 
 @dataclass
