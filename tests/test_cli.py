@@ -121,3 +121,29 @@ def test_train_rejects_unknown_yaml_keys(tmp_path, capsys):
 def test_eval_of_missing_folder_is_explained(capsys, tmp_path):
     assert main(["eval", str(tmp_path / "nothing")]) == EXIT_USAGE
     assert "No such folder" in capsys.readouterr().err
+
+
+def test_train_and_eval_over_a_4bit_base(tiny_task, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    args = ["train", "--task", "tiny", "--method", "lora", "--quantize", "nf4", "--set", "r=2", "--lr", "0.01",
+            "--steps", "3", "--batch-size", "8", "--eval-limit", "16", "--output", str(out), "--no-progress"]
+    assert main(args) == 0
+    trained = json.loads(capsys.readouterr().out.split("Saved to")[-1].split("\n", 1)[1])
+    saved = json.loads((out / "deltatune_run.json").read_text())
+    assert saved["quantize"] == "nf4"
+    # eval quantizes the base the same way, so it reproduces the accuracy measured after training.
+    assert main(["eval", str(out), "--splits", "in_domain", "--limit", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["in_domain"]["accuracy"] == trained["in_domain"]["accuracy"]
+
+
+def test_full_fine_tuning_of_a_4bit_base_is_refused(tiny_task, tmp_path, capsys):
+    args = ["train", "--task", "tiny", "--method", "full", "--quantize", "nf4", "--output", str(tmp_path / "x")]
+    assert main(args) == EXIT_USAGE
+    assert "cannot train a nf4 (4-bit) base" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_quantize_type_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--quantize", "nf3"])
+    assert "nf4" in capsys.readouterr().err

@@ -347,3 +347,30 @@ def test_busy_machine_makes_the_report_warn_about_timings():
     busy = {"environment": {"cpu_count": 2, "load_average_start": 0.3, "load_average_end": 7.5}}
     assert busy_machine_warning(quiet) == ""
     assert "load average up to 7.5 on 2 CPUs" in busy_machine_warning(busy)
+
+
+def test_quantize_puts_peft_bases_in_4_bits_and_keeps_the_full_baseline(tmp_path):
+    run = run_tiny(tmp_path, "full,lora,qlora", quantize="nf4", lrs={"full": 1e-3, "lora": 1e-2, "qlora": 1e-2})
+    full, lora, qlora = (run.methods[name] for name in ("full", "lora", "qlora"))
+    assert run.results["settings"]["quantize"] == "nf4"
+    assert full["base_storage"]["quant_type"] is None and full["base_storage"]["linear_bytes_per_param"] == 4.0
+    for record in (lora, qlora):
+        assert record["status"] == "ok", record.get("error")
+        assert record["base_storage"]["quant_type"] == "nf4"
+        assert 0.5 < record["base_storage"]["linear_bytes_per_param"] < 0.6
+        # 4-bit weights sit in buffers, yet they are the same base parameters as full's.
+        assert record["parameters"]["total"] - record["parameters"]["trainable"] <= full["parameters"]["total"]
+        assert record["parameters"]["total"] >= full["parameters"]["total"]
+    assert lora["memory"]["weights"] < 0.5 * full["memory"]["weights"]
+    table = render_table(run.results)
+    assert "base B/w" in table and "nf4" in table and "full FT in full precision" in table
+
+
+def test_method_settings_check_the_quantize_option():
+    with pytest.raises(ValueError, match="cannot train a nf4"):
+        method_settings("full", quantize="nf4")
+    assert method_settings("full", quantize="nf4", quantize_full="keep").quantize is None
+    with pytest.raises(ValueError, match="nf4, fp4, int4"):
+        method_settings("lora", quantize="nf3")
+    assert method_settings("qlora", quantize="int4").config_fields["quant_type"] == "int4"
+    assert method_settings("qlora").quantize == "nf4"  # qlora's own default type

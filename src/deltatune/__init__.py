@@ -31,6 +31,10 @@ def __getattr__(name: str) -> Any:
         from . import compare as _compare
 
         return getattr(_compare, name)
+    if name in ("quantize", "load_quantized", "merge_quantized"):
+        from . import quant as _quant
+
+        return getattr(_quant, name)
     raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
 
 

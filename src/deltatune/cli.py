@@ -78,6 +78,13 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-tasks", type=int, default=100, help="N in the storage-for-N-tasks plot")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the full model copy written to measure its size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_quantize(parser, "every PEFT method's frozen base (full fine-tuning stays the full-precision baseline)")
+
+
+def _add_quantize(parser: argparse.ArgumentParser, what: str) -> None:
+    from deltatune.quant import QUANT_TYPES
+
+    parser.add_argument("--quantize", choices=QUANT_TYPES, help=f"store {what} in 4 bits (nf4 is QLoRA's type)")
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -100,6 +107,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         device=args.device,
         storage_tasks=args.storage_tasks,
         keep_checkpoints=args.keep_checkpoints,
+        quantize=args.quantize,
         progress=not args.no_progress,
     )
     failed = [n for n, r in run.methods.items() if r.get("status") != "ok"]
@@ -167,6 +175,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     parser.add_argument("--output", help="folder for the adapter (default: runs/train)")
     parser.add_argument("--no-progress", action="store_true")
+    _add_quantize(parser, "the frozen base")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -188,6 +197,7 @@ def _run_train(args: argparse.Namespace) -> int:
         train_limit=args.train_limit,
         eval_limit=args.eval_limit,
         evaluate=False if args.no_eval else None,
+        quantize=args.quantize,
     )
     summary = train_method(spec, progress=not args.no_progress)
     if "quality" in summary:

@@ -8,10 +8,70 @@ Hugging Face peft uses, so tensor names in saved files match peft's.
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+
+BASE_ROW = "__base__"  # in adapter_names: this row runs on the base model alone
+
+
+@dataclass(frozen=True)
+class RowAdapters:
+    """Which adapter each row of a batch uses, for one mixed-batch forward (or generate) call.
+
+    names: the distinct adapters, in first-seen order; slot i of a layer's stacked tensors is
+    names[i], and slot len(names) is "no adapter" (identity / zero delta), which base rows use.
+    rows: per row, its slot. Layers turn this into gathers and batched matmuls: work grows with the
+    number of distinct adapters at most, never with a Python loop over rows.
+    """
+
+    names: tuple[str, ...]
+    slots: tuple[int, ...]
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_names(cls, row_names: Sequence[str | None]) -> "RowAdapters":
+        names: list[str] = []
+        for name in row_names:
+            if name is not None and name != BASE_ROW and name not in names:
+                names.append(name)
+        slots = tuple(len(names) if n is None or n == BASE_ROW else names.index(n) for n in row_names)
+        return cls(tuple(names), slots)
+
+    @property
+    def base_slot(self) -> int:
+        return len(self.names)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def slot_index(self, device: torch.device) -> torch.Tensor:
+        """The rows' slots as a LongTensor on `device` (made once per device)."""
+        key = ("slots", str(device))
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.slots, dtype=torch.long, device=device)
+        return self._cache[key]
+
+    def groups(self, device: torch.device) -> list[tuple[str | None, torch.Tensor]]:
+        """(adapter name or None for base rows, row indices) per slot that has rows."""
+        key = ("groups", str(device))
+        if key not in self._cache:
+            found = []
+            for slot, name in enumerate([*self.names, None]):
+                rows = [i for i, s in enumerate(self.slots) if s == slot]
+                if rows:
+                    found.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
+            self._cache[key] = found
+        return self._cache[key]
+
+    def check_batch(self, x: torch.Tensor, layer: str) -> None:
+        if x.shape[0] != len(self.slots):
+            raise ValueError(
+                f"adapter_names has {len(self.slots)} entries but {layer} got a batch of {x.shape[0]} rows; "
+                f"give one adapter name (or None) per row of the input."
+            )
 
 
 def adapter_dtype(reference: torch.Tensor) -> torch.dtype:
@@ -20,6 +80,13 @@ def adapter_dtype(reference: torch.Tensor) -> torch.dtype:
     if reference.dtype in (torch.float16, torch.bfloat16) or not reference.is_floating_point():
         return torch.float32
     return reference.dtype
+
+
+def packed_parameter_count(model: nn.Module) -> int:
+    """Base weights a module keeps packed in buffers (a 4-bit layer's codes) rather than as
+    parameters: model.parameters() misses them, but they are parameters of the base model.
+    Such a module says so with a ``packed_parameter_count`` attribute."""
+    return sum(int(getattr(module, "packed_parameter_count", 0)) for module in model.modules())
 
 
 class DeltaLayer(nn.Module):
@@ -31,6 +98,8 @@ class DeltaLayer(nn.Module):
     """
 
     adapter_attributes: tuple[str, ...] = ()
+    # Layers that read `row_adapters` in forward (one adapter per batch row) say so here.
+    supports_mixed_batch: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -38,6 +107,7 @@ class DeltaLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.row_adapters: RowAdapters | None = None  # set by DeltaModel for a mixed-batch call
 
     # -- introspection --------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:
@@ -169,7 +239,11 @@ class ModulesToSave(DeltaLayer):
             param.requires_grad_(True)
         self.modules_to_save[adapter_name] = trained_copy
 
+    supports_mixed_batch = True
+
     def forward(self, *args, **kwargs):
+        if self.row_adapters is not None:
+            return self._mixed_forward(self.row_adapters, *args, **kwargs)
         active = self.active_unmerged()
         if not active:
             return self.base_layer(*args, **kwargs)
@@ -179,6 +253,20 @@ class ModulesToSave(DeltaLayer):
                 f"activate one of them, or give only one of them modules_to_save."
             )
         return self.modules_to_save[active[0]](*args, **kwargs)
+
+    def _mixed_forward(self, rows: RowAdapters, x: torch.Tensor, *args, **kwargs):
+        # Each row goes through its adapter's copy (or the original): one call per distinct adapter.
+        rows.check_batch(x, "a modules_to_save copy")
+        output = None
+        for name, index in rows.groups(x.device):
+            if name is not None and name not in self.modules_to_save:
+                name = None  # an adapter without its own copy of this module uses the original
+            module = self.base_layer if name is None else self.modules_to_save[name]
+            part = module(x.index_select(0, index), *args, **kwargs)
+            if output is None:
+                output = part.new_empty((x.shape[0], *part.shape[1:]))
+            output.index_copy_(0, index, part)
+        return output
 
     def merge_adapter(self, adapter_name: str) -> None:
         # "Merging" a fully trained copy means making it the module: swap parameters in place.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from .config import AdapterConfig, read_config_dict
 from .inject import set_submodule, wrap_modules_to_save
 from .io import KEY_PREFIX, AdapterFileError, read_adapter_tensors, save_adapter_files
-from .layer import DeltaLayer, ModulesToSave
+from .layer import DeltaLayer, ModulesToSave, RowAdapters, packed_parameter_count
 from .registry import method_for_config, method_for_peft_type
 
 DEFAULT_ADAPTER = "default"
@@ -61,8 +61,63 @@ class DeltaModel(nn.Module):
             self.add_adapter(adapter_name, config, activate=True, **build_kwargs)
 
     # -- forwarding -----------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward. adapter_names (one per batch row: an adapter name, or
+        None / "__base__" for the base alone) runs each row with its own adapter in one pass."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's generate(); adapter_names as in forward (one per input row)."""
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        # generate() repeats each row (num_beams for beam search, else num_return_sequences);
+        # every copy keeps its row's adapter.
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+        copies = beams if beams > 1 else kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
+        expanded = [name for name in adapter_names for _ in range(copies)]
+        with self.mixed_batch(expanded):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str | None]) -> Iterator[RowAdapters]:
+        """Within the block, row i of every batch uses adapter adapter_names[i] (None: base)."""
+        rows = RowAdapters.from_names(list(adapter_names))
+        unknown = [n for n in rows.names if n not in self.configs]
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; this model has {self.adapter_names}.")
+        layers = [layer for _, layer in self.delta_layers() if set(rows.names) & set(layer.adapter_names)]
+        unsupported = sorted({self._method_of(layer, rows.names) for layer in layers if not layer.supports_mixed_batch})
+        if unsupported:
+            raise ValueError(
+                f"Per-row adapters are not supported by {', '.join(unsupported)} ({type(layers[0]).__name__} layers); "
+                f"run those adapters in separate batches with set_adapter()."
+            )
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
+        if merged:
+            raise RuntimeError(f"Adapters {merged} are merged into the base; unmerge() before a mixed batch.")
+        # Adapters no row names stay out of the call: layers that cannot route rows are switched off.
+        switched_off = [layer for _, layer in self.delta_layers() if not layer.supports_mixed_batch and not layer.disabled]
+        for _, layer in self.delta_layers():
+            layer.row_adapters = rows
+        for layer in switched_off:
+            layer.disabled = True
+        try:
+            yield rows
+        finally:
+            for _, layer in self.delta_layers():
+                layer.row_adapters = None
+            for layer in switched_off:
+                layer.disabled = False
+
+    def _method_of(self, layer: DeltaLayer, names: Sequence[str]) -> str:
+        for name in names:
+            if name in layer.adapter_names:
+                return self.configs[name].method
+        return type(layer).__name__
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -230,6 +285,7 @@ class DeltaModel(nn.Module):
                 nbytes += param.numel() * param.element_size()
                 label = owner.get(id(param), "other")
                 by_method[label] = by_method.get(label, 0) + param.numel()
+        total += packed_parameter_count(self.model)  # 4-bit base weights live in buffers
         # Copies trained for modules_to_save stand in for their originals: count the model once.
         total -= sum(p.numel() for _, l in self.delta_layers() if isinstance(l, ModulesToSave) for a in l.adapter_names for p in l.adapter_parameters(a))
         return ParameterReport(trainable=trainable, total=total, trainable_bytes=nbytes, by_method=by_method)

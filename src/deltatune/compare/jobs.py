@@ -21,7 +21,10 @@ from .presets import FULL
 from .runner import prepare_output_dir
 
 RUN_FILE = "deltatune_run.json"
-SPEC_KEYS = ("task", "task_options", "method", "method_options", "lr", "train", "output", "train_limit", "eval_limit", "evaluate")
+SPEC_KEYS = (
+    "task", "task_options", "method", "method_options", "lr", "train", "output", "train_limit", "eval_limit", "evaluate",
+    "quantize",
+)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class TrainSpec:
     train_limit: int | None = None
     eval_limit: int | None = None
     evaluate: bool = True
+    quantize: str | None = None  # "nf4", "fp4" or "int4": the frozen base in 4 bits
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "the job spec") -> "TrainSpec":
@@ -87,7 +91,7 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
     from deltatune.train import seed_everything
 
     (method,) = validate_methods([spec.method])
-    settings = method_settings(method, spec.method_options, spec.lr)
+    settings = method_settings(method, spec.method_options, spec.lr, quantize=spec.quantize)
     config = _train_config(spec, settings.lr)
     config.progress = progress
     output = prepare_output_dir(spec.output)
@@ -106,6 +110,7 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
         "task_options": spec.task_options,
         "method": method,
         "method_settings": settings.to_dict(),
+        "quantize": settings.quantize,
         "train_config": dataclasses.asdict(config),
         "parameters": {"trainable": trainable, "total": total},
         "steps": result.steps,
@@ -135,12 +140,20 @@ def _save_trained(model: nn.Module, method: str, output: Path) -> int:
     return sum(directory_bytes(output / name) for name in ("adapter_config.json", "adapter_model.safetensors") if (output / name).exists())
 
 
-def load_saved(directory: str | os.PathLike, task: Any) -> tuple[nn.Module, Any]:
-    """(model, tokenizer): the task's base with the adapter (or full weights) saved in `directory`."""
+def load_saved(directory: str | os.PathLike, task: Any, quantize: str | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): the task's base with the adapter (or full weights) saved in `directory`.
+
+    quantize: the 4-bit type the adapter was trained over; the base is quantized the same way first,
+    so the adapter is evaluated on the base it learned to correct.
+    """
     import deltatune
 
     directory = Path(directory)
     base, tokenizer = task.load_model()
+    if quantize:
+        from deltatune.quant import quantize as quantize_model
+
+        quantize_model(base, quantize, exclude_modules=list(task.head_modules) or None)
     if (directory / "adapter_config.json").is_file():
         return deltatune.load(base, directory), tokenizer
     if (directory / "model.safetensors").is_file():
@@ -175,5 +188,5 @@ def evaluate_saved(
         raise ValueError(f"{directory} has no {RUN_FILE}; name the task it was trained on (--task).")
     options = task_options if task_options is not None else saved.get("task_options", {})
     task_object = get_task(task_name, **options) if isinstance(task_name, str) else task_name
-    model, tokenizer = load_saved(directory, task_object)
+    model, tokenizer = load_saved(directory, task_object, quantize=saved.get("quantize"))
     return evaluate_task(task_object, model, tokenizer, splits=splits, limit=limit)

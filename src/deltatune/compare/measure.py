@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..layer import packed_parameter_count
+
 MIB = 2**20
 
 
@@ -75,7 +77,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         seen.add(id(param))
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
-    return trainable, total
+    return trainable, total + packed_parameter_count(model)
+
+
+def base_storage(model: nn.Module) -> dict[str, Any]:
+    """How the frozen base's linear weights are stored: bytes per weight element as held in memory
+    (4.0 in float32; about 0.52 for NF4 with double-quantized constants), and for the whole model."""
+    from ..quant import quantized_layers, storage_report
+
+    report = storage_report(model)
+    layers = quantized_layers(model)
+    if layers:
+        per_param = report["quantized_bytes_per_param"]
+    else:
+        linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+        weight = linear.weight if linear is not None else next(model.parameters(), None)
+        per_param = float(weight.element_size()) if weight is not None else None
+    return {
+        "quant_type": layers[0][1].quant_type if layers else None,
+        "quantized_layers": len(layers),
+        "linear_bytes_per_param": per_param,
+        "model_bytes_per_param": report["model_bytes_per_param"],
+    }
 
 
 @dataclass

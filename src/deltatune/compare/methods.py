@@ -61,6 +61,7 @@ class MethodSettings:
     kind: str = "full"
     description: str = "all parameters trained, no adapter"
     needs_calibration_data: bool = False
+    quantize: str | None = None  # 4-bit type of the frozen base ("nf4", "fp4", "int4"), or None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +69,7 @@ class MethodSettings:
             "config": dict(self.config_fields),
             "kind": self.kind,
             "description": self.description,
+            "quantize": self.quantize,
         }
 
 
@@ -77,11 +79,24 @@ def method_settings(
     lr: float | None = None,
     *,
     use_compare_overrides: bool = True,
+    quantize: str | None = None,
+    quantize_full: str = "error",
 ) -> MethodSettings:
-    """Settings for `name`: registered compare_defaults, then COMPARE_OVERRIDES, then the caller's."""
+    """Settings for `name`: registered compare_defaults, then COMPARE_OVERRIDES, then the caller's.
+
+    quantize: store the frozen base in 4 bits ("nf4", "fp4", "int4") under the method. Full
+    fine-tuning trains every weight and so cannot use a 4-bit base: with quantize_full="error" that
+    is an error, with "keep" the full row stays in full precision (the comparison's baseline).
+    """
+    quantize = _check_quantize(quantize)
     if name == FULL:
         if config_overrides:
             raise ValueError(f"Full fine-tuning takes no method options, got {sorted(config_overrides)}.")
+        if quantize and quantize_full == "error":
+            raise ValueError(
+                f"Full fine-tuning trains every weight, so it cannot train a {quantize} (4-bit) base; "
+                "drop --quantize or choose a PEFT method (e.g. qlora or lora)."
+            )
         return MethodSettings(FULL, lr if lr is not None else FALLBACK_LEARNING_RATES[FULL])
     import deltatune
 
@@ -90,11 +105,14 @@ def method_settings(
     registered_lr = fields.pop("lr", None)
     if use_compare_overrides:
         fields.update(COMPARE_OVERRIDES.get(name, {}))
+    if quantize and "quant_type" in _config_field_names(name):
+        fields["quant_type"] = quantize  # a method that quantizes its base itself (qlora)
     fields.update(config_overrides or {})
     if lr is None:
         lr = registered_lr if registered_lr is not None else FALLBACK_LEARNING_RATES.get(name, DEFAULT_PEFT_LEARNING_RATE)
     # Building the config now turns a bad field into an error before any training starts.
-    deltatune.make_config(name, **fields)
+    config = deltatune.make_config(name, **fields)
+    quantize = getattr(config, "quant_type", None) or quantize  # qlora quantizes its base itself
     return MethodSettings(
         name=name,
         lr=float(lr),
@@ -102,7 +120,27 @@ def method_settings(
         kind=info.kind,
         description=info.description,
         needs_calibration_data=bool(getattr(info, "needs_calibration_data", False)),
+        quantize=quantize,
     )
+
+
+def _check_quantize(quantize: str | None) -> str | None:
+    if quantize is None or quantize in ("", "none", "no"):
+        return None
+    from deltatune.quant import QUANT_TYPES
+
+    value = quantize.strip().lower()
+    if value not in QUANT_TYPES:
+        raise ValueError(f"Unknown 4-bit type {quantize!r} for --quantize; choose one of {', '.join(QUANT_TYPES)}.")
+    return value
+
+
+def _config_field_names(name: str) -> set[str]:
+    import dataclasses
+
+    import deltatune
+
+    return {f.name for f in dataclasses.fields(deltatune.method_info(name).config_class)}
 
 
 def apply_method(
@@ -123,6 +161,11 @@ def apply_method(
     if head_modules and fields.get("modules_to_save") is None:
         fields["modules_to_save"] = list(head_modules)
     config = deltatune.make_config(settings.name, **fields)
+    if settings.quantize and not hasattr(config, "quant_type"):
+        from deltatune.quant import quantize
+
+        # Every linear layer but the output head and the freshly trained task head, as QLoRA does.
+        quantize(model, settings.quantize, exclude_modules=list(head_modules) or None)
     if settings.needs_calibration_data:
         if calibration_data is None:
             raise ValueError(f"Method {settings.name!r} needs calibration batches; pass calibration_data.")

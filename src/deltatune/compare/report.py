@@ -125,7 +125,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, record in results.get("methods", {}).items():
         if record.get("status") != "ok":
-            rows.append([name, f"{record.get('status', '?')}: {record.get('error', '')}"[:120]] + [""] * 9)
+            rows.append([name, f"{record.get('status', '?')}: {record.get('error', '')}"[:120]] + [""] * (len(TABLE_HEADER) - 2))
             continue
         params = record.get("parameters", {})
         memory = record.get("memory", {})
@@ -137,6 +137,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             f"{params.get('trainable', 0):,} ({params.get('percent', 0):.2f}%)",
             _mib(memory.get("peak")),
             parts,
+            _base_storage_text(record),
             f"{_num(step, '.3f')} ({_num(ratio(step, full_step), '.2f')}x)",
             _num(_get(record, "time", "train_s"), ".0f"),
             f"{_mib(stored, 2)} ({_num(ratio(stored, reference_bytes), '.4f')}x)",
@@ -148,13 +149,20 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _base_storage_text(record: dict[str, Any]) -> str:
+    """Bytes per linear weight of the frozen base as held in memory, with its 4-bit type if any."""
+    per_param = _get(record, "base_storage", "linear_bytes_per_param")
+    quant_type = _get(record, "base_storage", "quant_type")
+    return _num(per_param, ".3f") + (f" {quant_type}" if quant_type else "")
+
+
 def _macro_f1_text(record: dict[str, Any]) -> str:
     f1 = _get(record, "quality", "in_domain", "macro_f1")
     return "-" if f1 is None else f"{as_percent(f1):.1f}%"
 
 
 TABLE_HEADER = [
-    "method", "trainable (%)", "peak MiB", "W/G/O/A MiB", "s/step (x full)", "train s",
+    "method", "trainable (%)", "peak MiB", "W/G/O/A MiB", "base B/w", "s/step (x full)", "train s",
     "stored MiB (x full)", "in-domain", "macro-F1", "OOD (majority)", "forgetting",
 ]
 
@@ -174,6 +182,7 @@ def render_table(results: dict[str, Any]) -> str:
     rule = "-" * len(line(TABLE_HEADER))
     notes = (
         "W/G/O/A: weights / gradients / optimizer states / activations, measured on one training batch.\n"
+        "base B/w: bytes per linear-layer weight of the base as held (4 in float32; NF4 with double quantization about 0.52).\n"
         "s/step: lower quartile of the steps after warm-up (other programs only add time); train s: unfiltered."
     )
     return "\n".join([title, rule, line(TABLE_HEADER), rule, *(line(r) for r in rows), rule, notes])
@@ -186,6 +195,7 @@ def _title(results: dict[str, Any]) -> str:
         f"deltatune compare: task {settings.get('task')} ({task.get('train_examples', '?')} training examples, "
         f"{task.get('sequence_length', '?')} tokens), {settings.get('max_steps')} steps x batch "
         f"{settings.get('batch_size')}, seed {settings.get('seed')}, preset {settings.get('preset')}"
+        + (f", PEFT bases in {settings['quantize']} (full FT in full precision)" if settings.get("quantize") else "")
     )
 
 

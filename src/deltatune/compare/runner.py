@@ -30,6 +30,7 @@ from .estimate import build_meta_model, estimate_error, estimate_prepared
 from .measure import (
     MemoryBreakdown,
     PeakRssSampler,
+    base_storage,
     count_parameters,
     directory_bytes,
     measure_training_step,
@@ -62,6 +63,7 @@ class CompareSettings:
     storage_tasks: int
     keep_checkpoints: bool
     task_options: dict[str, Any] = field(default_factory=dict)
+    quantize: str | None = None  # 4-bit base under every PEFT method; full FT stays the baseline
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -348,6 +350,7 @@ class _Comparison:
         model = apply_method(base, settings, self.task.head_modules, self._calibration_batches())
         trainable, total = count_parameters(model)
         record["parameters"] = {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
+        record["base_storage"] = base_storage(model)
         self.results.save()
 
         memory = measure_training_step(model, self.probe_batch, device=self.device)
@@ -475,6 +478,7 @@ def compare(
     device: str = "auto",
     storage_tasks: int = 100,
     keep_checkpoints: bool = False,
+    quantize: str | None = None,
     progress: bool = True,
     console: Callable[[str], None] | None = print,
     report: bool = True,
@@ -486,6 +490,8 @@ def compare(
         fine-tuning and every registered method; default: the preset's list (see RUN_PRESETS).
     quick: the short preset (about 4 minutes on 2 CPU cores) instead of the default one.
     lrs / method_options: per-method learning rates and config fields over the defaults.
+    quantize: "nf4", "fp4" or "int4" stores the frozen base of every PEFT method in 4 bits (the
+        qlora method takes it as its quant_type); full fine-tuning stays in full precision.
     Writes results.json (after every phase), report.md and PNG plots into `output_dir`.
     """
     settings = resolve_settings(
@@ -499,10 +505,12 @@ def compare(
     # Every method's config is built here, so a bad field fails before anything is written.
     methods_used = {
         name: method_settings(
-            name, _run_length_fields(name, settings.max_steps, (method_options or {}).get(name)), (lrs or {}).get(name)
+            name, _run_length_fields(name, settings.max_steps, (method_options or {}).get(name)), (lrs or {}).get(name),
+            quantize=quantize, quantize_full="keep",
         )
         for name in settings.methods
     }
+    settings.quantize = next((m.quantize for m in methods_used.values() if m.quantize), None)
     path = prepare_output_dir(output_dir)
     comparison = _Comparison(settings, task, path, methods_used, progress, console)
     comparison.results.save()

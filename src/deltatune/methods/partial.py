@@ -52,6 +52,9 @@ class PartialLayer(ModulesToSave):
     originals. Its own class, so the report can name the method (see the report of issue 3).
     """
 
+    # A whole block takes per-row arguments (masks, caches) beside its input: no per-row routing.
+    supports_mixed_batch = False
+
 
 def find_blocks(model: nn.Module, layers_pattern: list[str] | str | None = None) -> dict[str, list[str]]:
     """Block names by block list, in order: {"model.layers": ["model.layers.0", ...]}."""

@@ -131,6 +131,11 @@ class QuantLinear(nn.Module):
         """Bytes the weight takes as stored: 4-bit codes plus every block constant."""
         return self.quantized().nbytes()
 
+    @property
+    def packed_parameter_count(self) -> int:
+        """Weights held in the 4-bit buffers (see deltatune.layer.packed_parameter_count)."""
+        return self.in_features * self.out_features
+
     def bytes_per_param(self) -> float:
         """Stored weight bytes per weight element (0.5 would be the 4-bit codes alone)."""
         return self.weight_nbytes() / (self.in_features * self.out_features)
@@ -178,7 +183,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 
 def quantized_parameter_count(model: nn.Module) -> int:
     """Weights held as 4-bit buffers: not in model.parameters(), but parameters of the base."""
-    return sum(m.in_features * m.out_features for _, m in quantized_layers(model))
+    return sum(m.packed_parameter_count for _, m in quantized_layers(model))
 
 
 def storage_report(model: nn.Module) -> dict[str, float]:
