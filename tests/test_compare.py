@@ -361,7 +361,7 @@ def test_quantize_puts_peft_bases_in_4_bits_and_keeps_the_full_baseline(tmp_path
         # 4-bit weights sit in buffers, yet they are the same base parameters as full's.
         assert record["parameters"]["total"] - record["parameters"]["trainable"] <= full["parameters"]["total"]
         assert record["parameters"]["total"] >= full["parameters"]["total"]
-    assert lora["memory"]["weights"] < 0.5 * full["memory"]["weights"]
+    assert lora["memory"]["weights"] < 0.75 * full["memory"]["weights"]  # embeddings stay in float32
     table = render_table(run.results)
     assert "base B/w" in table and "nf4" in table and "full FT in full precision" in table
 

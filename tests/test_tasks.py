@@ -15,6 +15,7 @@ from deltatune.train.tasks import (
     load_drug_reviews,
     macro_f1,
     pairwise_cosines,
+    sentence_embeddings,
     spearman_correlation,
 )
 
@@ -252,3 +253,22 @@ def test_evaluation_and_training_work_through_a_delta_model(classification_files
     results = evaluate_task(task, model, tokenizer)
     assert results["in_domain"]["n"] == 5 and sum(results["in_domain"]["predicted_counts"].values()) == 5
     assert 0.0 < results["forgetting"]["similarity_spearman"] <= 1.0 + 1e-9
+
+
+def test_sentence_embeddings_skip_soft_prompt_positions():
+    # Prompt tuning prepends virtual tokens to the hidden states; pooling must use the input's
+    # own positions, so a zero-effect prompt changes nothing but the sequence length.
+    import deltatune as dt
+    from conftest import tiny_bert_classifier
+
+    base = tiny_bert_classifier()
+    examples = [{"input_ids": torch.randint(5, 100, (7,)), "attention_mask": torch.ones(7, dtype=torch.long)} for _ in range(3)]
+
+    def collate(rows):
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+    plain = sentence_embeddings(base, examples, collate, batch_size=2)
+    model = dt.wrap(base, dt.make_config("prompt", num_virtual_tokens=4))
+    prompted = sentence_embeddings(model, examples, collate, batch_size=2)
+    assert prompted.shape == plain.shape == (3, 32)
+    assert torch.isfinite(prompted).all()

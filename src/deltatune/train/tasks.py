@@ -428,6 +428,8 @@ def sentence_embeddings(model: nn.Module, examples: Sequence[dict], collate: Cal
         model, examples, collate, batch_size, drop=("labels",), output_hidden_states=True
     ):
         hidden = _field(output, "hidden_states")[-1].float().cpu()
+        # Soft-prompt methods prepend virtual tokens: pool over the input's own positions only.
+        hidden = hidden[:, hidden.shape[1] - batch["attention_mask"].shape[1]:]
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         for row, index in enumerate(indices):
