@@ -63,6 +63,31 @@ def tiny_mlp(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
 
 
+def frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter that does not require grad (to check the base stays untouched)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def train_steps(model: nn.Module, loss_fn, steps: int = 3, lr: float = 1e-2, train_mode: bool = False) -> list[float]:
+    """A few AdamW steps on the parameters that require grad; returns the losses.
+
+    train_mode=True runs them in training mode (dropout on) and restores the previous mode after.
+    """
+    was_training = model.training
+    if train_mode:
+        model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.train(was_training)
+    return losses
+
+
 def token_batch(vocab: int = 101, batch: int = 4, length: int = 12, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)

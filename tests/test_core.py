@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from conftest import (
-    randomize_adapters, relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5, tiny_vit,
-    token_batch,
+    frozen_snapshot, randomize_adapters, relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5,
+    tiny_vit, token_batch, train_steps,
 )
 from torch import nn
 
@@ -16,20 +16,6 @@ import deltatune as dt
 from deltatune.layer import DeltaLayer
 
 
-def frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-
-
-def train_steps(model, batch_fn, steps: int = 3, lr: float = 1e-2) -> list[float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = batch_fn(model)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
 
 
 def lm_loss(model, tokens=None):

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 from conftest import (
-    randomize_adapters, relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5, tiny_vit,
-    token_batch,
+    frozen_snapshot, randomize_adapters, relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_mlp, tiny_t5,
+    tiny_vit, token_batch, train_steps,
 )
 from torch import nn
 
@@ -54,22 +54,6 @@ def wrap_case(base: nn.Module, case: str, batch: dict | None = None, adapter_nam
     return dt.wrap(base, dt.make_config(method, **fields), adapter_name=adapter_name, **kwargs)
 
 
-def frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-
-
-def train_steps(model: nn.Module, loss_fn, steps: int, lr: float) -> list[float]:
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = loss_fn(model)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def adapter_param_ids(model: dt.DeltaModel, adapter_name: str = "default") -> set[int]:
@@ -95,7 +79,7 @@ def test_base_stays_bit_identical_and_gradients_reach_only_the_method(case):
             assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name
         else:
             assert not param.requires_grad and param.grad is None, name
-    train_steps(model, lambda m: m(**lm_batch()).loss, steps=3, lr=1e-2)
+    train_steps(model, lambda m: m(**lm_batch()).loss, steps=3, lr=1e-2, train_mode=True)
     after = frozen_snapshot(model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -175,7 +159,7 @@ def test_learns_a_toy_task(case):
     with torch.no_grad():
         base.lm_head.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
     model = wrap_case(base, case, batch=lm_batch(TOY_TOKENS))
-    losses = train_steps(model, lambda m: m(**lm_batch(TOY_TOKENS)).loss, steps=steps, lr=lr)
+    losses = train_steps(model, lambda m: m(**lm_batch(TOY_TOKENS)).loss, steps=steps, lr=lr, train_mode=True)
     assert losses[-1] < 0.5 * losses[0], losses[::5]
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_adapters, relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from conftest import (
+    frozen_snapshot, randomize_adapters, relative_error, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch,
+    train_steps,
+)
 from torch import nn
 
 import deltatune as dt
@@ -42,22 +45,6 @@ def steerable(model: nn.Module) -> nn.Module:
     return model
 
 
-def frozen_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-
-
-def train(model, batch_fn, steps: int, lr: float) -> list[float]:
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = batch_fn(model)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def greedy(model, ids, mask=None, use_cache=True, new=6):
@@ -79,7 +66,9 @@ def test_learns_a_toy_task_with_only_the_adapter_trained(build, method):
     tokens = token_batch(length=8)
     # Steer every output to one answer: token 42 for the LMs, class 1 for the classifier.
     labels = torch.ones(4, dtype=torch.long) if build is tiny_bert_classifier else torch.full_like(tokens, 42)
-    losses = train(model, lambda m: m(input_ids=tokens, labels=labels).loss, steps=30, lr=LEARNING_RATES[method])
+    losses = train_steps(
+        model, lambda m: m(input_ids=tokens, labels=labels).loss, steps=30, lr=LEARNING_RATES[method], train_mode=True
+    )
     assert losses[-1] < 0.5 * losses[0], losses
     adapter = {id(p) for p in model._adapter_params("default")}
     assert all(id(p) in adapter for p in model.parameters() if p.requires_grad)
@@ -243,7 +232,7 @@ def test_prefix_tuning_on_torch_multihead_attention(tmp_path):
     assert sum(isinstance(m, PrefixAttention) for m in model.modules()) == 2
     assert model.trainable_parameters().trainable == 2 * 2 * 4 * 32
     labels = torch.ones(4, dtype=torch.long)
-    losses = train(model, lambda m: nn.functional.cross_entropy(m(ids), labels), steps=30, lr=3e-2)
+    losses = train_steps(model, lambda m: nn.functional.cross_entropy(m(ids), labels), steps=30, lr=3e-2, train_mode=True)
     assert losses[-1] < 0.5 * losses[0]
     with torch.no_grad():
         out = model(ids)  # eval mode: torch's fused fast path must not skip the prefixes

@@ -222,11 +222,70 @@ def _run_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- inspect
+def _add_inspect(parser: argparse.ArgumentParser) -> None:
+    from deltatune.inspection import BASE_DTYPES
+
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="an adapter folder, or a folder whose subfolders are adapter folders")
+    parser.add_argument("--tasks", type=int, help="N in the storage-for-N-tasks table (default: the number of adapters listed; 10 and 100 are always shown)")
+    base = parser.add_mutually_exclusive_group()
+    base.add_argument("--base", metavar="DIR", help="a local model folder whose *.safetensors size is the base size")
+    base.add_argument("--base-params", type=int, metavar="COUNT", help="the base model's parameter count")
+    parser.add_argument("--base-dtype", choices=BASE_DTYPES, help="dtype of --base-params (default: the adapters' dtype)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from deltatune.inspection import inspect_report, report_json
+
+    report = inspect_report(args.dirs, tasks=args.tasks, base_dir=args.base, base_params=args.base_params, base_dtype=args.base_dtype)
+    print(report_json(report) if args.json else report.render())
+    # Listing works with broken folders in it, but a script should notice them.
+    return EXIT_OK if all(a.ok for a in report.adapters) else EXIT_FAILED
+
+
+# ---------------------------------------------------------------- serve
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, metavar="MODEL_DIR", help="local causal LM folder (config, tokenizer, *.safetensors)")
+    parser.add_argument("--adapters", required=True, metavar="ADAPTERS_DIR", help="folder of adapter folders; a request's adapter is a subfolder name")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--max-resident", type=int, default=4, help="adapters kept loaded at once (least recently used ones are unloaded)")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests per generate() call")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the first request of a batch waits for others")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="default and upper bound of a request's max_new_tokens")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}.")
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from deltatune.serve import serve
+
+    try:
+        serve(
+            args.base, args.adapters, host=args.host, port=args.port, device=args.device, log_level=args.log_level,
+            max_resident=args.max_resident, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except KeyboardInterrupt:
+        # uvicorn shuts down cleanly on Ctrl-C / SIGTERM, then re-raises the signal: a normal stop.
+        pass
+    print("deltatune serve: stopped.", file=sys.stderr)
+    return EXIT_OK
+
+
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("compare", "train full fine-tuning and every PEFT method on one task and compare them", _add_compare, _run_compare),
     Subcommand("estimate", "predict trainable parameters and memory before training", _add_estimate, _run_estimate),
     Subcommand("train", "train one method on a task and save the adapter", _add_train, _run_train),
     Subcommand("eval", "evaluate a saved adapter on its task", _add_eval, _run_eval),
+    Subcommand("inspect", "list saved adapters (method, rank, size) and the storage to serve N tasks", _add_inspect, _run_inspect),
+    Subcommand("serve", "serve a base model over HTTP with adapters loaded on demand, batched across adapters", _add_serve, _run_serve),
 ]
 
 

@@ -1,0 +1,71 @@
+"""Counters the server reports at GET /metrics; updated by the request handlers and the batch worker."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+BASE_KEY = "(base)"  # the metrics key of requests that name no adapter
+
+
+def adapter_key(adapter: str | None) -> str:
+    return BASE_KEY if adapter is None else adapter
+
+
+@dataclass
+class AdapterCounters:
+    requests: int = 0
+    completed: int = 0
+    errors: int = 0
+    tokens: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    evictions: int = 0
+
+
+class Metrics:
+    """Thread-safe counters: the worker thread writes while HTTP handlers read and write."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._adapters: dict[str, AdapterCounters] = {}
+        self.batches = 0
+        self.batched_rows = 0
+        self.max_batch_size = 0
+        self.mixed_batches = 0
+        self.max_adapters_in_batch = 0
+
+    def _counters(self, adapter: str | None) -> AdapterCounters:
+        return self._adapters.setdefault(adapter_key(adapter), AdapterCounters())
+
+    def count(self, adapter: str | None, **increments: int) -> None:
+        """Add to one adapter's counters, e.g. count("a", requests=1)."""
+        with self._lock:
+            counters = self._counters(adapter)
+            for name, amount in increments.items():
+                setattr(counters, name, getattr(counters, name) + amount)
+
+    def record_batch(self, adapters: Sequence[str | None]) -> None:
+        """One generate() call over rows using `adapters` (base rows count as one kind)."""
+        distinct = len(set(adapters))
+        with self._lock:
+            self.batches += 1
+            self.batched_rows += len(adapters)
+            self.max_batch_size = max(self.max_batch_size, len(adapters))
+            self.max_adapters_in_batch = max(self.max_adapters_in_batch, distinct)
+            self.mixed_batches += distinct > 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            adapters = {name: asdict(c) for name, c in sorted(self._adapters.items())}
+            batches, rows = self.batches, self.batched_rows
+            summary = {
+                "batches": batches,
+                "mean_batch_size": rows / batches if batches else 0.0,
+                "max_batch_size": self.max_batch_size,
+                "mixed_batches": self.mixed_batches,
+                "max_adapters_in_batch": self.max_adapters_in_batch,
+            }
+        totals = {name: sum(c[name] for c in adapters.values()) for name in AdapterCounters.__dataclass_fields__}
+        return {**{f"total_{k}": v for k, v in totals.items()}, **summary, "adapters": adapters}

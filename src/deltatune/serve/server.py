@@ -1,0 +1,281 @@
+"""The HTTP server: one base causal LM, many adapters, requests batched across adapters.
+
+    POST /generate  {"adapter": "name" | null, "prompt": "...", "max_new_tokens": n}
+                    -> {"adapter": ..., "text": ..., "tokens": n}
+    GET  /adapters  adapters on disk and the ones loaded now
+    GET  /metrics   request, token, batch and adapter load/eviction counters
+    GET  /health    {"status": "ok"}
+
+Errors are JSON {"error": message, ...}: 400 for a malformed request, 404 for an unknown adapter
+(with the known ones), 422 for an adapter folder that cannot be loaded, 503 when the queue is
+full, 500 when generation itself fails. A failing adapter fails only its own requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from ..model import DeltaModel
+from .adapters import AdapterLoadError, AdapterPool, UnknownAdapterError
+from .batching import (
+    BatchWorker,
+    GenerationError,
+    MixedBatchGenerator,
+    ServerBusyError,
+    ServerStoppingError,
+)
+from .metrics import Metrics
+
+log = logging.getLogger("deltatune.serve")
+
+
+class GenerateRequest(BaseModel):
+    # strict: "5" is not a number of tokens; extra fields are more likely typos than intent.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    adapter: str | None = None
+    prompt: str
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    max_resident: int = 4
+    max_batch: int = 16
+    batch_wait_ms: float = 10.0
+    max_new_tokens: int = 64
+    max_queue: int = 1024
+
+    def validate(self) -> None:
+        for name in ("max_resident", "max_batch", "max_new_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}.")
+
+
+class ApiError(Exception):
+    """An error answered as JSON {"error": message, **extra} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+class GenerationService:
+    """What the routes call: validates a request, queues it, and turns token ids into text."""
+
+    def __init__(self, model: DeltaModel, tokenizer: Any, adapters_dir: str | Path, limits: ServeLimits) -> None:
+        limits.validate()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.metrics = Metrics()
+        self.pool = AdapterPool(model, adapters_dir, limits.max_resident, self.metrics)
+        pad_id, eos_ids = special_token_ids(model, tokenizer)
+        self.worker = BatchWorker(
+            MixedBatchGenerator(model, pad_id, eos_ids), self.pool, self.metrics,
+            max_batch=limits.max_batch, batch_wait_s=limits.batch_wait_ms / 1000, max_queue=limits.max_queue,
+        )
+        self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        max_new_tokens = self._max_new_tokens(request)
+        if request.adapter is not None:
+            self._check_adapter(request.adapter)
+        prompt_ids = self._encode(request.prompt, max_new_tokens)
+        # Counted before it is queued, so a snapshot never shows more completed than received.
+        # Unknown names are not counted: a client could otherwise grow the metrics without bound.
+        self.metrics.count(request.adapter, requests=1)
+        try:
+            future = self.worker.submit(request.adapter, prompt_ids, max_new_tokens)
+        except ServerBusyError as err:
+            self.metrics.count(request.adapter, errors=1)
+            raise ApiError(503, str(err)) from None
+        try:
+            tokens = await asyncio.wrap_future(future)
+        except AdapterLoadError as err:
+            raise ApiError(422, str(err), adapter=request.adapter) from None
+        except ServerStoppingError as err:
+            raise ApiError(503, str(err)) from None
+        except GenerationError as err:
+            raise ApiError(500, str(err), adapter=request.adapter) from None
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return {"adapter": request.adapter, "text": text, "tokens": len(tokens)}
+
+    def _max_new_tokens(self, request: GenerateRequest) -> int:
+        limit = self.limits.max_new_tokens
+        value = limit if request.max_new_tokens is None else request.max_new_tokens
+        if not 1 <= value <= limit:
+            raise ApiError(400, f"max_new_tokens must be between 1 and {limit} (the server's --max-new-tokens), got {value}.")
+        return value
+
+    def _check_adapter(self, name: str) -> None:
+        try:
+            self.pool.check_known(name)
+        except UnknownAdapterError as err:
+            raise ApiError(404, str(err), known=err.known) from None
+
+    def _encode(self, prompt: str, max_new_tokens: int) -> list[int]:
+        ids = list(self.tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise ApiError(400, "prompt is empty (it encodes to no tokens); send some text.")
+        if self.max_positions is not None and len(ids) + max_new_tokens > self.max_positions:
+            raise ApiError(
+                400,
+                f"The prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"model's {self.max_positions} positions. Shorten the prompt or ask for fewer tokens.",
+            )
+        return ids
+
+    def adapters(self) -> dict[str, Any]:
+        return {"known": self.pool.known(), "resident": self.pool.resident(), "max_resident": self.pool.max_resident}
+
+
+def special_token_ids(model: nn.Module, tokenizer: Any) -> tuple[int, set[int]]:
+    """(pad id, end-of-sequence ids): padding needs an id; the tokenizer's eos stands in for a
+    missing pad token, as is usual for decoder-only models."""
+    eos_ids: set[int] = set()
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if source is not None:
+            eos_ids.update(source if isinstance(source, (list, tuple)) else [source])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("The tokenizer has neither a pad nor an eos token; set tokenizer.pad_token before serving.")
+    return int(pad_id), eos_ids
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    """FastAPI's validation errors as one sentence a client can act on."""
+    parts = []
+    for item in err.errors():
+        if item.get("type") == "json_invalid":
+            return f"The request body is not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})."
+        location = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{location}: {item.get('msg', 'invalid')}")
+    return "Invalid request: " + "; ".join(parts) + ' (expected {"adapter": str or null, "prompt": str, "max_new_tokens": int}).'
+
+
+def _as_delta_model(model: nn.Module) -> DeltaModel:
+    if isinstance(model, DeltaModel):
+        if model.adapter_names:
+            raise ValueError(
+                f"The model already holds adapters {model.adapter_names}; the server loads adapters from "
+                f"adapters_dir itself. Pass the base model (or a DeltaModel without adapters)."
+            )
+        return model.eval()
+    return DeltaModel(model).eval()
+
+
+def create_app(
+    model: nn.Module,
+    tokenizer: Any,
+    adapters_dir: str | Path,
+    *,
+    max_resident: int = 4,
+    max_batch: int = 16,
+    batch_wait_ms: float = 10.0,
+    max_new_tokens: int = 64,
+    max_queue: int = 1024,
+) -> FastAPI:
+    """A FastAPI app serving `model` (a causal LM, plain or a DeltaModel without adapters) with
+    the adapters in `adapters_dir/<name>`. Its batch worker runs while the app is started."""
+    limits = ServeLimits(max_resident, max_batch, batch_wait_ms, max_new_tokens, max_queue)
+    service = GenerationService(_as_delta_model(model), tokenizer, adapters_dir, limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.worker.start()
+        log.info("serving %d adapter folder(s) from %s", len(service.pool.known()), service.pool.adapters_dir)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.worker.stop)
+
+    app = FastAPI(title="deltatune serve", lifespan=lifespan)
+    app.state.service = service
+    _add_routes(app, service)
+    _add_error_handlers(app)
+    return app
+
+
+def _add_routes(app: FastAPI, service: GenerationService) -> None:
+    @app.post("/generate")
+    async def generate(request: GenerateRequest) -> dict[str, Any]:
+        return await service.generate(request)
+
+    @app.get("/adapters")
+    async def adapters() -> dict[str, Any]:
+        return service.adapters()
+
+    @app.get("/metrics")
+    async def metrics() -> dict[str, Any]:
+        return {**service.metrics.snapshot(), "resident": service.pool.resident()}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse({"error": err.message, **err.extra}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422 by default; a malformed request is a client error we call 400.
+        return JSONResponse({"error": _validation_message(err)}, status_code=400)
+
+
+# ---------------------------------------------------------------- running from the command line
+def load_base_model(model_dir: str | Path, device: str = "auto") -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer from a local folder; weights only from safetensors files."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a local Hugging Face model folder with --base.")
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{folder} has no *.safetensors weights; deltatune does not load pickle (.bin) checkpoints. "
+            f"Convert the model with save_pretrained(safe_serialization=True)."
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", use_safetensors=True)
+    return model.to(device).eval(), tokenizer
+
+
+def serve(
+    base_dir: str | Path,
+    adapters_dir: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    log_level: str = "info",
+    **limits: Any,
+) -> None:
+    """Load the base model from `base_dir` and serve it until interrupted (Ctrl-C / SIGTERM)."""
+    import uvicorn
+
+    model, tokenizer = load_base_model(base_dir, device)
+    app = create_app(model, tokenizer, adapters_dir, **limits)
+    log.info("base model loaded from %s", base_dir)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -1,0 +1,316 @@
+"""`deltatune serve`: a real HTTP server on a loopback socket, batching requests across adapters.
+
+Every test starts uvicorn in a background thread on a free port and talks to it with http.client;
+each answer is checked against the same adapter run alone (one prompt, set_adapter) on a
+separate copy of the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from conftest import randomize_adapters, tiny_llama
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+import deltatune as dt
+from deltatune.cli import EXIT_USAGE, main
+from deltatune.serve import create_app
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3  # LlamaConfig's bos/eos ids, so generation stops where the tokenizer expects
+VOCAB = 101  # tiny_llama's vocabulary size: the tokenizer must name every id the model can produce
+WORDS = [f"w{i}" for i in range(4, VOCAB)]
+ADAPTERS = ["a0", "a1", "a2", "a3"]
+
+
+# ---------------------------------------------------------------- model, tokenizer, adapters
+def tiny_tokenizer():
+    """A word-level tokenizer over exactly the model's 101 ids, built in memory (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": PAD, "<s>": BOS, "</s>": EOS, "[UNK]": UNK, **{w: i for i, w in enumerate(WORDS, start=4)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def save_lora(directory: Path, seed: int, **options: Any) -> dt.DeltaModel:
+    """A LoRA adapter with random weights (so every adapter changes the output differently)."""
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **options))
+    randomize_adapters(model, seed=seed, scale=0.5)
+    model.save(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, name in enumerate(ADAPTERS):
+        save_lora(root / name, seed=seed + 10)
+    return root
+
+
+def prompt_text(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
+
+
+def trim_at_eos(tokens: list[int]) -> list[int]:
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def run_alone(adapters_dir: Path, tokenizer, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the server should answer: each request generated on its own, without padding or
+    batching, on a fresh copy of the base with its adapter made the active one."""
+    model = dt.DeltaModel(tiny_llama())
+    for name in sorted({r["adapter"] for r in requests if r["adapter"] is not None}):
+        model.load_adapter(adapters_dir / name, adapter_name=name)
+    answers = []
+    for request in requests:
+        ids = torch.tensor([tokenizer(request["prompt"])["input_ids"]])
+        kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": request["max_new_tokens"], "do_sample": False, "pad_token_id": PAD}
+        with torch.no_grad(), (model.disable_adapters() if request["adapter"] is None else contextlib.nullcontext()):
+            if request["adapter"] is not None:
+                model.set_adapter(request["adapter"])
+            tokens = trim_at_eos(model.generate(ids, **kwargs)[0, ids.shape[1]:].tolist())
+        answers.append({"adapter": request["adapter"], "text": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": len(tokens)})
+    return answers
+
+
+# ---------------------------------------------------------------- a server on a real socket
+@contextlib.contextmanager
+def running_server(app) -> Iterator[int]:
+    """Run `app` with uvicorn in a background thread on a free loopback port; yields the port."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("The test server did not start.")
+        time.sleep(0.02)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def request(port: int, method: str, path: str, body: bytes | dict | None = None) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        payload = json.dumps(body).encode() if isinstance(body, dict) else body
+        connection.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload is not None else {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def generate(port: int, body: dict) -> tuple[int, dict]:
+    return request(port, "POST", "/generate", body)
+
+
+def generate_concurrently(port: int, bodies: list[dict]) -> list[tuple[int, dict]]:
+    """Send all requests at once (a barrier releases every thread together)."""
+    barrier = threading.Barrier(len(bodies))
+
+    def send(body: dict) -> tuple[int, dict]:
+        barrier.wait()
+        return generate(port, body)
+
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        return list(pool.map(send, bodies))
+
+
+def random_requests(count: int, adapters: list[str | None], seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [
+        {"adapter": adapters[i % len(adapters)], "prompt": prompt_text(rng), "max_new_tokens": rng.randint(2, 8)}
+        for i in range(count)
+    ]
+
+
+# ---------------------------------------------------------------- tests
+def test_unknown_adapter_is_404_listing_the_known_ones(adapters_dir, tokenizer):
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir)) as port:
+        status, body = generate(port, {"adapter": "nope", "prompt": "w5 w6"})
+        assert status == 404
+        assert body["known"] == ADAPTERS and "nope" in body["error"] and "a0" in body["error"]
+        # A name that climbs out of the adapters folder is just another unknown adapter.
+        assert generate(port, {"adapter": "../a0", "prompt": "w5"})[0] == 404
+
+
+def test_malformed_requests_are_400_with_a_reason(adapters_dir, tokenizer):
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=8)) as port:
+        status, body = request(port, "POST", "/generate", b'{"adapter": "a0", "prompt": ')
+        assert status == 400 and "not valid JSON" in body["error"]
+        status, body = generate(port, {"adapter": "a0"})
+        assert status == 400 and "prompt" in body["error"] and "Field required" in body["error"]
+        status, body = generate(port, {"adapter": "a0", "prompt": "w5", "max_new_tokens": "5"})
+        assert status == 400 and "max_new_tokens" in body["error"]
+        status, body = generate(port, {"adapter": "a0", "prompt": "w5", "max_new_tokens": 9})
+        assert status == 400 and "between 1 and 8" in body["error"]
+        status, body = generate(port, {"adapter": "a0", "prompt": "w5", "temperature": 0.7})
+        assert status == 400 and "temperature" in body["error"]
+        status, body = generate(port, {"adapter": "a0", "prompt": "   "})
+        assert status == 400 and "empty" in body["error"]
+        status, body = request(port, "POST", "/generate", b"[1, 2]")
+        assert status == 400
+        # The server is still up and answers a good request.
+        assert generate(port, {"adapter": "a0", "prompt": "w5 w9", "max_new_tokens": 2})[0] == 200
+
+
+def test_concurrent_requests_across_adapters_run_in_mixed_batches(adapters_dir, tokenizer):
+    bodies = random_requests(50, ADAPTERS, seed=0)
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_batch=16, batch_wait_ms=200, max_resident=4)
+    with running_server(app) as port:
+        answers = generate_concurrently(port, bodies)
+        _, metrics = request(port, "GET", "/metrics")
+        _, listed = request(port, "GET", "/adapters")
+    assert [status for status, _ in answers] == [200] * 50
+    expected = run_alone(adapters_dir, tokenizer, bodies)
+    assert [body for _, body in answers] == expected
+    same_prompt = [{"adapter": name, "prompt": "w4 w5 w6", "max_new_tokens": 8} for name in ADAPTERS]
+    assert len({a["text"] for a in run_alone(adapters_dir, tokenizer, same_prompt)}) > 1, "adapters must differ"
+    assert all(body["tokens"] <= request_["max_new_tokens"] for (_, body), request_ in zip(answers, bodies))
+
+    per_adapter = metrics["adapters"]
+    assert sorted(per_adapter) == ADAPTERS
+    assert all(per_adapter[name]["requests"] == per_adapter[name]["completed"] == 50 // 4 + (name in ("a0", "a1")) for name in ADAPTERS)
+    assert metrics["total_requests"] == metrics["total_completed"] == 50 and metrics["total_errors"] == 0
+    assert metrics["total_tokens"] == sum(body["tokens"] for _, body in answers)
+    assert metrics["mean_batch_size"] * metrics["batches"] == pytest.approx(50)
+    assert metrics["batches"] < 50 and metrics["max_batch_size"] <= 16
+    assert metrics["mixed_batches"] >= 1 and metrics["max_adapters_in_batch"] > 1
+    assert metrics["total_loads"] == 4 and metrics["total_evictions"] == 0
+    assert listed == {"known": ADAPTERS, "resident": listed["resident"], "max_resident": 4}
+    assert sorted(listed["resident"]) == ADAPTERS
+
+
+def test_base_rows_share_a_batch_with_adapter_rows(adapters_dir, tokenizer):
+    bodies = random_requests(8, [None, "a2"], seed=1)
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, batch_wait_ms=200)) as port:
+        answers = generate_concurrently(port, bodies)
+        _, metrics = request(port, "GET", "/metrics")
+    assert [body for _, body in answers] == run_alone(adapters_dir, tokenizer, bodies)
+    assert metrics["adapters"]["(base)"]["completed"] == 4 and metrics["mixed_batches"] >= 1
+
+
+def test_a_corrupt_adapter_fails_alone(adapters_dir, tokenizer, tmp_path):
+    root = tmp_path / "adapters"
+    for name in ("a0", "a1", "broken"):
+        save_lora(root / name, seed=ADAPTERS.index(name) + 10 if name in ADAPTERS else 99)
+    weights = root / "broken" / "adapter_model.safetensors"
+    weights.write_bytes(b"\x07garbage, not a safetensors file" * 3)
+    bodies = random_requests(12, ["a0", "broken", "a1"], seed=2)
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=200)) as port:
+        answers = generate_concurrently(port, bodies)
+        later = generate(port, {"adapter": "a1", "prompt": "w7 w8 w9", "max_new_tokens": 3})
+        _, listed = request(port, "GET", "/adapters")
+        _, metrics = request(port, "GET", "/metrics")
+    for (status, body), sent in zip(answers, bodies):
+        if sent["adapter"] == "broken":
+            assert status == 422 and body["adapter"] == "broken"
+            assert "'broken' cannot be loaded" in body["error"] and "corrupt" in body["error"]
+        else:
+            assert status == 200
+    good = [(sent, body) for (_, body), sent in zip(answers, bodies) if sent["adapter"] != "broken"]
+    assert [body for _, body in good] == run_alone(root, tokenizer, [sent for sent, _ in good])
+    assert later[0] == 200
+    assert "broken" in listed["known"] and "broken" not in listed["resident"]
+    assert metrics["adapters"]["broken"]["errors"] == 4 and metrics["adapters"]["broken"]["load_failures"] >= 1
+
+
+def test_least_recently_used_adapters_are_evicted(adapters_dir, tokenizer):
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_resident=2, batch_wait_ms=200)
+    names = ["a0", "a1", "a2"]
+    sequential = random_requests(6, names, seed=3)  # a0 a1 a2 a0 a1 a2: every request after the second evicts
+    concurrent = random_requests(15, names, seed=4)
+    with running_server(app) as port:
+        first = [generate(port, body) for body in sequential]
+        _, after_sequential = request(port, "GET", "/adapters")
+        second = generate_concurrently(port, concurrent)
+        _, metrics = request(port, "GET", "/metrics")
+    assert [status for status, _ in first + second] == [200] * 21
+    assert [body for _, body in first] == run_alone(adapters_dir, tokenizer, sequential)
+    assert [body for _, body in second] == run_alone(adapters_dir, tokenizer, concurrent)
+    assert after_sequential["resident"] == ["a1", "a2"]  # least recently used first
+    assert metrics["total_evictions"] >= 4 and metrics["total_loads"] == metrics["total_evictions"] + len(metrics["resident"])
+    assert len(metrics["resident"]) <= 2 and metrics["max_adapters_in_batch"] <= 2
+
+
+def test_adapters_of_a_method_without_per_row_routing_run_one_group_at_a_time(tokenizer, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="deltatune.serve")
+    root = tmp_path / "adapters"
+    # Partial fine-tuning copies whole blocks, so it cannot share a block with LoRA: block 0 is LoRA's.
+    save_lora(root / "lora", seed=5, layers_to_transform=[0])
+    partial = dt.wrap(tiny_llama(), dt.make_config("partial", last_k_layers=1))
+    randomize_adapters(partial, seed=6, scale=0.05)
+    partial.save(root / "partial")
+    bodies = random_requests(8, ["lora", "partial", None], seed=5)
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=200)) as port:
+        answers = generate_concurrently(port, bodies)
+    assert [status for status, _ in answers] == [200] * 8
+    assert [body for _, body in answers] == run_alone(root, tokenizer, bodies)
+    assert "running one adapter at a time" in caplog.text
+
+
+def test_health_and_create_app_arguments(adapters_dir, tokenizer, tmp_path):
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir)) as port:
+        assert request(port, "GET", "/health") == (200, {"status": "ok"})
+    with pytest.raises(ValueError, match="already holds adapters"):
+        create_app(dt.wrap(tiny_llama(), dt.LoraConfig(r=2)), tokenizer, adapters_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_app(tiny_llama(), tokenizer, tmp_path / "missing")
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        create_app(tiny_llama(), tokenizer, adapters_dir, max_batch=0)
+
+
+def test_cli_serve_explains_a_missing_model_folder(tmp_path, capsys):
+    assert main(["serve", "--base", str(tmp_path / "nothing"), "--adapters", str(tmp_path)]) == EXIT_USAGE
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_cli_serve_runs_from_a_model_folder(adapters_dir, tokenizer, tmp_path):
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    command = [sys.executable, "-m", "deltatune.cli", "serve", "--base", str(base), "--adapters", str(adapters_dir), "--port", "0", "--max-new-tokens", "4"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in process.stderr:
+            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port is not None, "the server did not report its port"
+        status, body = generate(port, {"adapter": "a3", "prompt": "w11 w12 w13"})
+        assert status == 200
+        assert body == run_alone(adapters_dir, tokenizer, [{"adapter": "a3", "prompt": "w11 w12 w13", "max_new_tokens": 4}])[0]
+    finally:
+        process.terminate()
+        rest = process.communicate(timeout=60)[1]
+    assert process.returncode == 0, rest
+    assert "stopped" in rest
