@@ -7,8 +7,15 @@ Measured on 2 busy CPU cores (bitsandbytes 0.50.2, torch 2.13): dequantizing an 
 weight took ~80 ms with bitsandbytes and ~200 ms with the reference, a 256-token matmul through it
 ~370 vs ~550 ms. But importing bitsandbytes pulls in torch.compile's machinery, 4-16 s per process
 there, which a short run never earns back. So on CPU the reference is the default and
-bitsandbytes is opt-in. On CUDA: bitsandbytes when installed, else our Triton kernel
-(triton_dequant.py) when Triton is, else the reference; none of the CUDA paths is measured yet.
+bitsandbytes is opt-in. On CUDA: our Triton kernel (triton_dequant.py) when Triton is importable,
+else bitsandbytes when installed, else the reference. The Triton kernel undoes double quantization
+inside its one launch; bitsandbytes takes a launch for the nested constants, conversions of our
+int8 codes to its layout and a Python QuantState per call. Measured on the lent H100 in two
+runs (benchmarks/qlora_throughput.py --dequant-bench, a 4096×14336 NF4 weight to bf16, calls back
+to back): Triton 55-70 us of GPU time (2.1-2.7 TB/s moved) and 40-60 us of host time per call,
+bitsandbytes 170-230 us and 170-290 us, the reference 580 us and 140-220 us. On the GPU the Triton
+kernel fuses the nested scale's multiply-add (one rounding instead of two), so its float32 values
+can differ from the reference's by ~2e-7 relative, as bitsandbytes' do.
 torchao 0.18's NF4 was slower than both on CPU and needs its scale blocks to divide the block
 count, so it is not used. FP4 and int4 always take the reference: bitsandbytes' FP4 is another
 table and it has no int4.
@@ -59,9 +66,9 @@ def backend_name(device_type: str = "cpu") -> str:
         return chosen
     if device_type != "cuda":
         return "torch"
-    if _bitsandbytes() is not None:
-        return "bitsandbytes"
-    return "triton" if triton_available() else "torch"
+    if triton_available():
+        return "triton"
+    return "bitsandbytes" if _bitsandbytes() is not None else "torch"
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,6 +4,15 @@ The weight is never kept in full precision: forward dequantizes it (in row chunk
 layers, so only a slice exists at a time), multiplies and drops it; backward dequantizes again to
 send the gradient to the input. Nothing of the weight is saved for backward, which is where
 QLoRA's memory saving comes from. The weight gets no gradient: train adapters on top of it.
+
+`quant_lora_linear` (QuantLinear.lora_forward) is the same layer with one LoRA adapter on top as a
+single autograd node, the 4-bit twin of deltatune.kernels.lora_linear: the adapter runs in the
+activations' dtype, only x and the rank-wide x·Aᵀ are saved, and W is dequantized once in forward
+and once in backward, never kept (ctx holds the layer, not a dequantized copy).
+
+On CUDA the weight is dequantized whole up to CUDA_CHUNK_ELEMENTS (one kernel, one GEMM; a 7B
+model's largest weight is 117 MB in bf16, the transient bitsandbytes' QLoRA path allocates too);
+elsewhere in row chunks of CHUNK_ELEMENTS.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from .formats import DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE, QuantizedWeight, che
 
 # Largest weight slice dequantized at once (elements): 64 MiB in float32.
 CHUNK_ELEMENTS = 1 << 24
+# The same on CUDA (elements): 512 MiB in bf16; a 7B model's weights are dequantized whole.
+CUDA_CHUNK_ELEMENTS = 1 << 28
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -33,19 +44,148 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
         ctx.layer = layer
-        outputs = [F.linear(x, layer.dequantized_weight(x.dtype, rows)) for rows in layer.row_chunks()]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+        chunks = layer._compute_chunks(x.device.type)
+        if len(chunks) == 1:
+            return F.linear(x, layer._dequantize_rows(x.dtype, None))
+        outputs = [F.linear(x, layer._dequantize_rows(x.dtype, rows)) for rows in chunks]
+        return torch.cat(outputs, dim=-1)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
         layer: QuantLinear = ctx.layer
+        chunks = layer._compute_chunks(grad_output.device.type)
+        if len(chunks) == 1:
+            return grad_output @ layer._dequantize_rows(grad_output.dtype, None), None
         grad_input = None
-        for rows in layer.row_chunks():
-            part = grad_output[..., rows[0] : rows[1]] @ layer.dequantized_weight(grad_output.dtype, rows)
-            grad_input = part if grad_input is None else grad_input + part
+        for rows in chunks:
+            part = grad_output[..., rows[0] : rows[1]] @ layer._dequantize_rows(grad_output.dtype, rows)
+            grad_input = part if grad_input is None else grad_input.add_(part)
         return grad_input, None
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype`: on CUDA one GEMM writing float32 from bf16/fp16 operands (torch.mm's
+    out_dtype) where this torch has it, instead of a GEMM and a cast."""
+    if a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        if _MM_OUT_DTYPE.get("ok", True):
+            try:
+                out = torch.mm(a, b, out_dtype=dtype)
+                _MM_OUT_DTYPE["ok"] = True
+                return out
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE["ok"] = False
+    return torch.mm(a, b).to(dtype)
+
+
+def _dropout_helpers():
+    from ..kernels.lora_linear import _draw_seed, dropout_mask
+
+    return _draw_seed, dropout_mask
+
+
+class _QuantLoraLinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ with W 4-bit (dequantized per use, never saved) and b frozen.
+
+    Mirrors deltatune.kernels.lora_linear: saves x (for A's gradient) and x·Aᵀ (for B's) through
+    save_for_backward, so activation checkpointing drops and recomputes them; the rank-r casts of
+    A and B ride on ctx; the scaling is a GEMM epilogue (alpha / beta); the dropout mask is drawn
+    again from its seed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer, bias, lora_a, lora_b, scaling, dropout_p, dropout_seed):
+        x2d = x.reshape(-1, x.shape[-1])
+        a = lora_a.to(x.dtype)
+        b = lora_b.to(x.dtype)
+        if dropout_p > 0:
+            dropout_mask = _dropout_helpers()[1]
+            xa = F.linear(x2d * dropout_mask(x2d.shape, dropout_p, dropout_seed, x.device, x.dtype), a)
+        else:
+            xa = F.linear(x2d, a)
+        chunks = layer._compute_chunks(x.device.type)
+        if len(chunks) == 1:
+            y = F.linear(x2d, layer._dequantize_rows(x.dtype, None), bias)
+        else:
+            y = torch.cat([F.linear(x2d, layer._dequantize_rows(x.dtype, rows)) for rows in chunks], dim=-1)
+            if bias is not None:
+                y.add_(bias)
+        y.addmm_(xa, b.t(), alpha=scaling)
+
+        needs_a, needs_b = ctx.needs_input_grad[3:5]
+        ctx.save_for_backward(x2d if needs_a else None, xa if needs_b else None)
+        ctx.layer, ctx.a, ctx.b = layer, a, b
+        ctx.scaling, ctx.dropout_p, ctx.dropout_seed = scaling, dropout_p, dropout_seed
+        ctx.x_shape = x.shape
+        ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2d, xa = ctx.saved_tensors
+        layer: QuantLinear = ctx.layer
+        a, b = ctx.a, ctx.b
+        needs_x, _, _, needs_a, needs_b = ctx.needs_input_grad[:5]
+        scaling, p = ctx.scaling, ctx.dropout_p
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+
+        grad_x = grad_a = grad_b = None
+        mask = None
+        if p > 0 and (needs_x or needs_a):
+            mask = _dropout_helpers()[1]((g.shape[0], layer.in_features), p, ctx.dropout_seed, g.device, g.dtype)
+        # On a CPU, MKL streams g fastest with the skinny operand row-major (see kernels.lora_linear);
+        # cuBLAS takes either layout, so on CUDA the products are written in as few launches as can be.
+        if needs_b:
+            if g.is_cuda:
+                grad_b = _mm_to(g.t(), xa, ctx.adapter_dtypes[1]).mul_(scaling)
+            else:
+                grad_b = torch.mm(xa.t(), g).t().to(ctx.adapter_dtypes[1]).mul_(scaling)
+        if needs_x or needs_a:
+            g_xa = torch.mm(g, b if g.is_cuda else b.t().contiguous().t())  # gradient reaching x·Aᵀ, without the scaling
+            if needs_a:
+                grad_a = _mm_to(g_xa.t(), x2d if mask is None else x2d * mask, ctx.adapter_dtypes[0]).mul_(scaling)
+            if needs_x:
+                grad_x = torch.mm(g_xa, a)
+                if mask is not None:
+                    grad_x.mul_(mask)
+                chunks = layer._compute_chunks(g.device.type)
+                if len(chunks) == 1:
+                    grad_x.addmm_(g, layer._dequantize_rows(g.dtype, None), beta=scaling)
+                else:
+                    grad_x.mul_(scaling)
+                    for rows in chunks:
+                        grad_x.addmm_(g[:, rows[0] : rows[1]], layer._dequantize_rows(g.dtype, rows))
+                grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def quant_lora_linear(
+    x: torch.Tensor,
+    layer: "QuantLinear",
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: int | None = None,
+) -> torch.Tensor:
+    """``layer(x) + scaling * dropout(x) @ A^T @ B^T`` as one autograd node (see _QuantLoraLinearFunction).
+
+    Computes in ``x.dtype`` (A and B may be float32 master copies; their gradients come in their
+    own dtype). Dropout applies only when ``training``; ``dropout_seed`` fixes its mask (tests).
+    """
+    if layer.bias is not None and layer.bias.requires_grad:
+        raise ValueError("quant_lora_linear treats the base layer's bias as frozen; it must not require grad")
+    p = float(dropout_p) if training else 0.0
+    if p > 0 and dropout_seed is None:
+        dropout_seed = _dropout_helpers()[0]()
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return _QuantLoraLinearFunction.apply(x, layer, bias, lora_a, lora_b, float(scaling), p, dropout_seed)
 
 
 class QuantLinear(nn.Module):
@@ -118,6 +258,19 @@ class QuantLinear(nn.Module):
             qweight = qweight.row_slice(*rows)
         return backends.dequantize(qweight, dtype or self.weight_dtype)
 
+    def _dequantize_rows(self, dtype: torch.dtype, rows: tuple[int, int] | None) -> torch.Tensor:
+        """dequantized_weight for the compute paths (rows None: the whole weight)."""
+        qweight = self.quantized()
+        if rows is not None and rows != (0, self.out_features):
+            qweight = qweight.row_slice(*rows)
+        return backends.dequantize(qweight, dtype)
+
+    def _compute_chunks(self, device_type: str) -> list[tuple[int, int]]:
+        """row_chunks() for compute on `device_type`: on CUDA up to CUDA_CHUNK_ELEMENTS at once."""
+        if device_type == "cuda" and self.out_features * self.in_features <= CUDA_CHUNK_ELEMENTS:
+            return [(0, self.out_features)]
+        return self.row_chunks()
+
     def row_chunks(self) -> list[tuple[int, int]]:
         """Row ranges dequantized one at a time: the whole weight unless it is big."""
         rows = self.out_features
@@ -169,6 +322,18 @@ class QuantLinear(nn.Module):
         # Under autocast the caller expects the autocast dtype; otherwise keep the model's dtype.
         return out if autocast_dtype is not None else out.to(x.dtype)
 
+    def lora_forward(
+        self, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout_p: float = 0.0,
+        training: bool = False,
+    ) -> torch.Tensor | None:
+        """``self(x) + scaling · dropout(x) Aᵀ Bᵀ`` in one autograd node (quant_lora_linear), or None
+        where this layer's own forward must run (autocast on, or x not in the compute dtype)."""
+        if not x.is_floating_point() or _autocast_dtype(x.device.type) is not None:
+            return None
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            return None
+        return quant_lora_linear(x, self, lora_a, lora_b, scaling, dropout_p, training)
+
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         return (
@@ -208,4 +373,4 @@ def storage_report(model: nn.Module) -> dict[str, float]:
     }
 
 
-__all__ = ["QuantLinear", "quantized_layers", "quantized_parameter_count", "storage_report"]
+__all__ = ["QuantLinear", "quant_lora_linear", "quantized_layers", "quantized_parameter_count", "storage_report"]
