@@ -21,14 +21,13 @@ of random tokens of 2048.
              compute_dtype=torch.bfloat16), dt.wrap(model, dt.LoraConfig(r=16, lora_alpha=32,
              target_modules="all-linear")), wrapped.gradient_checkpointing_enable(), the loss
              through deltatune.kernels.causal_lm_loss (chunked cross-entropy, no float32 logits).
+             LoraLinear over a QuantLinear base runs as one autograd node per layer
+             (QuantLinear.lora_forward), as kernels.lora_linear does over an nn.Linear base.
 Diagnostics (not in the default list):
-  deltatune-fusedq     as deltatune, with LoraLinear over a QuantLinear base routed through
-                       QuantLinear.lora_forward (one autograd node per adapted layer, as
-                       kernels.lora_linear is for nn.Linear bases); installed here at run time.
   deltatune-bnb-dequant / deltatune-torch-dequant   as deltatune, dequantizing through
                        bitsandbytes' kernel / plain PyTorch (DELTATUNE_QUANT_BACKEND).
   deltatune-hf-loss    as deltatune, with the model's own loss.
-  deltatune-fusedq-graphed   as deltatune-fusedq, the whole step (forward, backward, AdamW with
+  deltatune-graphed    as deltatune, the whole step (forward, backward, AdamW with
                        capturable=True) captured once as a CUDA graph by deltatune.kernels.
                        GraphedTrainStep and replayed; checkpointing without preserve_rng_state.
 
@@ -44,24 +43,18 @@ losses differ only by quantization rounding ties and bf16 arithmetic.
 them bit for bit against the reference.
 
 Last measured 2026-11-23 on the lent H100 (torch 2.11.0+cu130, triton 3.6.0, transformers 5.17.0,
-peft 0.21.2, bitsandbytes 0.50.2), all rows from one run (--modes peft,deltatune,deltatune-fusedq,
-deltatune-graphed,deltatune-fusedq-graphed --steps 16 --warmup 4 --big-steps 10 --big-warmup 3).
-The steps are bound by host time, which varied by up to ~1.5x from one machine to the next (peft
-1.1B: 321-369 ms/step over four runs): compare rows of one run only.
+peft 0.21.2, bitsandbytes 0.50.2), all rows from one run (--modes peft,deltatune,deltatune-graphed
+--steps 12 --warmup 3 --big-steps 8 --big-warmup 3). The steps are bound by host time, which
+varied by up to ~1.5x from one machine to the next (peft 1.1B: 321-369 ms/step over five runs):
+compare rows of one run only.
 
     model  batch  mode                     ours tok/s peft tok/s  ratio ours peak GiB peft peak GiB  ratio
-    1.1B       4  deltatune                    28,830     25,268  1.14x          2.83          4.46  0.63x
-    1.1B       4  deltatune-fusedq             39,306     25,268  1.56x          2.34          4.46  0.52x
-    1.1B       4  deltatune-graphed            32,613     25,268  1.29x          2.92          4.46  0.66x
-    1.1B       4  deltatune-fusedq-graphed     50,808     25,268  2.01x          2.41          4.46  0.54x
-    7.2B       1  deltatune                     4,810      3,758  1.28x          5.54          5.67  0.98x
-    7.2B       2  deltatune                     7,450      6,382  1.17x          6.71          6.97  0.96x
-    7.2B       1  deltatune-fusedq              5,864      3,758  1.56x          5.49          5.67  0.97x
-    7.2B       2  deltatune-fusedq              9,238      6,382  1.45x          6.35          6.97  0.91x
-    7.2B       1  deltatune-graphed             6,882      3,758  1.83x          5.61          5.67  0.99x
-    7.2B       2  deltatune-graphed             7,123      6,382  1.12x          6.77          6.97  0.97x
-    7.2B       1  deltatune-fusedq-graphed      9,331      3,758  2.48x          5.48          5.67  0.97x
-    7.2B       2  deltatune-fusedq-graphed      9,819      6,382  1.54x          6.34          6.97  0.91x
+    1.1B       4  deltatune                    36,689     23,941  1.53x          2.34          4.46  0.52x
+    1.1B       4  deltatune-graphed            50,900     23,941  2.13x          2.41          4.46  0.54x
+    7.2B       1  deltatune                     4,107      2,882  1.43x          5.49          5.67  0.97x
+    7.2B       2  deltatune                     8,131      6,138  1.32x          6.35          6.97  0.91x
+    7.2B       1  deltatune-graphed             9,249      2,882  3.21x          5.48          5.67  0.97x
+    7.2B       2  deltatune-graphed             9,671      6,138  1.58x          6.34          6.97  0.91x
 
 Step-0 losses agree within 8.3e-4 relative (e.g. 11.1581 vs 11.1674 at 7.2B). At 7.2B both
 libraries hold 4.37 GiB between steps (NF4 weights, bf16 embeddings and head, float32 LoRA
@@ -110,7 +103,7 @@ SHAPES = {
 }
 # peft + bitsandbytes measured on an H100 before this benchmark existed (tokens/s, peak GiB), for reference
 REFERENCE_PEFT = {("1b", 4): (23_200, 4.39), ("7b", 1): (2_980, 5.64), ("7b", 2): (5_800, 6.91)}
-DEFAULT_MODES = "peft,deltatune"
+DEFAULT_MODES = "peft,deltatune,deltatune-graphed"
 DEQUANT_SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (2048, 8192), (512, 2048)]
 
 
@@ -273,36 +266,6 @@ def setup_peft(model: nn.Module, seed: int):
     return wrapped, hf_loss, note
 
 
-@contextlib.contextmanager
-def fused_qlora_forward():
-    """Route LoraLinear over a QuantLinear base through QuantLinear.lora_forward (one autograd node),
-    as LoraLinear.forward does with kernels.lora_linear over an nn.Linear base. A proposal for
-    methods/lora.py, installed for the deltatune-fusedq diagnostic only."""
-    from deltatune.methods.lora import LoraLinear
-    from deltatune.quant import QuantLinear
-
-    original = LoraLinear.forward
-
-    def forward(self, x, *args, **kwargs):
-        base = self.base_layer
-        if type(base) is QuantLinear and not args and not kwargs and self.row_adapters is None:
-            active = self.active_unmerged()
-            if len(active) == 1 and active[0] in self.lora_A and active[0] not in self.lora_magnitude_vector:
-                name = active[0]
-                dropout = self.lora_dropout[name]
-                p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-                out = base.lora_forward(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, self.training)
-                if out is not None:
-                    return out
-        return original(self, x, *args, **kwargs)
-
-    LoraLinear.forward = forward
-    try:
-        yield
-    finally:
-        LoraLinear.forward = original
-
-
 def setup_deltatune(model: nn.Module, seed: int, fused_loss: bool = True, graphed: bool = False):
     import deltatune as dt
     from deltatune.kernels import causal_lm_loss
@@ -431,7 +394,7 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
     results = [Result(mode, batch) for batch in shape.batches]
     model = wrapped = optimizer = None
     graphed = mode.endswith("-graphed") and device.type == "cuda"
-    fused = fused_qlora_forward() if mode.startswith("deltatune-fusedq") else contextlib.nullcontext()
+    fused = contextlib.nullcontext()
     backend_before = os.environ.get("DELTATUNE_QUANT_BACKEND")
     try:
         with fused:
@@ -615,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=None, help="comma list of 1b, 7b (default 1b,7b; tiny with --tiny)")
     parser.add_argument("--modes", default=DEFAULT_MODES,
-                        help="comma list of peft, deltatune and diagnostics: deltatune-fusedq, deltatune-fusedq-graphed, "
+                        help="comma list of peft, deltatune and diagnostics: deltatune-graphed, "
                         "deltatune-bnb-dequant, deltatune-torch-dequant, deltatune-hf-loss")
     parser.add_argument("--big-modes", default=None, help="modes for the 7.2B run (default: --modes)")
     parser.add_argument("--batches-7b", default="1,2")

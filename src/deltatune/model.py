@@ -44,6 +44,18 @@ class ParameterReport:
         )
 
 
+def _check_row_count(adapter_names: Sequence[str | None], args: tuple, kwargs: dict) -> None:
+    """adapter_names needs one entry per row of the input (when the input is a tensor we can see)."""
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if len(adapter_names) != value.shape[0]:
+                raise ValueError(
+                    f"adapter_names has {len(adapter_names)} entries for an input of {value.shape[0]} rows; "
+                    f"give one adapter name (or None for the base model) per row."
+                )
+            return
+
+
 class DeltaModel(nn.Module):
     """A frozen base model plus named adapters of any registered method."""
 
@@ -66,6 +78,7 @@ class DeltaModel(nn.Module):
         None / "__base__" for the base alone) runs each row with its own adapter in one pass."""
         if adapter_names is None:
             return self.model(*args, **kwargs)
+        _check_row_count(adapter_names, args, kwargs)
         with self.mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 
@@ -73,6 +86,8 @@ class DeltaModel(nn.Module):
         """The wrapped model's generate(); adapter_names as in forward (one per input row)."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
+        # Checked before expanding: past it, a wrong count would be reported in expanded rows.
+        _check_row_count(adapter_names, args, kwargs)
         # generate() repeats each row (num_beams for beam search, else num_return_sequences);
         # every copy keeps its row's adapter.
         config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
@@ -89,26 +104,31 @@ class DeltaModel(nn.Module):
         unknown = [n for n in rows.names if n not in self.configs]
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; this model has {self.adapter_names}.")
-        layers = [layer for _, layer in self.delta_layers() if set(rows.names) & set(layer.adapter_names)]
-        unsupported = sorted({self._method_of(layer, rows.names) for layer in layers if not layer.supports_mixed_batch})
-        if unsupported:
+        # One walk of the module tree: a forward with adapter_names pays this setup on every call.
+        all_layers = [layer for _, layer in self.delta_layers()]
+        named = set(rows.names)
+        refusing = [layer for layer in all_layers if not layer.supports_mixed_batch and named & set(layer.adapter_names)]
+        if refusing:
+            methods = sorted({self._method_of(layer, rows.names) for layer in refusing})
+            kinds = sorted({type(layer).__name__ for layer in refusing})
             raise ValueError(
-                f"Per-row adapters are not supported by {', '.join(unsupported)} ({type(layers[0]).__name__} layers); "
+                f"Per-row adapters are not supported by {', '.join(methods)} ({', '.join(kinds)} layers); "
                 f"run those adapters in separate batches with set_adapter()."
             )
-        merged = sorted({n for layer in layers for n in layer.merged_adapters})
+        # Any merged adapter, named in the batch or not, is in the base weights every row reads.
+        merged = sorted({n for layer in all_layers for n in layer.merged_adapters})
         if merged:
             raise RuntimeError(f"Adapters {merged} are merged into the base; unmerge() before a mixed batch.")
         # Adapters no row names stay out of the call: layers that cannot route rows are switched off.
-        switched_off = [layer for _, layer in self.delta_layers() if not layer.supports_mixed_batch and not layer.disabled]
-        for _, layer in self.delta_layers():
+        switched_off = [layer for layer in all_layers if not layer.supports_mixed_batch and not layer.disabled]
+        for layer in all_layers:
             layer.row_adapters = rows
         for layer in switched_off:
             layer.disabled = True
         try:
             yield rows
         finally:
-            for _, layer in self.delta_layers():
+            for layer in all_layers:
                 layer.row_adapters = None
             for layer in switched_off:
                 layer.disabled = False
@@ -218,6 +238,29 @@ class DeltaModel(nn.Module):
         del self.configs[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         self.set_adapter(self.active_adapters)
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination: str = "svd",
+        *,
+        rank: int | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int | None = None,
+    ) -> "CombinationReport":  # noqa: F821  (deltatune.combine.CombinationReport)
+        """Add `adapter_name`, a new inactive LoRA adapter combining LoRA `adapters` with `weights`:
+        combination "linear", "cat", "svd", "ties", "dare_linear" or "dare_ties" (see
+        deltatune.combine). Returns a report of the new adapter's per-layer approximation error."""
+        # Imported here: the core never imports the methods (combine.py builds on LoRA's classes).
+        from .combine import add_weighted_adapter
+
+        return add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination,
+            rank=rank, density=density, majority_sign_method=majority_sign_method, seed=seed,
+        )
 
     # -- training hooks (methods declare them in their MethodInfo) ---------------------------
     def _training_adapters(self) -> Iterator[tuple[str, AdapterConfig]]:

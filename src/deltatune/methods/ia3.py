@@ -5,7 +5,8 @@ Keys and values are scaled at the output of their projections; the feed-forward 
 scaled at the input of the feed-forward output projection ("feedforward_modules"). Files match
 Hugging Face peft's IA3 (peft_type "IA3", tensors `<path>.ia3_l`, the same config fields and the
 same vector shapes), so adapters move both ways. Mergeable: a scaling of a weight's rows
-(outputs) or columns (inputs).
+(outputs) or columns (inputs). In mixed batches (adapter_names=...) each row gathers its
+adapter's vectors from a stack that has a slot of ones for rows without an adapter.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import nn
 
 from ..config import AdapterConfig, ConfigError
 from ..inject import inject_layers, is_linear_like, model_family
-from ..layer import DeltaLayer, adapter_dtype
+from ..layer import DeltaLayer, RowAdapters, adapter_dtype
+from ..mixed_batch import StackCache, per_row
 from ..registry import MethodInfo, register_method
 
 _BERT_FFN_OUT = r"layer\.\d+\.output\.dense"  # not attention.output.dense
@@ -71,10 +73,20 @@ def _matches(name: str, patterns: list[str] | str | None) -> bool:
 
 
 
+@dataclass(frozen=True)
+class _ScaleStacks:
+    """One layer's IA3 vectors stacked for a mixed batch: (slots + 1, features), ones where a slot's
+    adapter scales the other side and in the last slot; None when no adapter scales that side."""
+
+    input_scale: torch.Tensor | None
+    output_scale: torch.Tensor | None
+
+
 class IA3Layer(DeltaLayer):
     """Scales a Linear's (or GPT-2 Conv1D's) outputs, or for feed-forward targets its inputs."""
 
     adapter_attributes = ("ia3_l",)
+    supports_mixed_batch = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -85,8 +97,10 @@ class IA3Layer(DeltaLayer):
         self.is_feedforward: dict[str, bool] = {}
         # Weights kept at merge time only when a vector holds zeros (dividing could not undo it).
         self._weights_before_merge: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._mixed_stacks: StackCache[_ScaleStacks] = StackCache()
 
     def add_adapter(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
+        self._mixed_stacks.clear()
         feedforward = _matches(module_name, config.feedforward_modules)
         weight = self.get_base_layer().weight
         # peft's shapes: (1, in) for feed-forward targets, (out, 1) otherwise.
@@ -97,6 +111,8 @@ class IA3Layer(DeltaLayer):
         self.is_feedforward[adapter_name] = feedforward
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._mixed_forward(self.row_adapters, x, *args, **kwargs)
         active = [n for n in self.active_unmerged() if n in self.ia3_l]
         input_scale = output_scale = None
         for name in active:
@@ -111,6 +127,40 @@ class IA3Layer(DeltaLayer):
         if output_scale is not None:
             result = (result.to(output_scale.dtype) * output_scale).to(result.dtype)
         return result
+
+    # -- mixed batches: one adapter per row ------------------------------------------------
+    def _mixed_forward(self, rows: RowAdapters, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        rows.check_batch(x, f"IA3 layer {type(self.get_base_layer()).__name__}({self.in_features} -> {self.out_features})")
+        found = self._mixed_stacks.get(rows, self.ia3_l, x.device, self._stack_key, self._build_stacks)
+        if found is None:  # no row's adapter is on this layer
+            return self.base_layer(x, *args, **kwargs)
+        stacks, plan = found
+        # The same arithmetic as forward, with each row's vector: ones leave a row unchanged.
+        if stacks.input_scale is not None:
+            x = (x.to(stacks.input_scale.dtype) * per_row(plan, stacks.input_scale, x)).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        if stacks.output_scale is not None:
+            result = (result.to(stacks.output_scale.dtype) * per_row(plan, stacks.output_scale, result)).to(result.dtype)
+        return result
+
+    def _stack_key(self, names: tuple[str, ...]) -> tuple[tuple, list[torch.Tensor]]:
+        return tuple(self.is_feedforward[n] for n in names), [self.ia3_l[n] for n in names]
+
+    def _build_stacks(self, names: tuple[str, ...]) -> _ScaleStacks:
+        return _ScaleStacks(
+            input_scale=self._scale_stack(names, feedforward=True, features=self.in_features),
+            output_scale=self._scale_stack(names, feedforward=False, features=self.out_features),
+        )
+
+    def _scale_stack(self, names: tuple[str, ...], feedforward: bool, features: int) -> torch.Tensor | None:
+        vectors = {slot: self.ia3_l[n].flatten() for slot, n in enumerate(names) if self.is_feedforward[n] == feedforward}
+        if not vectors:
+            return None
+        first = next(iter(vectors.values()))
+        stack = first.new_ones((len(names) + 1, features))
+        for slot, vector in vectors.items():
+            stack[slot] = vector
+        return stack
 
     def _weight_scale(self, adapter_name: str) -> torch.Tensor:
         """The vector shaped to broadcast over the stored weight (Conv1D stores it transposed)."""
@@ -142,6 +192,7 @@ class IA3Layer(DeltaLayer):
             base.bias.data = (base.bias.data / vector.flatten()).to(base.bias.dtype)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self._mixed_stacks.clear()
         super().delete_adapter(adapter_name)
         self.is_feedforward.pop(adapter_name, None)
         self._weights_before_merge.pop(adapter_name, None)

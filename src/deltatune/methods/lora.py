@@ -5,6 +5,11 @@ rsLoRA). DoRA (Liu et al. 2024) also learns a per-output magnitude m and uses
 m · (W + s·BA) / ‖W + s·BA‖ with the norm treated as a constant in backward, as the paper and
 peft do. Targets: nn.Linear, transformers' GPT-2 Conv1D (weight stored in × out), nn.Embedding
 and nn.Conv2d.
+
+Mixed batches (one adapter per row, `DeltaModel(..., adapter_names=[...])`) run on Linear and
+Conv1D targets, DoRA included, in the way of Punica's and S-LoRA's batched kernels: the batch's
+adapters are stacked once (ranks zero-padded, scaling folded into B, one all-zero slot for rows
+without an adapter) and every row is served by batched matmuls, never a loop over rows.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +26,8 @@ from torch import nn
 from ..config import AdapterConfig, ConfigError
 from ..inject import LINEAR_TARGETS, layer_attach
 from ..kernels import lora_linear, patch_model_for_training
-from ..layer import DeltaLayer, adapter_dtype
+from ..layer import DeltaLayer, RowAdapters, adapter_dtype
+from ..mixed_batch import SlotPlan, StackCache, rows_by_tokens
 from ..registry import MethodInfo, register_method
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
@@ -82,6 +89,50 @@ def _pattern_value(pattern: dict, module_name: str, default):
 
 
 
+# A mixed batch's LoRA product takes one of two forms per call (both are exact):
+# gathered (BGMV-like): each row gathers its adapter's A and B and two bmm's run; the weights are
+#   copied once per row, the compute is one adapter's per token;
+# masked: every row runs through all K adapters' A at once (one matmul), the columns of other
+#   adapters are zeroed, one matmul through all B's; the weights are read once, the compute is
+#   K adapters' per token.
+# Decoding (a token per row) is bound by reading weights, so the masked form wins there, as it
+# does for a single adapter (no excess compute); rows of many tokens (prefill) over several
+# adapters would pay K times the compute, so they gather.
+# The masked form runs while tokens per row × (adapters in the layer − 1) is at most this, per
+# device type. CPU: the measured crossover (r=16, 256 -> 688, one core). GPUs: compute is cheap next
+# to the copies a gather makes and its extra kernel launches, so the masked form goes further.
+MASKED_MAX_EXCESS = {"cpu": 6, "cuda": 64}
+MASKED_MAX_EXCESS_DEFAULT = 64
+
+
+@dataclass(frozen=True)
+class _LoraStacks:
+    """One layer's LoRA adapters stacked for a mixed batch; the last slot is all zeros."""
+
+    down: torch.Tensor  # (slots + 1, r_max, in): A, ranks zero-padded
+    up: torch.Tensor  # (slots + 1, r_max, out): (scaling · B)ᵀ, ranks zero-padded
+    dora_scale: torch.Tensor | None  # (slots + 1, out): m / ‖W + s·BA‖ for DoRA adapters, 1 elsewhere
+
+
+def _masked_form_pays(tokens_per_row: int, adapters: int, device: torch.device) -> bool:
+    excess = tokens_per_row * (adapters - 1)  # adapters' products computed per token beyond the row's own
+    return excess <= MASKED_MAX_EXCESS.get(device.type, MASKED_MAX_EXCESS_DEFAULT)
+
+
+def _gathered_lora(x_rows: torch.Tensor, stacks: _LoraStacks, plan: SlotPlan) -> torch.Tensor:
+    down = plan.gather(stacks.down)  # (batch, r_max, in)
+    hidden = torch.bmm(x_rows, down.transpose(1, 2))
+    return torch.bmm(hidden, plan.gather(stacks.up))
+
+
+def _masked_lora(x_rows: torch.Tensor, stacks: _LoraStacks, plan: SlotPlan) -> torch.Tensor:
+    slots, rank = len(plan.names), stacks.down.shape[1]
+    hidden = F.linear(x_rows, stacks.down[:slots].reshape(slots * rank, -1)).unflatten(-1, (slots, rank))
+    # Rows keep their own adapter's rank columns; rows without an adapter here keep none.
+    hidden = hidden * plan.one_hot(hidden.dtype)[:, None, :, None]
+    return hidden.flatten(-2) @ stacks.up[:slots].reshape(slots * rank, -1)
+
+
 def _is_quantized_linear(module: nn.Module) -> bool:
     # A linear layer whose weight is stored quantized (deltatune.quant.QuantLinear): it has no
     # writable .weight, only a dequantized copy on demand.
@@ -118,6 +169,7 @@ class LoraLinear(_LoraBase):
     """LoRA on nn.Linear and on GPT-2's Conv1D (whose weight is stored transposed)."""
 
     adapter_attributes = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_mixed_batch = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -133,6 +185,7 @@ class LoraLinear(_LoraBase):
         self._dora_norm_at_merge: dict[str, torch.Tensor] = {}
         self._fast_path_key: tuple | None = None
         self._fast_path: tuple | None = None
+        self._mixed_stacks: StackCache[_LoraStacks] = StackCache()
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in) whatever its storage."""
@@ -203,6 +256,7 @@ class LoraLinear(_LoraBase):
 
     def merge_adapter(self, adapter_name: str) -> None:
         self._refuse_quantized_base("Merging")
+        self._mixed_stacks.clear()  # DoRA stacks depend on the base weight, written through .data
         if adapter_name not in self.lora_magnitude_vector:
             return super().merge_adapter(adapter_name)
         stored = self.get_base_layer().weight
@@ -213,6 +267,7 @@ class LoraLinear(_LoraBase):
         stored.data.copy_((merged.T if self.fan_in_fan_out else merged).to(stored.dtype))
 
     def unmerge_adapter(self, adapter_name: str) -> None:
+        self._mixed_stacks.clear()
         if adapter_name not in self.lora_magnitude_vector:
             return super().unmerge_adapter(adapter_name)
         stored = self.get_base_layer().weight
@@ -224,10 +279,12 @@ class LoraLinear(_LoraBase):
     # -- the fused path (deltatune.kernels.lora_linear) --------------------------------------
     def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         self._fast_path_key = None
+        self._mixed_stacks.clear()
         self._add_lora(adapter_name, config, module_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._fast_path_key = None
+        self._mixed_stacks.clear()
         super().delete_adapter(adapter_name)
 
     def lora_fast_path_params(self) -> tuple | None:
@@ -237,7 +294,8 @@ class LoraLinear(_LoraBase):
         when what it depends on changes.
         """
         base = self.base_layer  # a wrapper of another method inside must run its own forward
-        if type(base) is not nn.Linear or torch.is_autocast_enabled():
+        # In a mixed batch each row has its own adapter: the fused MLP must call forward instead.
+        if self.row_adapters is not None or type(base) is not nn.Linear or torch.is_autocast_enabled():
             return None
         # Outer wrappers (Fisher, LayerNorm tuning) may swap the weight tensor per call.
         key = (tuple(self.active_adapters), tuple(self.merged_adapters), self.disabled, base.weight.requires_grad, id(base.weight), id(base.bias))
@@ -257,10 +315,15 @@ class LoraLinear(_LoraBase):
         return base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._mixed_forward(self.row_adapters, x, *args, **kwargs)
         params = None if args or kwargs else self.lora_fast_path_params()
         if params is not None and x.dtype == params[0].dtype:
             # One autograd node: saves x and the rank-wide x·A only, dropout recomputed from a seed.
             return lora_linear(x, *params, training=self.training)
+        fused = None if args or kwargs else self._quantized_base_forward(x)
+        if fused is not None:
+            return fused
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_unmerged():
             if name not in self.lora_A:
@@ -273,6 +336,22 @@ class LoraLinear(_LoraBase):
             result = result + lora_out.to(result.dtype)
         return result
 
+    def _quantized_base_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One plain adapter over a 4-bit base as a single autograd node (the base's lora_forward),
+        which dequantizes again in backward instead of saving the dequantized weight; None where
+        the composed path must run. On an H100 this takes QLoRA from 1.1-1.3x to ~1.5x peft's
+        tokens/s (benchmarks/qlora_throughput.py)."""
+        base = self.base_layer
+        if not hasattr(base, "lora_forward"):
+            return None
+        active = self.active_unmerged()
+        if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_magnitude_vector:
+            return None
+        name = active[0]
+        dropout = self.lora_dropout[name]
+        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return base.lora_forward(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p, self.training)
+
     def _dora_output(self, name: str, x_lora: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
         """The extra output of DoRA beyond the base layer's: (m/‖W'‖ − 1)·Wx + m/‖W'‖·s·BAx."""
         norm = self._combined_weight(name).norm(p=2, dim=1).detach()
@@ -283,6 +362,74 @@ class LoraLinear(_LoraBase):
                 base_out = base_out - self.bias.to(scale.dtype)
         else:
             base_out = F.linear(x_lora, self.base_weight().to(scale.dtype))
+        return (scale - 1) * base_out + scale * lora_out
+
+    # -- mixed batches: one adapter per row ------------------------------------------------
+    def _mixed_forward(self, rows: RowAdapters, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        rows.check_batch(x, f"LoRA layer {type(self.get_base_layer()).__name__}({self.in_features} -> {self.out_features})")
+        result = self.base_layer(x, *args, **kwargs)
+        found = self._mixed_stacks.get(rows, self.lora_A, x.device, self._stack_key, self._build_stacks)
+        if found is None:  # no row's adapter is on this layer
+            return result
+        stacks, plan = found
+        self._refuse_row_dropout(plan.names)
+        x_rows = rows_by_tokens(x).to(stacks.down.dtype)
+        product = _masked_lora if _masked_form_pays(x_rows.shape[1], len(plan.names), x.device) else _gathered_lora
+        lora_out = product(x_rows, stacks, plan)
+        if stacks.dora_scale is not None:
+            lora_out = self._mixed_dora_output(stacks, plan, rows_by_tokens(result), lora_out)
+        return result + lora_out.view(result.shape).to(result.dtype)
+
+    def _refuse_row_dropout(self, names: tuple[str, ...]) -> None:
+        # Dropout only acts in training, and mixed batches serve inference: rather than dropping
+        # per row at each row's own rate, training with dropout is refused.
+        if not self.training:
+            return
+        dropping = [n for n in names if isinstance(self.lora_dropout[n], nn.Dropout) and self.lora_dropout[n].training]
+        if dropping:
+            raise RuntimeError(
+                f"Adapters {dropping} use lora_dropout, which mixed batches (adapter_names=...) do not apply per row. "
+                f"Call model.eval() to serve several adapters in one batch, or train them one at a time with set_adapter()."
+            )
+
+    def _stack_key(self, names: tuple[str, ...]) -> tuple[tuple, list[torch.Tensor]]:
+        """What the stacks of `names` are made of: scalings, and the tensors they read."""
+        tensors = [t for n in names for t in (self.lora_A[n].weight, self.lora_B[n].weight)]
+        dora = [self.lora_magnitude_vector[n] for n in names if n in self.lora_magnitude_vector]
+        if dora:  # DoRA's norm reads the base weight too
+            base = self.get_base_layer()
+            tensors += dora + [*base.parameters(recurse=False), *base.buffers(recurse=False)]
+        return tuple(self.scaling[n] for n in names), tensors
+
+    def _build_stacks(self, names: tuple[str, ...]) -> _LoraStacks:
+        pairs = [(self.lora_A[n].weight, self.lora_B[n].weight * self.scaling[n]) for n in names]
+        dtype = reduce(torch.promote_types, [A.dtype for A, _ in pairs])
+        rank = max(A.shape[0] for A, _ in pairs)
+        down = pairs[0][0].new_zeros((len(names) + 1, rank, self.in_features), dtype=dtype)
+        up = pairs[0][0].new_zeros((len(names) + 1, rank, self.out_features), dtype=dtype)
+        for slot, (A, scaled_B) in enumerate(pairs):
+            down[slot, : A.shape[0]] = A
+            up[slot, : A.shape[0]] = scaled_B.T
+        return _LoraStacks(down, up, self._dora_scale_stack(names, down))
+
+    def _dora_scale_stack(self, names: tuple[str, ...], like: torch.Tensor) -> torch.Tensor | None:
+        dora = [(slot, n) for slot, n in enumerate(names) if n in self.lora_magnitude_vector]
+        if not dora:
+            return None
+        scale = like.new_ones((len(names) + 1, self.out_features))
+        for slot, name in dora:
+            with torch.no_grad():  # the norm is a constant in backward, as in _dora_output
+                norm = self._combined_weight(name).norm(p=2, dim=1)
+            scale[slot] = self.lora_magnitude_vector[name] / norm
+        return scale
+
+    def _mixed_dora_output(self, stacks: _LoraStacks, plan: SlotPlan, result_rows: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
+        """_dora_output per row: (f − 1)·(Wx) + f·s·BAx with f = m/‖W'‖ per row (1 for plain LoRA rows,
+        which leaves their lora_out as it is; 1 for rows without an adapter, whose lora_out is 0)."""
+        scale = plan.gather(stacks.dora_scale).unsqueeze(1)
+        base_out = result_rows.to(scale.dtype)
+        if self.bias is not None:
+            base_out = base_out - self.bias.to(scale.dtype)
         return (scale - 1) * base_out + scale * lora_out
 
 

@@ -1,0 +1,149 @@
+"""Pieces shared by the layers that run one adapter per batch row (see `layer.RowAdapters`).
+
+A supporting layer stacks the tensors of its adapters named in the batch along a leading "slot"
+dimension: slot k holds the layer's k-th such adapter and one last slot leaves a row unchanged
+(zeros for additive deltas, ones for scalings). Rows then gather their slot, so the work grows
+with the number of distinct adapters at most, never with a Python loop over rows. A row whose
+adapter this layer does not hold uses that last slot too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Container, Generic, Iterable, Sequence, TypeVar
+
+import torch
+
+from .layer import RowAdapters
+
+Stacks = TypeVar("Stacks")
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """How the rows of one mixed batch map onto one layer's slots.
+
+    names: the layer's adapters among the batch's, in slot order; slot len(names) is "unchanged".
+    row_slot: (batch,) LongTensor, each row's slot.
+    """
+
+    names: tuple[str, ...]
+    row_slot: torch.Tensor
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, len(names)) with a 1 at each row's adapter; all zeros for unchanged rows."""
+        key = ("one_hot", len(self.names), dtype, str(self.row_slot.device))
+        if key not in self._cache:
+            hot = torch.nn.functional.one_hot(self.row_slot, len(self.names) + 1)[:, : len(self.names)]
+            self._cache[key] = hot.to(dtype)
+        return self._cache[key]
+
+    def gather(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """Each row's entry of a tensor indexed by slot in its first dimension: (batch, ...).
+        index_select rather than indexing: on CPU it copies several times faster."""
+        return per_slot.index_select(0, self.row_slot)
+
+    def row_mask(self, slot_mask: torch.Tensor) -> torch.Tensor:
+        """(batch,) bool: the rows whose slot is set in `slot_mask` (one bool per slot)."""
+        return self.gather(slot_mask)
+
+
+def plan_slots(rows: RowAdapters, held: Container[str], device: torch.device) -> SlotPlan | None:
+    """The slot plan of `rows` for a layer holding the adapters in `held`; None if it holds none of them."""
+    names = tuple(name for name in rows.names if name in held)
+    if not names:
+        return None
+    if len(names) == len(rows.names):
+        # The batch's slots are the layer's slots (base rows included: both are len(names)), so
+        # what is derived from them is shared by every such layer: the plan caches into the batch's.
+        return SlotPlan(names, rows.slot_index(device), rows._cache)
+    local = [names.index(n) if n in names else len(names) for n in rows.names] + [len(names)]
+    return SlotPlan(names, torch.tensor(local, dtype=torch.long, device=device)[rows.slot_index(device)])
+
+
+def tensor_versions(tensors: Iterable[torch.Tensor]) -> tuple:
+    """Identity, storage and in-place version of each tensor: changes when any of them is replaced,
+    moved (`.to()`), or written in place through autograd-visible ops (optimizer steps, `copy_`).
+    Writes through `.data` bypass the version counter; `StackCache.clear()` covers those."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+
+def needs_autograd(tensors: Iterable[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class StackCache(Generic[Stacks]):
+    """One layer's stacked tensors and slot plan for the latest mixed batch, reused while valid.
+
+    The plan is reused for the same RowAdapters (one forward or generate call: token-by-token
+    generation reaches every layer once per token, which must not restack or recheck). The stacks
+    are reused across calls while the adapters are the same tensors at the same versions, so a new
+    forward with the same adapters costs one cheap check per layer. Nothing is kept while autograd
+    needs the stacks: a stored graph could not be backpropagated twice.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._rows: RowAdapters | None = None
+        self._entry: tuple[Stacks, SlotPlan] | None = None
+        self._key: tuple | None = None
+        self._stacks: Stacks | None = None
+
+    def get(
+        self,
+        rows: RowAdapters,
+        held: Container[str],
+        device: torch.device,
+        describe: Callable[[tuple[str, ...]], tuple[tuple, Sequence[torch.Tensor]]],
+        build: Callable[[tuple[str, ...]], Stacks],
+    ) -> tuple[Stacks, SlotPlan] | None:
+        """(stacks, plan) for `rows`, or None when the layer holds none of the rows' adapters.
+
+        describe(names) gives a hashable key of everything the stacks depend on besides tensors
+        (scalings, flags) and the tensors they are built from; build(names) stacks them.
+        """
+        if rows is self._rows:
+            return self._entry
+        plan = plan_slots(rows, held, device)
+        if plan is None:
+            self._rows, self._entry = rows, None
+            return None
+        key, tensors = describe(plan.names)
+        if needs_autograd(tensors):
+            self.clear()
+            return build(plan.names), plan
+        full_key = (plan.names, key, str(device), torch.is_inference_mode_enabled(), tensor_versions(tensors))
+        if full_key != self._key:
+            self._key, self._stacks = full_key, build(plan.names)
+        self._rows, self._entry = rows, (self._stacks, plan)
+        return self._entry
+
+
+def rows_by_tokens(x: torch.Tensor) -> torch.Tensor:
+    """x as (batch, tokens, features): every dimension between the first and last is tokens."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def per_row(plan: SlotPlan, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values (slots, features) gathered per row and shaped to broadcast over `like` (batch, ..., features)."""
+    gathered = plan.gather(values)
+    return gathered.view(gathered.shape[0], *([1] * (like.dim() - 2)), gathered.shape[-1])
+
+
+def select_per_row(
+    plan: SlotPlan, variants: Sequence[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]], x: torch.Tensor
+) -> torch.Tensor:
+    """Apply to each row of x the function of its slot: variants are (slot mask, function) pairs
+    covering every slot once. Each function runs on the whole batch and rows pick their result,
+    so the cost is one pass per distinct function (a handful), not per row."""
+    _, first = variants[0]
+    if len(variants) == 1:
+        return first(x)
+    result = first(x)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    for slot_mask, function in variants[1:]:
+        result = torch.where(plan.row_mask(slot_mask).view(shape), function(x), result)
+    return result
