@@ -33,7 +33,7 @@ Measured 2026-11-23 on the lent H100 (torch 2.11, peft 0.21.2, bf16; 1B shape, b
     (merged: 187-189k prefill, 2.3-2.7k generate; peft: 59.7k / 30.4k / 12.7k prefill, 666 / 185 / 49 generate)
 
 Spreading the batch over 32 adapters costs deltatune nothing against one adapter; the gap to the
-merged model is the unmerged rank-16 products themselves (7 extra skinny matmuls pairs per block in
+merged model is the unmerged rank-16 products themselves (7 pairs of extra skinny matmuls per block in
 bf16), which a fused SGMV kernel in the base GEMM's epilogue would have to close. On the 2-core CPU
 (hidden 256, 4 layers, --threads 1): 32 adapters at 0.69x / 0.63x of merged, 1.37x / 3.38x peft.
 """

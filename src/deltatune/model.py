@@ -56,6 +56,19 @@ def _check_row_count(adapter_names: Sequence[str | None], args: tuple, kwargs: d
             return
 
 
+# Config fields that do not change an adapter's layers: two configs equal but for these can swap
+# weights in place.
+_STRUCTURE_NEUTRAL_FIELDS = ("base_model_name_or_path", "revision", "inference_mode")
+
+
+def _structure_fields(config: AdapterConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k not in _STRUCTURE_NEUTRAL_FIELDS}
+
+
+def _same_structure(old: AdapterConfig, new: AdapterConfig) -> bool:
+    return type(old) is type(new) and _structure_fields(old) == _structure_fields(new)
+
+
 class DeltaModel(nn.Module):
     """A frozen base model plus named adapters of any registered method."""
 
@@ -373,6 +386,35 @@ class DeltaModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+
+    def replace_adapter(self, directory: str | Path, adapter_name: str) -> str:
+        """Swap the weights of adapter `adapter_name` for those in `directory` on a live model.
+
+        When the new adapter has the same method, targets and shapes (the usual case: a retrained
+        version), its tensors are copied into the existing parameters in place: nothing is
+        reallocated and a torch.compile'd model does not recompile. Returns "in_place". Otherwise
+        the old adapter is deleted and the new one loaded under the same name, keeping whether it
+        was active: returns "rebuilt". The folder is read and checked before anything changes, so
+        a bad file leaves the current adapter serving.
+        """
+        if adapter_name not in self.configs:
+            raise ValueError(f"No adapter named {adapter_name!r} to replace; this model has {self.adapter_names}. Use load_adapter().")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.delta_layers()):
+            raise RuntimeError(f"Adapter {adapter_name!r} is merged into the base; unmerge() before replacing it.")
+        old = self.configs[adapter_name]
+        info = method_for_peft_type(str(read_config_dict(directory)["peft_type"]))
+        new = info.config_class.from_dict(read_config_dict(directory), foreign_ok=True).replace(inference_mode=old.inference_mode)
+        tensors = read_adapter_tensors(directory)
+        if _same_structure(old, new):
+            self._copy_in(adapter_name, tensors, directory)  # checks every shape before the first write
+            self.configs[adapter_name] = new.replace(base_model_name_or_path=old.base_model_name_or_path)
+            return "in_place"
+        was_active = adapter_name in self.active_adapters
+        self.delete_adapter(adapter_name)
+        self.load_adapter(directory, adapter_name, is_trainable=not old.inference_mode, activate=False)
+        others = [n for n in self.active_adapters if n != adapter_name]
+        self.set_adapter([*others, adapter_name] if was_active else others)
+        return "rebuilt"
 
     def _copy_in(self, adapter_name: str, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
         expected = self.adapter_state_dict(adapter_name)
