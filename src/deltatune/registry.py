@@ -32,6 +32,8 @@ class MethodInfo:
         it through DeltaModel.after_optimizer_step without knowing the method.
     auxiliary_loss: auxiliary_loss(delta_model, adapter_name, config) -> scalar tensor added to the
         task loss (e.g. AdaLoRA's orthogonality penalty), through DeltaModel.auxiliary_loss.
+    standalone: False for methods built on other trained adapters (AdapterFusion), which the
+        comparison job cannot train from a bare base model.
     """
 
     name: str
@@ -44,6 +46,7 @@ class MethodInfo:
     needs_calibration_data: bool = False
     after_step: Callable[..., None] | None = None
     auxiliary_loss: Callable[..., Any] | None = None
+    standalone: bool = True
 
 
 _METHODS: dict[str, MethodInfo] = {}

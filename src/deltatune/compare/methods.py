@@ -24,10 +24,10 @@ COMPARE_OVERRIDES: dict[str, dict[str, Any]] = {
 
 
 def available_compare_methods() -> list[str]:
-    """Full fine-tuning plus every registered PEFT method."""
+    """Full fine-tuning plus every registered PEFT method that trains on a bare base model."""
     import deltatune
 
-    return [FULL, *deltatune.available_methods()]
+    return [FULL, *(name for name in deltatune.available_methods() if deltatune.method_info(name).standalone)]
 
 
 def validate_methods(names: Iterable[str]) -> list[str]:
@@ -39,6 +39,13 @@ def validate_methods(names: Iterable[str]) -> list[str]:
         if not name:
             continue
         if name not in available:
+            import deltatune
+
+            if name in deltatune.available_methods():
+                raise ValueError(
+                    f"Method {name!r} builds on other trained adapters, so it cannot be trained from a bare base "
+                    f"model in a comparison; train it with the Python API. Available methods: {', '.join(available)}."
+                )
             import difflib
 
             close = difflib.get_close_matches(name, available, n=2, cutoff=0.5)

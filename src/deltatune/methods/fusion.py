@@ -419,5 +419,6 @@ register_method(
         mergeable=False,
         compare_defaults={"lr": 1e-3},
         auxiliary_loss=value_regularization_loss,
+        standalone=False,
     )
 )
