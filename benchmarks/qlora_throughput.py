@@ -70,13 +70,13 @@ import gc
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+from _common import count_graph_nodes, set_same_lora_init
 from torch import nn
 
 LORA_RANK, LORA_ALPHA, LORA_LR = 16, 32, 1e-3
@@ -207,41 +207,8 @@ def bnb_quantize_(model: nn.Module) -> int:
     return converted
 
 
-_LORA_PARAM = re.compile(r"(layers\.\d+\.\w+\.\w+)\.lora_([AB])\b")
-
-
-def set_same_lora_init(model: nn.Module, seed: int) -> int:
-    """Give every adapter the same A (seeded by its module path) and B = 0, whatever the wrapper."""
-    count = 0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            match = _LORA_PARAM.search(name)
-            if not match or not param.requires_grad:
-                continue
-            if match.group(2) == "B":
-                param.zero_()
-            else:
-                gen = torch.Generator(device="cpu").manual_seed(seed + sum(map(ord, match.group(1))) * 7919)
-                bound = param.shape[1] ** -0.5
-                param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
-            count += 1
-    return count
-
-
 def checkpointing_on(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-def count_graph_nodes(tensor: torch.Tensor, name_part: str) -> int:
-    seen, stack, count = set(), [tensor.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        count += type(node).__name__.lstrip("_").startswith(name_part)
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return count
 
 
 # ----------------------------------------------------------------------------- modes

@@ -24,14 +24,13 @@ import datetime
 import gc
 import json
 import os
-import re
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
+from _common import count_graph_nodes, set_same_lora_init
 from torch import nn
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -93,39 +92,6 @@ def make_batch(shape: Shape, seed: int) -> torch.Tensor:
 
 def enable_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-_LORA_PARAM = re.compile(r"(layers\.\d+\.\w+\.\w+)\.lora_([AB])\b")
-
-
-def set_same_lora_init(model: nn.Module, seed: int) -> int:
-    """Give every adapter the same A (seeded by its module path) and B = 0, whatever the wrapper."""
-    count = 0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            match = _LORA_PARAM.search(name)
-            if not match or not param.requires_grad:
-                continue
-            if match.group(2) == "B":
-                param.zero_()
-            else:
-                gen = torch.Generator(device="cpu").manual_seed(seed + sum(map(ord, match.group(1))) * 7919)
-                bound = param.shape[1] ** -0.5
-                param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
-            count += 1
-    return count
-
-
-def count_graph_nodes(tensor: torch.Tensor, name_part: str) -> int:
-    seen, stack, count = set(), [tensor.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        count += name_part in type(node).__name__
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return count
 
 
 # ----------------------------------------------------------------------------- modes

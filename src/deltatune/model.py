@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ from .inject import set_submodule, wrap_modules_to_save
 from .io import KEY_PREFIX, AdapterFileError, read_adapter_tensors, save_adapter_files
 from .layer import DeltaLayer, ModulesToSave, RowAdapters, packed_parameter_count
 from .registry import method_for_config, method_for_peft_type
+
+if TYPE_CHECKING:  # combine imports LoRA's layer classes; the core imports no method at run time
+    from .combine import CombinationReport
 
 DEFAULT_ADAPTER = "default"
 
@@ -263,7 +266,7 @@ class DeltaModel(nn.Module):
         density: float | None = None,
         majority_sign_method: str = "total",
         seed: int | None = None,
-    ) -> "CombinationReport":  # noqa: F821  (deltatune.combine.CombinationReport)
+    ) -> CombinationReport:
         """Add `adapter_name`, a new inactive LoRA adapter combining LoRA `adapters` with `weights`:
         combination "linear", "cat", "svd", "ties", "dare_linear" or "dare_ties" (see
         deltatune.combine). Returns a report of the new adapter's per-layer approximation error."""

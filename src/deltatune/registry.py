@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .config import AdapterConfig, ConfigError, _closest
 
 if TYPE_CHECKING:
-    from torch import nn
+    pass
 
 # attach(model, config, adapter_name, **build_kwargs) -> None: adds one adapter to `model` in place.
 Attach = Callable[..., None]
