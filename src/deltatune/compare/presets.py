@@ -45,10 +45,10 @@ RUN_PRESETS: dict[str, RunPreset] = {
         train_limit=None,
         eval_limit=None,
         # One method of each main kind (reparameterized, selective, additive) beside full
-        # fine-tuning: about 13 minutes on 2 idle CPU cores (each method trains ~2.5 minutes).
+        # fine-tuning: 11 minutes measured on 2 idle CPU cores (each method trains ~2.5 minutes).
         # `--methods all` runs every registered method (about 45 minutes there).
         methods=(FULL, "lora", "bitfit", "adapter"),
-        description="one epoch of 6,000 examples, 4 methods; about 13 minutes on 2 CPU cores",
+        description="one epoch of 6,000 examples, 4 methods; about 11 minutes on 2 CPU cores",
     ),
 }
 ALL_METHODS = "all"  # in a method list: full fine-tuning and every registered method
