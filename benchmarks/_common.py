@@ -41,3 +41,20 @@ def count_graph_nodes(tensor: torch.Tensor, name_prefix: str) -> int:
         count += type(node).__name__.lstrip("_").startswith(name_prefix)
         stack.extend(next_fn for next_fn, _ in node.next_functions)
     return count
+
+
+def profile_steps(model, loss_fn, optimizer, input_ids, path: str, title: str, rows: int = 45) -> None:
+    """Append a CUDA-time table of two training steps to `path` (optimizer None: no update)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            loss = loss_fn(model, input_ids)
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    with open(path, "a") as f:
+        f.write(f"\n===== {title} (2 steps)\n")
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))

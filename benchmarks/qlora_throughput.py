@@ -64,7 +64,6 @@ weights with AdamW state), so peak memory differs only in the ~1.1-1.3 GiB of ac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
@@ -76,7 +75,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, set_same_lora_init
+from _common import count_graph_nodes, profile_steps, set_same_lora_init
 from torch import nn
 
 LORA_RANK, LORA_ALPHA, LORA_LR = 16, 32, 1e-3
@@ -315,21 +314,6 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, c
     return statistics.median(times), statistics.median(host), [float(v) for v in losses], nodes
 
 
-def profile_steps(model, loss_fn, optimizer, input_ids, path: str, title: str) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            loss = loss_fn(model, input_ids)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-    with open(path, "a") as f:
-        f.write(f"\n===== {title} (2 steps)\n")
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
-
-
 def cprofile_step(model, loss_fn, optimizer, input_ids, path: str, title: str) -> None:
     """Where the host's time goes in one step (Python functions by own time)."""
     import cProfile
@@ -361,50 +345,48 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
     results = [Result(mode, batch) for batch in shape.batches]
     model = wrapped = optimizer = None
     graphed = mode.endswith("-graphed") and device.type == "cuda"
-    fused = contextlib.nullcontext()
     backend_before = os.environ.get("DELTATUNE_QUANT_BACKEND")
     try:
-        with fused:
-            if mode in _DEQUANT_BACKENDS:
-                os.environ["DELTATUNE_QUANT_BACKEND"] = _DEQUANT_BACKENDS[mode]
-            model = build_model(shape, args.seed, device)
-            if mode == "peft":
-                wrapped, loss_fn, note = setup_peft(model, args.seed)
-            elif mode.startswith("deltatune"):
-                wrapped, loss_fn, note = setup_deltatune(model, args.seed, fused_loss=mode != "deltatune-hf-loss", graphed=graphed)
-            else:
-                raise ValueError(f"unknown mode {mode!r}")
-            model = None  # the wrapper holds it
-            if not (wrapped.training and checkpointing_on(wrapped)):
-                raise RuntimeError(f"{mode}: the model must be in train mode with gradient checkpointing on")
-            params = [p for p in wrapped.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=device.type == "cuda", capturable=graphed)
-            trainable = sum(p.numel() for p in params)
-            for result in results:
+        if mode in _DEQUANT_BACKENDS:
+            os.environ["DELTATUNE_QUANT_BACKEND"] = _DEQUANT_BACKENDS[mode]
+        model = build_model(shape, args.seed, device)
+        if mode == "peft":
+            wrapped, loss_fn, note = setup_peft(model, args.seed)
+        elif mode.startswith("deltatune"):
+            wrapped, loss_fn, note = setup_deltatune(model, args.seed, fused_loss=mode != "deltatune-hf-loss", graphed=graphed)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        model = None  # the wrapper holds it
+        if not (wrapped.training and checkpointing_on(wrapped)):
+            raise RuntimeError(f"{mode}: the model must be in train mode with gradient checkpointing on")
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=device.type == "cuda", capturable=graphed)
+        trainable = sum(p.numel() for p in params)
+        for result in results:
+            free_memory(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            input_ids = make_batch(shape, result.batch, args.seed + 1, device)
+            steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
+            median_ms, result.host_ms, result.losses, nodes = timed_steps(
+                wrapped, loss_fn, optimizer, input_ids, steps, warmup, clock, graphed=graphed)
+            result.step_ms = median_ms
+            result.tokens_per_s = result.batch * shape.seq / (median_ms / 1000)
+            if device.type == "cuda":
+                result.peak_gib = gib(torch.cuda.max_memory_allocated())
+                result.resident_gib = gib(torch.cuda.memory_allocated())
+            counted = ", ".join(f"{v} {k}" for k, v in nodes.items() if v)
+            result.note = (f"{note}; {trainable / 1e6:.1f}M trainable; graph nodes: {counted or 'none counted'}; "
+                           f"{left_over:.2f} GiB allocated before the model was built")
+            if graphed:
                 free_memory(device)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                input_ids = make_batch(shape, result.batch, args.seed + 1, device)
-                steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
-                median_ms, result.host_ms, result.losses, nodes = timed_steps(
-                    wrapped, loss_fn, optimizer, input_ids, steps, warmup, clock, graphed=graphed)
-                result.step_ms = median_ms
-                result.tokens_per_s = result.batch * shape.seq / (median_ms / 1000)
-                if device.type == "cuda":
-                    result.peak_gib = gib(torch.cuda.max_memory_allocated())
-                    result.resident_gib = gib(torch.cuda.memory_allocated())
-                counted = ", ".join(f"{v} {k}" for k, v in nodes.items() if v)
-                result.note = (f"{note}; {trainable / 1e6:.1f}M trainable; graph nodes: {counted or 'none counted'}; "
-                               f"{left_over:.2f} GiB allocated before the model was built")
-                if graphed:
-                    free_memory(device)
-                    continue
-                if args.profile and device.type == "cuda" and shape_key in args.profile.split(","):
-                    profile_steps(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "profile.txt"),
-                                  f"{shape.name} batch {result.batch} {mode}")
-                if args.cprofile and device.type == "cuda" and shape_key in args.cprofile.split(","):
-                    cprofile_step(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "cprofile.txt"),
-                                  f"{shape.name} batch {result.batch} {mode}")
+                continue
+            if args.profile and device.type == "cuda" and shape_key in args.profile.split(","):
+                profile_steps(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "profile.txt"),
+                              f"{shape.name} batch {result.batch} {mode}")
+            if args.cprofile and device.type == "cuda" and shape_key in args.cprofile.split(","):
+                cprofile_step(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "cprofile.txt"),
+                              f"{shape.name} batch {result.batch} {mode}")
     except torch.cuda.OutOfMemoryError:
         for result in results:
             result.note = result.note or "does not fit (CUDA out of memory)"

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, set_same_lora_init
+from _common import count_graph_nodes, profile_steps, set_same_lora_init
 from torch import nn
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -190,22 +190,6 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup, graphed=Fal
         host_times.append((time.perf_counter() - started) * 1000)
     torch.cuda.synchronize()
     return statistics.median(times), statistics.median(host_times), [float(v) for v in losses], graph_nodes
-
-
-def profile_steps(model, loss_fn, optimizer, input_ids, path: str, title: str) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            loss = loss_fn(model, input_ids)
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-    with open(path, "a") as f:
-        f.write(f"\n===== {title} (2 steps)\n")
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90))
 
 
 def free_cuda() -> None:
