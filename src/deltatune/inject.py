@@ -13,42 +13,17 @@ from typing import Callable, Iterable
 
 from torch import nn
 
+from . import hf_compat
 from .config import AdapterConfig, ConfigError
+from .hf_compat import BLOCK_CONTAINERS
 from .layer import DeltaLayer, ModulesToSave
-
-# Linear projections per architecture family (model.config.model_type). Methods that target
-# something else (IA3: keys/values/FFN) pass their own table.
-LINEAR_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "t5": ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
-    # transformers < 5 names ViT like BERT; 5.x renamed to q_proj ... fc2. Both are listed.
-    "vit": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
-            "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
-}
-ARCHITECTURE_FAMILY: dict[str, str] = {
-    **{t: "llama" for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "phi3", "olmo", "smollm3")},
-    **{t: "gpt2" for t in ("gpt2",)},
-    **{t: "bert" for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
-    **{t: "vit" for t in ("vit", "deit")},
-    **{t: "t5" for t in ("t5", "mt5", "umt5")},
-}
-# Blocks are numbered children of one of these containers, e.g. `model.layers.3.self_attn`.
-BLOCK_CONTAINERS = ("layers", "layer", "h", "block", "blocks", "encoder.layer", "decoder.layers")
-
-
-def model_family(model: nn.Module) -> str | None:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return ARCHITECTURE_FAMILY.get(model_type) if model_type else None
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear and transformers' GPT-2 Conv1D (a linear layer with a transposed weight)."""
+    """nn.Linear, transformers' GPT-2 Conv1D or a 4-bit QuantLinear, also inside one of our wrappers."""
     if isinstance(module, DeltaLayer):
         module = module.get_base_layer()
-    # A 4-bit QuantLinear (deltatune.quant) is a linear layer whose weight is stored packed.
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or hasattr(module, "dequantized_weight")
+    return hf_compat.is_linear_like(module)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -62,12 +37,11 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def default_targets(model: nn.Module, table: dict[str, list[str]] = LINEAR_TARGETS) -> list[str] | str:
-    """The default target list for a model's architecture, else every linear layer but the head."""
-    family = model_family(model)
-    if family in table:
-        return table[family]
-    return "all-linear"
+def default_targets(model: nn.Module) -> list[str] | str:
+    """The architecture's attention and MLP projections (hf_compat's table), else every linear
+    layer but the head."""
+    arch = hf_compat.architecture(model)
+    return list(arch.linear_targets) if arch else "all-linear"
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:
@@ -184,12 +158,11 @@ def inject_layers(
     return names
 
 
-def layer_attach(layer_for: "type[DeltaLayer] | LayerChooser", fallback_targets: dict[str, list[str]] | None = None):
-    """The `attach` function of a method that wraps target layers (most methods)."""
+def layer_attach(layer_for: "type[DeltaLayer] | LayerChooser"):
+    """The `attach` function of a method that wraps target layers at the default targets (most methods)."""
 
     def attach(model: nn.Module, config: AdapterConfig, adapter_name: str, **_: object) -> None:
-        fallback = default_targets(model, fallback_targets) if fallback_targets is not None else None
-        inject_layers(model, config, adapter_name, layer_for, fallback)
+        inject_layers(model, config, adapter_name, layer_for)
 
     return attach
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import hf_compat
 from .config import AdapterConfig, read_config_dict
 from .inject import set_submodule, wrap_modules_to_save
 from .io import KEY_PREFIX, AdapterFileError, read_adapter_tensors, save_adapter_files
@@ -166,10 +167,7 @@ class DeltaModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Checkpointing that works with a frozen base: non-reentrant, so no input needs grads."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        hf_compat.enable_checkpointing(self.model, kwargs)
         if kwargs["use_reentrant"] and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
 

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .. import hf_compat
 from .measure import (
     MIB,
     MemoryBreakdown,
@@ -47,7 +48,6 @@ from .measure import (
 from .methods import apply_method, method_settings, validate_methods
 from .presets import MODEL_PRESETS
 
-ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "mpnet", "camembert"}
 TASK_KINDS = ("classification", "causal_lm")
 ADAMW_STEP_BYTES = 4  # torch keeps AdamW's step count as a float32 scalar tensor per parameter
 
@@ -153,7 +153,7 @@ def infer_task_kind(config: Any) -> str:
         return "classification"
     if "CausalLM" in architectures or "LMHead" in architectures:
         return "causal_lm"
-    return "classification" if getattr(config, "model_type", None) in ENCODER_MODEL_TYPES else "causal_lm"
+    return "classification" if hf_compat.is_encoder_only(config) else "causal_lm"
 
 
 def _head_modules(model: nn.Module, task_kind: str) -> list[str]:

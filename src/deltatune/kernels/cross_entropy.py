@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import hf_compat
 from ._backend import use_triton
 
 __all__ = ["chunked_cross_entropy", "causal_lm_loss", "cross_entropy_reference"]
@@ -121,10 +122,6 @@ def cross_entropy_reference(
     )
 
 
-# model types whose causal-LM head is a plain projection of the decoder's last hidden state
-_PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
-
-
 def _find_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """Unwraps deltatune / peft wrappers (which expose the HF model as ``.model``) down to the *ForCausalLM."""
     current = model
@@ -141,8 +138,7 @@ def _find_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 def _plain_head_weight(causal_lm: torch.nn.Module) -> torch.Tensor | None:
     if not hasattr(causal_lm, "get_decoder"):
         return None
-    config = getattr(causal_lm, "config", None)
-    if getattr(config, "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+    if not hf_compat.has_plain_lm_head(causal_lm):
         return None
     head = causal_lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import LINEAR_TARGETS, default_targets, inject_layers
+from ..hf_compat import is_conv1d
+from ..inject import inject_layers
 from ..layer import DeltaLayer
 from ..registry import MethodInfo, register_method
 
@@ -138,7 +139,7 @@ class AdaLoraLinear(DeltaLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         base = self.get_base_layer()
-        self.fan_in_fan_out = type(base).__name__ == "Conv1D"
+        self.fan_in_fan_out = is_conv1d(base)
         self.in_features, self.out_features = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
         self.lora_A = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
@@ -246,7 +247,7 @@ class AdaLoraLinear(DeltaLayer):
 
 
 def _layer_for(module: nn.Module) -> type[DeltaLayer] | None:
-    return AdaLoraLinear if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" else None
+    return AdaLoraLinear if isinstance(module, nn.Linear) or is_conv1d(module) else None
 
 
 def _adalora_layers(model: nn.Module, adapter_name: str) -> list[AdaLoraLinear]:
@@ -360,7 +361,7 @@ def adalora_callback(step: int, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def _attach(model: nn.Module, config: AdaLoraConfig, adapter_name: str, **_: Any) -> None:
-    names = inject_layers(model, config, adapter_name, _layer_for, default_targets(model, LINEAR_TARGETS))
+    names = inject_layers(model, config, adapter_name, _layer_for, None)
     if config.inference_mode or config.orth_reg_weight == 0:
         return
     handle = model.register_forward_hook(_orthogonality_hook(adapter_name, config.orth_reg_weight))

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import inject_layers, is_linear_like, model_family
+from ..hf_compat import linear_out_features, model_type, role_patterns, suffix_regex
+from ..inject import inject_layers, is_linear_like
 from ..layer import DeltaLayer, RowAdapters, adapter_dtype
 from ..mixed_batch import SlotPlan, StackCache, per_row, rows_by_tokens, select_per_row
 from ..registry import MethodInfo, register_method
@@ -47,19 +48,8 @@ NONLINEARITIES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity,
 }
 
-# Module-name regexes (suffixes at a dot boundary) per architecture family and insertion point.
-ATTENTION_OUTPUT = {
-    "llama": [r"self_attn\.o_proj"], "gpt2": [r"attn\.c_proj"], "bert": [r"attention\.output\.dense"],
-    "vit": [r"attention\.o_proj", r"attention\.output\.dense"], "t5": [r"SelfAttention\.o", r"EncDecAttention\.o"],
-}
-FFN_OUTPUT = {
-    "llama": [r"mlp\.down_proj"], "gpt2": [r"mlp\.c_proj"], "bert": [r"layer\.\d+\.output\.dense"],
-    "vit": [r"mlp\.fc2", r"layer\.\d+\.output\.dense"], "t5": [r"DenseReluDense\.wo"],
-}
-FFN_BLOCK = {
-    "llama": [r"mlp"], "gpt2": [r"mlp"], "bert": [r"layer\.\d+\.output"],
-    "vit": [r"mlp", r"layer\.\d+\.output"], "t5": [r"DenseReluDense"],
-}
+# The architecture roles (hf_compat's table) each placement wraps.
+PLACEMENT_ROLES = {"houlsby": ("attention_output", "ffn_output"), "pfeiffer": ("ffn_output",), "parallel": ("ffn_block",)}
 
 
 @dataclass
@@ -127,7 +117,7 @@ def _output_features(module: nn.Module, module_name: str) -> int:
     if not linears:
         raise ConfigError(f"Module {module_name!r} ({type(module).__name__}) holds no linear layer, so its width is unknown; target a projection or a feed-forward block.")
     last = linears[-1]
-    return last.weight.shape[1] if type(last).__name__ == "Conv1D" else last.weight.shape[0]
+    return linear_out_features(last)
 
 
 
@@ -301,17 +291,15 @@ class ParallelAdapterLayer(_BottleneckLayer):
 
 def placement_targets(model: nn.Module, placement: str) -> str:
     """A regex of the modules a placement wraps in this model's architecture."""
-    family = model_family(model)
-    tables = {"houlsby": [ATTENTION_OUTPUT, FFN_OUTPUT], "pfeiffer": [FFN_OUTPUT], "parallel": [FFN_BLOCK]}[placement]
-    if family not in tables[0]:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+    fragments = [role_patterns(model, role) for role in PLACEMENT_ROLES[placement]]
+    if not all(fragments):
+        kind = model_type(model)
         where = "feed-forward blocks" if placement == "parallel" else "attention and feed-forward output projections"
         raise ConfigError(
-            f"Bottleneck adapters do not know the {where} of {type(model).__name__} (model type {model_type!r}); "
+            f"Bottleneck adapters do not know the {where} of {type(model).__name__} (model type {kind!r}); "
             f"give target_modules naming them for placement {placement!r}."
         )
-    fragments = [fragment for table in tables for fragment in table[family]]
-    return rf"(?:.*\.)?(?:{'|'.join(fragments)})"
+    return suffix_regex(fragment for role in fragments for fragment in role)
 
 
 def attach(model: nn.Module, config: BottleneckConfig, adapter_name: str, **_: object) -> None:

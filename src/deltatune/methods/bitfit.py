@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
+from ..hf_compat import is_norm, linear_out_features
 from ..inject import find_targets, inject_layers, is_linear_like, output_head_names, plain_modules
 from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
@@ -44,17 +45,8 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return "Norm" in type(module).__name__
-
-
 def _can_hold_bias(module: nn.Module) -> bool:
-    return is_linear_like(module) or isinstance(module, nn.modules.conv._ConvNd) or _is_norm(module)
-
-
-def _out_features(module: nn.Module) -> int:
-    # transformers' Conv1D stores its weight as (in, out); nn.Linear as (out, in).
-    return module.weight.shape[1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+    return is_linear_like(module) or isinstance(module, nn.modules.conv._ConvNd) or is_norm(module)
 
 
 
@@ -81,7 +73,7 @@ class BitFitLayer(DeltaLayer):
                    if is_linear_like(base) else "Leave it out of target_modules.")
             )
         reference = bias if bias is not None else base.weight
-        shape = bias.shape if bias is not None else (_out_features(base),)
+        shape = bias.shape if bias is not None else (linear_out_features(base),)
         delta = torch.zeros(shape, device=reference.device, dtype=adapter_dtype(reference))
         self.bias_delta[adapter_name] = nn.Parameter(delta)
 

@@ -23,7 +23,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import default_targets, find_targets, set_submodule
+from ..hf_compat import is_conv1d
+from ..inject import find_targets, set_submodule
 from ..io import KEY_PREFIX, AdapterFileError
 from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
@@ -113,7 +114,7 @@ def _combined(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
 
 def _can_fuse(module: nn.Module) -> bool:
     """A plain, frozen Linear or Conv1D outside autocast: _SparseDeltaLinear computes it."""
-    if not (type(module) is nn.Linear or type(module).__name__ == "Conv1D") or torch.is_autocast_enabled():
+    if not (type(module) is nn.Linear or is_conv1d(module)) or torch.is_autocast_enabled():
         return False
     return not any(p.requires_grad for p in module.parameters(recurse=False))
 
@@ -142,7 +143,7 @@ class SparseDeltaLayer(DeltaLayer):
         base = self.base_layer
         if len(active) == 1 and len(args) == 1 and not kwargs and _can_fuse(base):
             delta = self.sparse_delta[active[0]]
-            transposed = type(base).__name__ == "Conv1D"
+            transposed = is_conv1d(base)
             return _SparseDeltaLinear.apply(args[0], base.weight, base.bias, delta.indices, delta.values, transposed)
         weight = self.weight
         flat = weight.reshape(-1)
@@ -236,7 +237,7 @@ def _even_entries(weights: list[torch.Tensor], budget: int) -> list[torch.Tensor
 
 
 def _mask_from_fisher(model: nn.Module, config: FisherConfig, calibration_data: Iterable) -> dict[str, torch.Tensor]:
-    names = find_targets(model, config, default_targets(model))
+    names = find_targets(model, config)
     weights = []
     for name in names:
         module = model.get_submodule(name)

@@ -19,20 +19,12 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import inject_layers, is_linear_like, model_family
+from ..hf_compat import is_conv1d, model_type, role_patterns, suffix_regex
+from ..inject import inject_layers, is_linear_like
 from ..layer import DeltaLayer, RowAdapters, adapter_dtype
 from ..mixed_batch import StackCache, per_row
 from ..registry import MethodInfo, register_method
 
-_BERT_FFN_OUT = r"layer\.\d+\.output\.dense"  # not attention.output.dense
-# (targets, feedforward modules) per architecture family; peft's defaults where peft has them.
-IA3_TARGETS: dict[str, tuple[list[str] | str, list[str] | str]] = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),  # c_attn holds q, k and v: all three are scaled
-    "bert": (rf"(?:.*\.)?(?:key|value|{_BERT_FFN_OUT})", rf"(?:.*\.)?{_BERT_FFN_OUT}"),
-    "vit": (rf"(?:.*\.)?(?:key|value|k_proj|v_proj|fc2|{_BERT_FFN_OUT})", rf"(?:.*\.)?(?:fc2|{_BERT_FFN_OUT})"),
-    "t5": (["k", "v", "wo"], ["wo"]),
-}
 
 
 @dataclass
@@ -91,7 +83,7 @@ class IA3Layer(DeltaLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         base = self.get_base_layer()
-        self.fan_in_fan_out = type(base).__name__ == "Conv1D"
+        self.fan_in_fan_out = is_conv1d(base)
         self.in_features, self.out_features = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
@@ -199,12 +191,14 @@ class IA3Layer(DeltaLayer):
 
 
 def attach(model: nn.Module, config: IA3Config, adapter_name: str, **_: object) -> None:
-    family = model_family(model)
-    default_targets, default_feedforward = IA3_TARGETS.get(family, (None, None))
+    # peft's defaults: the keys, values and feed-forward output projection, the latter scaled at its input.
+    key_values, ffn_outputs = role_patterns(model, "key_value"), role_patterns(model, "ffn_output")
+    default_targets = suffix_regex((*key_values, *ffn_outputs)) if key_values else None
+    default_feedforward = suffix_regex(ffn_outputs) if ffn_outputs else None
     if config.target_modules is None and default_targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        kind = model_type(model)
         raise ConfigError(
-            f"IA3 has no default targets for {type(model).__name__} (model type {model_type!r}); give target_modules "
+            f"IA3 has no default targets for {type(model).__name__} (model type {kind!r}); give target_modules "
             "(the key and value projections and the feed-forward output projection) and feedforward_modules."
         )
     if config.feedforward_modules is None:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..config import AdapterConfig, ConfigError
+from ..hf_compat import is_norm
 from ..inject import inject_layers, plain_modules
 from ..layer import DeltaLayer, adapter_dtype
 from ..registry import MethodInfo, register_method
@@ -33,7 +34,7 @@ class LayerNormTuningConfig(AdapterConfig):
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), torch.Tensor)
+    return is_norm(module) and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import LINEAR_TARGETS, layer_attach
+from ..hf_compat import is_conv1d, is_quantized_linear
+from ..inject import layer_attach
 from ..kernels import lora_linear, patch_model_for_training
 from ..layer import DeltaLayer, RowAdapters, adapter_dtype
 from ..mixed_batch import SlotPlan, StackCache, rows_by_tokens
@@ -133,12 +134,6 @@ def _masked_lora(x_rows: torch.Tensor, stacks: _LoraStacks, plan: SlotPlan) -> t
     return hidden.flatten(-2) @ stacks.up[:slots].reshape(slots * rank, -1)
 
 
-def _is_quantized_linear(module: nn.Module) -> bool:
-    # A linear layer whose weight is stored quantized (deltatune.quant.QuantLinear): it has no
-    # writable .weight, only a dequantized copy on demand.
-    return all(hasattr(module, a) for a in ("in_features", "out_features", "dequantized_weight"))
-
-
 class _LoraBase(DeltaLayer):
     """Per-adapter scaling and dropout shared by every LoRA layer type."""
 
@@ -174,8 +169,8 @@ class LoraLinear(_LoraBase):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         base = self.get_base_layer()
-        self.fan_in_fan_out = type(base).__name__ == "Conv1D"
-        if _is_quantized_linear(base):
+        self.fan_in_fan_out = is_conv1d(base)
+        if is_quantized_linear(base):
             self.in_features, self.out_features = base.in_features, base.out_features
         else:
             self.in_features, self.out_features = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
@@ -189,7 +184,7 @@ class LoraLinear(_LoraBase):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in) whatever its storage."""
-        if _is_quantized_linear(self.get_base_layer()):
+        if is_quantized_linear(self.get_base_layer()):
             return self.get_base_layer().dequantized_weight()
         weight = self.get_base_layer().weight
         return weight.T if self.fan_in_fan_out else weight
@@ -248,7 +243,7 @@ class LoraLinear(_LoraBase):
         return delta.T if self.fan_in_fan_out else delta
 
     def _refuse_quantized_base(self, what: str) -> None:
-        if _is_quantized_linear(self.get_base_layer()):
+        if is_quantized_linear(self.get_base_layer()):
             raise TypeError(
                 f"{what} needs a full-precision base weight, but this layer's base is quantized. Merge with "
                 f"deltatune.quant.merge_quantized(model, mode='dequantize' or 'requantize', sample_inputs=...)."
@@ -514,7 +509,7 @@ class LoraConv2d(_LoraBase):
 
 
 def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or _is_quantized_linear(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module):
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding
@@ -523,7 +518,7 @@ def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
     return None
 
 
-_attach_layers = layer_attach(lora_layer_for, LINEAR_TARGETS)
+_attach_layers = layer_attach(lora_layer_for)
 
 
 def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str, **kwargs) -> None:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import BLOCK_CONTAINERS, find_targets, output_head_names, set_submodule
+from ..hf_compat import BLOCK_CONTAINERS
+from ..inject import find_targets, output_head_names, set_submodule
 from ..layer import DeltaLayer, ModulesToSave
 from ..registry import MethodInfo, register_method
 

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
-from ..inject import model_family, set_submodule
+from .. import hf_compat
+from ..inject import set_submodule
 from ..layer import DeltaLayer
 from ..registry import MethodInfo, register_method
 
@@ -314,8 +315,8 @@ class VirtualTokens(_TokenTables):
 
     def _insert_tokens(self, name: str, plan: _Plan, kw: dict) -> None:
         count, at = plan.tokens, plan.insert_at
-        cache = kw.get("past_key_values")
-        past = _cached_length(cache)
+        cache = hf_compat.get_cache(kw)
+        past = hf_compat.cache_length(cache)
         if past:  # a decoding step: the cache holds the virtual tokens already
             if getattr(cache, _CACHE_MARK, None) == count:
                 plan.check_context(past - count + _input_length(kw))
@@ -353,11 +354,9 @@ class VirtualTokens(_TokenTables):
         self._inserted = (at, count, length + count)
 
     def _fill_prefix(self, name: str, plan: _Plan, host: nn.Module, kw: dict) -> None:
-        from transformers import DynamicCache
-
         count = plan.tokens
-        cache = kw.get("past_key_values")
-        past = _cached_length(cache)
+        cache = hf_compat.get_cache(kw)
+        past = hf_compat.cache_length(cache)
         reference = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
         batch, length, device = reference.shape[0], reference.shape[1], reference.device
         mask = kw.get("attention_mask")
@@ -371,17 +370,17 @@ class VirtualTokens(_TokenTables):
             return
         plan.check_context(length)
         dtype = kw["inputs_embeds"].dtype if kw.get("inputs_embeds") is not None else self.get_base_layer().weight.dtype
-        if host.training and any(getattr(m, "gradient_checkpointing", False) for m in host.modules()):
+        if host.training and hf_compat.checkpointing_enabled(host):
             raise RuntimeError(_CHECKPOINTING_DROPS_CACHE)
         # A caller that asked for no cache must not get ours back (generate would feed it in again).
         wants_cache = kw.get("use_cache", getattr(host.config, "use_cache", True)) is not False
         drop_from_output = cache is None and not wants_cache
-        cache = DynamicCache(config=host.config) if cache is None else cache
+        cache = hf_compat.new_cache(host.config) if cache is None else cache
         keys, values = self.prefix_states(name, batch, dtype)
         for layer_idx in range(plan.layers):
             cache.update(keys[layer_idx], values[layer_idx], layer_idx)
         setattr(cache, _CACHE_MARK, count)
-        kw["past_key_values"] = cache
+        hf_compat.set_cache(kw, host, cache)
         if mask is not None:
             kw["attention_mask"] = _insert_filled(mask, 0, count, 1)
         elif plan.bidirectional:  # decoders size a missing mask from the cache; encoders cannot
@@ -396,15 +395,15 @@ class VirtualTokens(_TokenTables):
         self._inserted = self._filled = None
         if filled is not None:
             cache, count, drop_from_output = filled
-            if _cached_length(cache) <= count:
+            if hf_compat.cache_length(cache) <= count:
                 raise RuntimeError(_CHECKPOINTING_DROPS_CACHE)
-            if drop_from_output and isinstance(output, dict) and output.get("past_key_values") is cache:
-                output["past_key_values"] = None
+            if drop_from_output and isinstance(output, dict):
+                hf_compat.clear_output_cache(output, cache)
         if inserted is None or not isinstance(output, dict):
             return output
         at, count, total = inserted
-        if output.get("past_key_values") is not None:
-            setattr(output["past_key_values"], _CACHE_MARK, count)
+        if hf_compat.get_cache(output) is not None:
+            setattr(hf_compat.get_cache(output), _CACHE_MARK, count)
         logits = output.get("logits")
         if torch.is_tensor(logits) and logits.dim() >= 3 and logits.shape[1] == total:
             output["logits"] = torch.cat([logits[:, :at], logits[:, at + count :]], dim=1)
@@ -469,10 +468,6 @@ def _insert_filled(tensor: torch.Tensor, at: int, count: int, value: float, dim:
     shape[dim] = count
     block = torch.full(shape, value, dtype=tensor.dtype, device=tensor.device)
     return torch.cat([tensor.narrow(dim, 0, at), block, tensor.narrow(dim, at, tensor.shape[dim] - at)], dim=dim)
-
-
-def _cached_length(cache: Any) -> int:
-    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
 def _input_length(kw: dict) -> int:
@@ -610,7 +605,7 @@ def _hooks_bypassed(model: nn.Module) -> Iterator[None]:
 
 
 def _is_bidirectional(model: nn.Module) -> bool:
-    return model_family(model) == "bert" and not getattr(model.config, "is_decoder", False)
+    return hf_compat.is_encoder_only(model)
 
 
 def _prefix_plan(model: nn.Module, model_config: Any, count: int) -> _Plan:
@@ -624,18 +619,19 @@ def _prefix_plan(model: nn.Module, model_config: Any, count: int) -> _Plan:
 
 def _prefix_from_activations(model: nn.Module, plan: _Plan, weight: torch.Tensor) -> torch.Tensor:
     """Keys/values the model computes for random real tokens: a start inside the model's range."""
-    from transformers import DynamicCache
-
     width = plan.layers * 2 * plan.kv_heads * plan.head_dim
     if weight.is_meta:
         return torch.zeros(plan.tokens, width, device="meta", dtype=_adapter_dtype(weight))
     ids = torch.randint(0, weight.shape[0], (1, plan.tokens), device=weight.device)
-    cache = DynamicCache(config=model.config)
+    cache = hf_compat.new_cache(model.config)
+    inputs = {"input_ids": ids, "use_cache": True}
+    hf_compat.set_cache(inputs, model, cache)
     with torch.no_grad(), _hooks_bypassed(model):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-    if _cached_length(cache) != plan.tokens:
+        model(**inputs)
+    if hf_compat.cache_length(cache) != plan.tokens:
         raise RuntimeError(_CHECKPOINTING_DROPS_CACHE)
-    states = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers[: plan.layers]])
+    layers = hf_compat.cache_key_values(cache)[: plan.layers]
+    states = torch.stack([torch.stack([keys[0], values[0]]) for keys, values in layers])
     if tuple(states.shape) != (plan.layers, 2, plan.kv_heads, plan.tokens, plan.head_dim):
         raise ConfigError(f"The model's key/value cache has shape {tuple(states.shape)}, not the one its config describes.")
     return states.permute(3, 0, 1, 2, 4).reshape(plan.tokens, width).to(_adapter_dtype(weight)).clone()

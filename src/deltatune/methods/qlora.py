@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..inject import LINEAR_TARGETS, default_targets, find_targets
+from ..inject import find_targets
 from ..quant import QUANT_TYPES, quantize, quantized_layers
 from ..registry import MethodInfo, method_info, register_method
 
@@ -75,7 +75,7 @@ def attach_qlora(model: nn.Module, config: QLoraConfig, adapter_name: str, **_: 
     if existing - {config.quant_type}:
         raise ConfigError(f"The base is already quantized as {sorted(existing)}, not {config.quant_type!r}; use that quant_type.")
     # LoRA's targets are resolved before quantizing: "all-linear" selects nn.Linear layers by type.
-    lora_targets = find_targets(model, config, default_targets(model, LINEAR_TARGETS))
+    lora_targets = find_targets(model, config)
     quantize(
         model, config.quant_type, None if config.quantize_all_linear else lora_targets,
         exclude_modules=_quant_exclusions(config), block_size=config.block_size, double_quant=config.double_quant,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError
+from ..hf_compat import is_conv1d
 from ..inject import find_targets, is_linear_like, set_submodule
 from ..layer import DeltaLayer
 from .formats import DEFAULT_BLOCK_SIZE, check_quant_type
@@ -224,7 +225,7 @@ def _stream_weights(
 ) -> list[str]:
     """Read every tensor into place; `targets` (file key -> layer name) become QuantLinear layers.
     Returns the file keys the model has no place for."""
-    conv1d = {name for name in targets.values() if type(model.get_submodule(name)).__name__ == "Conv1D"}
+    conv1d = {name for name in targets.values() if is_conv1d(model.get_submodule(name))}
     unexpected, done = [], 0
     for path in files:
         for key, tensor in _read_safetensors(path, lambda key: resolve(key) in targets):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hf_compat import is_conv1d
 from . import backends
 from .formats import DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE, QuantizedWeight, check_quant_type, quantize
 
@@ -224,7 +225,7 @@ class QuantLinear(nn.Module):
         compute_dtype: torch.dtype | None = None, nested_block_size: int = NESTED_BLOCK_SIZE,
     ) -> "QuantLinear":
         """Quantize an nn.Linear (or GPT-2's Conv1D, whose weight is stored in × out)."""
-        weight = linear.weight.T if type(linear).__name__ == "Conv1D" else linear.weight
+        weight = linear.weight.T if is_conv1d(linear) else linear.weight
         return cls.from_weight(weight, getattr(linear, "bias", None), quant_type, block_size, double_quant, compute_dtype, nested_block_size)
 
     @classmethod

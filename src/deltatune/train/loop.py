@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deltatune import hf_compat
 from deltatune.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -166,10 +167,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """
     base = getattr(model, "model", model)
     checkpoint_kwargs = {"use_reentrant": False}
-    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 name
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
-    elif hasattr(base, "gradient_checkpointing_enable"):
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    if hf_compat.supports_checkpointing(base):
+        hf_compat.enable_checkpointing(base, checkpoint_kwargs)
     else:
         raise ValueError(
             f"gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "

@@ -1,0 +1,301 @@
+"""Everything deltatune knows about transformers' internal names, in one place.
+
+transformers renames things between releases (5.24 renamed the forward argument and output field
+`past_key_values` to `cache`; 5.x renamed `gradient_checkpointing_enable` to
+`activation_checkpointing_enable`; ViT's projections were renamed in 5.0). Every other module asks
+this one instead of spelling such names itself, so an upstream rename is fixed here once.
+
+It also holds the architecture table: for each family of model types, the default targets of
+each method kind and the classes the fused training path may replace. Adding an architecture is
+adding one `Architecture` entry to `ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from torch import nn
+
+# -- the architecture table -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FusedBlock:
+    """Classes of one model type that the fused training path may replace (kernels/patch.py).
+
+    Each must compute exactly the Llama code the fused functions reproduce: RMSNorm with float32
+    statistics, a SiLU-gated MLP with gate/up/down projections, and `apply_rotary_pos_emb(q, k,
+    cos, sin)` called from the attention's forward."""
+
+    modeling_module: str  # e.g. "transformers.models.llama.modeling_llama"
+    norm_class: str
+    mlp_class: str
+    attention_class: str
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Module-name conventions of one architecture family (names match as dotted suffixes,
+    `*_patterns` as regex fragments matched at a dot boundary)."""
+
+    family: str
+    model_types: tuple[str, ...]
+    linear_targets: tuple[str, ...]  # LoRA-style methods: the attention and MLP projections
+    key_value_patterns: tuple[str, ...] = ()  # IA3: projections producing keys and values
+    attention_output_patterns: tuple[str, ...] = ()  # bottleneck adapters (Houlsby)
+    ffn_output_patterns: tuple[str, ...] = ()  # bottleneck adapters, IA3's feed-forward scaling
+    ffn_block_patterns: tuple[str, ...] = ()  # parallel adapters: the whole feed-forward block
+    encoder_only: bool = False  # bidirectional (BERT-style): pools position 0, no label shift
+    plain_lm_head: bool = False  # the causal-LM head is a plain projection of the last hidden state
+    fused: dict[str, FusedBlock] | None = None  # model type -> classes the fused path may replace
+
+    def __hash__(self) -> int:
+        return hash((self.family, self.model_types))
+
+
+_LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LLAMA_ROLES = dict(
+    key_value_patterns=(r"k_proj", r"v_proj"),
+    attention_output_patterns=(r"self_attn\.o_proj",),
+    ffn_output_patterns=(r"mlp\.down_proj",),
+    ffn_block_patterns=(r"mlp",),
+)
+_BERT_LINEAR = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+_BERT_FFN_OUT = r"layer\.\d+\.output\.dense"  # the block's output.dense, not attention.output.dense
+
+
+def _llama_like(model_type: str, prefix: str) -> FusedBlock:
+    return FusedBlock(f"transformers.models.{model_type}.modeling_{model_type}",
+                      f"{prefix}RMSNorm", f"{prefix}MLP", f"{prefix}Attention")
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        "llama", ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "gemma", "gemma2", "phi3", "olmo", "smollm3"),
+        _LLAMA_LINEAR, **_LLAMA_ROLES, plain_lm_head=True,
+        # Only these four have exactly Llama's norm, MLP and rotary code (tests/test_kernels.py).
+        fused={
+            "llama": _llama_like("llama", "Llama"), "mistral": _llama_like("mistral", "Mistral"),
+            "qwen2": _llama_like("qwen2", "Qwen2"), "qwen3": _llama_like("qwen3", "Qwen3"),
+        },
+    ),
+    Architecture(
+        "gpt2", ("gpt2",), ("c_attn", "c_proj", "c_fc"),
+        key_value_patterns=(r"c_attn",),  # c_attn holds q, k and v: IA3 scales all three
+        attention_output_patterns=(r"attn\.c_proj",), ffn_output_patterns=(r"mlp\.c_proj",), ffn_block_patterns=(r"mlp",),
+    ),
+    Architecture(
+        "bert", ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "deberta",
+                 "deberta-v2", "mpnet"),
+        _BERT_LINEAR, key_value_patterns=(r"key", r"value"), attention_output_patterns=(r"attention\.output\.dense",),
+        ffn_output_patterns=(_BERT_FFN_OUT,), ffn_block_patterns=(r"layer\.\d+\.output",), encoder_only=True,
+    ),
+    Architecture(
+        # transformers < 5 names ViT like BERT; 5.x renamed the projections to q_proj ... fc2. Both are listed.
+        "vit", ("vit", "deit"),
+        (*_BERT_LINEAR, "q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+        key_value_patterns=(r"key", r"value", r"k_proj", r"v_proj"),
+        attention_output_patterns=(r"attention\.o_proj", r"attention\.output\.dense"),
+        ffn_output_patterns=(r"mlp\.fc2", _BERT_FFN_OUT), ffn_block_patterns=(r"mlp", r"layer\.\d+\.output"),
+    ),
+    Architecture(
+        "t5", ("t5", "mt5", "umt5"), ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+        key_value_patterns=(r"k", r"v"), attention_output_patterns=(r"SelfAttention\.o", r"EncDecAttention\.o"),
+        ffn_output_patterns=(r"DenseReluDense\.wo",), ffn_block_patterns=(r"DenseReluDense",),
+    ),
+)
+_BY_MODEL_TYPE: dict[str, Architecture] = {t: arch for arch in ARCHITECTURES for t in arch.model_types}
+# Blocks are numbered children of one of these containers, e.g. `model.layers.3.self_attn`.
+BLOCK_CONTAINERS = ("layers", "layer", "h", "block", "blocks", "encoder.layer", "decoder.layers")
+
+
+def model_type(model_or_config: Any) -> str | None:
+    """`config.model_type` of a model (or of a config), None when it has none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    value = getattr(config, "model_type", None)
+    return value if isinstance(value, str) else None
+
+
+def architecture(model_or_config: Any) -> Architecture | None:
+    """The table entry for a model's (or config's) model type, None for unknown architectures."""
+    return _BY_MODEL_TYPE.get(model_type(model_or_config) or "")
+
+
+def model_family(model_or_config: Any) -> str | None:
+    arch = architecture(model_or_config)
+    return arch.family if arch else None
+
+
+def is_encoder_only(model_or_config: Any) -> bool:
+    """A bidirectional encoder (BERT-style) rather than a decoder."""
+    arch = architecture(model_or_config)
+    config = getattr(model_or_config, "config", model_or_config)
+    return bool(arch and arch.encoder_only and not getattr(config, "is_decoder", False))
+
+
+def role_patterns(model: nn.Module, role: str) -> tuple[str, ...] | None:
+    """Regex fragments of one role (e.g. "ffn_output") in this model's architecture, None if unknown."""
+    arch = architecture(model)
+    return getattr(arch, f"{role}_patterns") if arch else None
+
+
+def suffix_regex(fragments: Iterable[str]) -> str:
+    """A regex matching module names that end (at a dot boundary) with one of the fragments."""
+    return rf"(?:.*\.)?(?:{'|'.join(fragments)})"
+
+
+def fused_block(model: nn.Module) -> FusedBlock | None:
+    """The classes the fused training path may replace in this model, None if it has no such path."""
+    arch, kind = architecture(model), model_type(model)
+    return (arch.fused or {}).get(kind or "") if arch else None
+
+
+def fused_classes(model: nn.Module) -> tuple[type, type, type] | None:
+    """(norm, MLP, attention) classes of this model's modeling file that the fused path may replace."""
+    block = fused_block(model)
+    if block is None:
+        return None
+    try:
+        modeling = importlib.import_module(block.modeling_module)
+        return (getattr(modeling, block.norm_class), getattr(modeling, block.mlp_class),
+                getattr(modeling, block.attention_class))
+    except (ImportError, AttributeError):  # renamed upstream: the plain path still works
+        return None
+
+
+def has_plain_lm_head(model: nn.Module) -> bool:
+    arch = architecture(model)
+    return bool(arch and arch.plain_lm_head)
+
+
+# -- module kinds --------------------------------------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 `Conv1D`: a linear layer whose weight is stored (in, out)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return False
+    return isinstance(module, Conv1D)
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A linear layer whose weight is stored packed (deltatune.quant.QuantLinear): no writable
+    `.weight`, only a dequantized copy on demand."""
+    return all(hasattr(module, a) for a in ("in_features", "out_features", "dequantized_weight"))
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, GPT-2's Conv1D or a 4-bit QuantLinear."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module)
+
+
+def linear_out_features(module: nn.Module) -> int:
+    """Output width of a Linear (weight (out, in)) or Conv1D (weight (in, out))."""
+    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: nn.LayerNorm/GroupNorm/RMSNorm or a transformers *Norm class
+    (LlamaRMSNorm, T5LayerNorm, ...), which share no base class."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "Norm" in type(module).__name__
+
+
+def is_silu(module: Any) -> bool:
+    """nn.SiLU or transformers' own SiLU activation class."""
+    return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+# -- key/value cache -----------------------------------------------------------------------------
+# transformers 5.24 renamed the forward argument and the output field; the old name is accepted
+# (deprecated) until 5.40. Both are read; the model's own name is written.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name this model's forward takes its key/value cache under: the one its signature (or
+    its base model's, for task heads that pass **kwargs through) declares."""
+    for module in (model, getattr(model, "base_model", None)):
+        try:
+            parameters = inspect.signature(type(module).forward).parameters
+        except (TypeError, ValueError):
+            continue
+        for name in CACHE_NAMES:
+            if name in parameters:
+                return name
+    return "past_key_values"
+
+
+def get_cache(inputs: Any) -> Any:
+    """The cache in forward keyword arguments or in a model output, under either name."""
+    for name in CACHE_NAMES:
+        value = inputs.get(name) if hasattr(inputs, "get") else None
+        if value is not None:
+            return value
+    return None
+
+
+def set_cache(kwargs: dict, model: nn.Module, cache: Any) -> None:
+    """Pass `cache` to `model` under the name its forward takes (dropping the other spelling)."""
+    for name in CACHE_NAMES:
+        kwargs.pop(name, None)
+    kwargs[cache_argument(model)] = cache
+
+
+def clear_output_cache(output: Any, cache: Any) -> None:
+    """Remove `cache` from a model output (under whichever name the output has it)."""
+    for name in CACHE_NAMES:
+        if hasattr(output, "get") and output.get(name) is cache:
+            output[name] = None
+
+
+def new_cache(config: Any) -> Any:
+    """An empty DynamicCache for a model of this config."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens held by a cache (0 for None)."""
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
+def cache_key_values(cache: Any) -> list[tuple[Any, Any]]:
+    """(keys, values) per layer, each (batch, kv_heads, length, head_dim)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # transformers < 4.56
+
+
+# -- activation (gradient) checkpointing -----------------------------------------------------------
+def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None) -> None:
+    """Turn on activation checkpointing of a transformers model under whichever name it has
+    (`activation_checkpointing_enable` since 5.x, `gradient_checkpointing_enable` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        raise AttributeError(f"{type(model).__name__} has no activation checkpointing (not a transformers PreTrainedModel).")
+
+
+def supports_checkpointing(model: nn.Module) -> bool:
+    return hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether any block of the model recomputes its activations in training."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+__all__ = [
+    "ARCHITECTURES", "Architecture", "BLOCK_CONTAINERS", "CACHE_NAMES", "FusedBlock", "architecture", "cache_argument",
+    "cache_key_values", "cache_length", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
+    "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "is_conv1d", "is_encoder_only",
+    "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "linear_out_features", "model_family",
+    "model_type", "new_cache", "role_patterns", "set_cache", "suffix_regex", "supports_checkpointing",
+]
