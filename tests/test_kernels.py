@@ -14,6 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from deltatune.kernels import (
+    LoraParams,
     causal_lm_loss,
     chunked_cross_entropy,
     cross_entropy_reference,
@@ -343,8 +344,9 @@ def test_patch_model_is_equivalent_reversible_and_idempotent(device, dtype):
     patch_model_for_training(model)
     patch_model_for_training(model)  # idempotent
     assert is_patched(model)
-    assert modeling_llama.apply_rotary_pos_emb is not original_rotary
-    assert sum(type(m) is not c for m, c in zip(model.modules(), classes_before)) == 2 * 2 + 2 + 1  # norms, MLPs, final norm
+    # norms (2 per block + final), MLPs and attentions (for the rotary); the modeling file is untouched
+    assert sum(type(m) is not c for m, c in zip(model.modules(), classes_before)) == 2 * 2 + 1 + 2 + 2
+    assert modeling_llama.apply_rotary_pos_emb is original_rotary
     assert list(model.state_dict()) == keys_before
 
     loss, grads = forward_backward(model, input_ids)
@@ -357,20 +359,30 @@ def test_patch_model_is_equivalent_reversible_and_idempotent(device, dtype):
     unpatch_model(model)
     assert not is_patched(model)
     assert [type(m) for m in model.modules()] == classes_before
-    assert modeling_llama.apply_rotary_pos_emb is original_rotary
 
 
-def test_patch_leaves_rotary_patched_while_another_model_uses_it():
+def test_patch_is_scoped_to_the_patched_model(monkeypatch):
+    """The fused rotary runs in the patched model's attention only; another model and the modeling
+    file are untouched, and the second model computes bit for bit what it did before."""
+    from deltatune.kernels import patch as patch_module
     from transformers.models.llama import modeling_llama
 
-    original_rotary = modeling_llama.apply_rotary_pos_emb
+    calls = []
+    fused_rotary = patch_module.rotary_embedding
+    monkeypatch.setattr(patch_module, "rotary_embedding", lambda *a: calls.append(1) or fused_rotary(*a))
+    module_dict = dict(vars(modeling_llama))
     first, second = tiny_llama(), tiny_llama()
-    patch_model_for_training(first)
-    patch_model_for_training(second)
+    input_ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        before = second(input_ids=input_ids).logits
+        patch_model_for_training(first)
+        first(input_ids=input_ids)
+        assert len(calls) == 2 * 2  # q and k in each of the 2 blocks
+        assert torch.equal(second(input_ids=input_ids).logits, before)
+        assert len(calls) == 4
+    assert all(vars(modeling_llama)[k] is v for k, v in module_dict.items())
+    assert [type(m) for m in second.modules()] == [type(m) for m in tiny_llama().modules()]
     unpatch_model(first)
-    assert modeling_llama.apply_rotary_pos_emb is not original_rotary
-    unpatch_model(second)
-    assert modeling_llama.apply_rotary_pos_emb is original_rotary
 
 
 def test_patched_model_with_lora_linears_trains_like_reference():
@@ -391,7 +403,7 @@ def test_patched_model_with_lora_linears_trains_like_reference():
 
         def lora_fast_path_params(self):
             # the protocol a LoRA layer offers so that the patched MLP fuses all three projections
-            return (self.base.weight, self.base.bias, self.lora_a, self.lora_b, 2.0, 0.0) if self.fast else None
+            return LoraParams(self.base.weight, self.base.bias, self.lora_a, self.lora_b, 2.0) if self.fast else None
 
     def adapt(model, fast):
         model.requires_grad_(False)

@@ -276,6 +276,22 @@ def test_adapters_of_a_method_without_per_row_routing_run_one_group_at_a_time(to
     assert "running one adapter at a time" in caplog.text
 
 
+def test_soft_prompt_adapters_are_served_like_a_single_run(tokenizer, tmp_path):
+    """Prefix tuning and prompt tuning reach generate() through the model's key/value cache, whose
+    argument transformers renamed in 5.24: the server answers them as a single uncached run does."""
+    root = tmp_path / "adapters"
+    for name, config in (("prefix", dt.PrefixTuningConfig(num_virtual_tokens=4)),
+                         ("prompt", dt.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="sample_vocab"))):
+        model = dt.wrap(tiny_llama(), config)
+        randomize_adapters(model, seed=7, scale=0.5)
+        model.save(root / name)
+    bodies = random_requests(6, ["prefix", "prompt", None], seed=9)
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=100)) as port:
+        answers = generate_concurrently(port, bodies)
+    assert [status for status, _ in answers] == [200] * 6, answers
+    assert [body for _, body in answers] == run_alone(root, tokenizer, bodies)
+
+
 def test_health_and_create_app_arguments(adapters_dir, tokenizer, tmp_path):
     with running_server(create_app(tiny_llama(), tokenizer, adapters_dir)) as port:
         assert request(port, "GET", "/health") == (200, {"status": "ok"})

@@ -19,6 +19,14 @@ from typing import Any, Iterable
 
 from torch import nn
 
+
+def transformers_version() -> str:
+    """The installed transformers release, e.g. "5.24.0"."""
+    import transformers
+
+    return transformers.__version__
+
+
 # -- the architecture table -----------------------------------------------------------------------
 
 
@@ -297,5 +305,5 @@ __all__ = [
     "cache_key_values", "cache_length", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "linear_out_features", "model_family",
-    "model_type", "new_cache", "role_patterns", "set_cache", "suffix_regex", "supports_checkpointing",
+    "model_type", "new_cache", "role_patterns", "set_cache", "suffix_regex", "supports_checkpointing", "transformers_version",
 ]

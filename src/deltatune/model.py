@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from . import hf_compat
-from .config import AdapterConfig, read_config_dict
+from .config import AdapterConfig, ConfigError, read_config_dict
+from .kernels.patch import has_fused_path, is_patched, patch_model_for_training, unpatch_model
 from .inject import set_submodule, wrap_modules_to_save
 from .io import KEY_PREFIX, AdapterFileError, read_adapter_tensors, save_adapter_files
 from .layer import DeltaLayer, ModulesToSave, RowAdapters, packed_parameter_count
@@ -25,6 +26,20 @@ if TYPE_CHECKING:  # combine imports LoRA's layer classes; the core imports no m
     from .combine import CombinationReport
 
 DEFAULT_ADAPTER = "default"
+FUSED_CHOICES = ("auto", True, False)
+
+
+def _check_fused(fused: Any, model: nn.Module) -> bool | str:
+    # `is`, not ==: 1 and 0 are not choices, and neither is the string "true".
+    if not any(fused is choice for choice in FUSED_CHOICES):
+        raise ConfigError(f"fused must be one of 'auto', True or False, got {fused!r}.")
+    if fused is True and not has_fused_path(model):
+        with_path = sorted({t for arch in hf_compat.ARCHITECTURES for t in (arch.fused or {})})
+        raise ConfigError(
+            f"fused=True, but {type(model).__name__} (model type {hf_compat.model_type(model)!r}) has no fused "
+            f"training path; model types with one: {', '.join(with_path)}. Use fused='auto' or False."
+        )
+    return fused
 
 
 @dataclass
@@ -76,10 +91,12 @@ def _same_structure(old: AdapterConfig, new: AdapterConfig) -> bool:
 class DeltaModel(nn.Module):
     """A frozen base model plus named adapters of any registered method."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = DEFAULT_ADAPTER, **build_kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = DEFAULT_ADAPTER,
+                 fused: bool | str = "auto", **build_kwargs: Any) -> None:
         super().__init__()
         if isinstance(model, DeltaModel):
             raise TypeError("This model is already wrapped; call .add_adapter() on it instead.")
+        self.fused = _check_fused(fused, model)
         self.model = model
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
@@ -207,6 +224,42 @@ class DeltaModel(nn.Module):
         self.configs[adapter_name] = config
         # Re-announce the active set so the new layers know it; a first adapter becomes active.
         self.set_adapter(adapter_name if activate or not self.active_adapters else self.active_adapters)
+        self._refresh_fused()
+
+    # -- the fused training path (kernels/patch.py) ------------------------------------------------
+    def set_fused(self, fused: bool | str) -> None:
+        """Choose the fused training path: True (always), False (never) or "auto" (on CUDA, when an
+        adapter's method gains from it: LoRA, QLoRA). It patches this model's own modules only and
+        is undone by fused=False, merge_and_unload(), unwrap() and deleting the last adapter."""
+        self.fused = _check_fused(fused, self.model)
+        self._refresh_fused()
+
+    @property
+    def is_fused(self) -> bool:
+        """Whether this model's blocks run the fused training path now."""
+        return is_patched(self.model)
+
+    def _wants_fused(self) -> bool:
+        if self.fused is False or not self.configs:
+            return False
+        if self.fused is True:
+            return True
+        gains = any(method_for_config(config).fused_kernels for config in self.configs.values())
+        return gains and any(p.is_cuda for p in self.model.parameters())
+
+    def _refresh_fused(self) -> None:
+        wanted = self._wants_fused()
+        if wanted and not is_patched(self.model):
+            patch_model_for_training(self.model)
+        elif not wanted and is_patched(self.model):
+            unpatch_model(self.model)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DeltaModel:
+        # .to() / .cuda() / .cpu(): fused="auto" follows the device.
+        result = super()._apply(fn, *args, **kwargs)
+        if "configs" in self.__dict__:
+            self._refresh_fused()
+        return result
 
     def set_adapter(self, names: str | Iterable[str]) -> None:
         """Make these adapters active (several are summed); they alone are trainable."""
@@ -252,6 +305,7 @@ class DeltaModel(nn.Module):
         del self.configs[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         self.set_adapter(self.active_adapters)
+        self._refresh_fused()
 
     def add_weighted_adapter(
         self,
@@ -323,6 +377,16 @@ class DeltaModel(nn.Module):
             set_submodule(self.model, name, layer.base_layer)
         self.configs.clear()
         self.active_adapters = []
+        self._refresh_fused()
+        return self.model
+
+    def unwrap(self) -> nn.Module:
+        """Remove every adapter without merging and return the base model as it was wrapped:
+        its own modules, classes and hooks (parameters stay frozen)."""
+        self.unmerge()
+        for name in list(self.configs):
+            self.delete_adapter(name)
+        self._refresh_fused()
         return self.model
 
     # -- reports --------------------------------------------------------------------------
@@ -449,23 +513,31 @@ class DeltaModel(nn.Module):
         return self.active_adapters[0] if self.active_adapters else next(iter(self.configs))
 
 
-def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER, **build_kwargs: Any) -> DeltaModel:
+def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER,
+         fused: bool | str | None = None, **build_kwargs: Any) -> DeltaModel:
     """Freeze `model` and attach an adapter described by `config`; returns the wrapper.
 
     Wrapping a DeltaModel adds the adapter to it and activates it beside the active ones
-    (a hybrid, e.g. LoRA + BitFit).
+    (a hybrid, e.g. LoRA + BitFit). fused: the fused training path, "auto" (the default for a
+    new wrapper), True or False (see DeltaModel.set_fused); None keeps a wrapper's choice.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a deltatune config such as dt.LoraConfig(...), got {type(config).__name__}.")
     if isinstance(model, DeltaModel):
         model.add_adapter(adapter_name, config, **build_kwargs)
         model.set_adapter([*model.active_adapters, adapter_name])
+        if fused is not None:
+            model.set_fused(fused)
         return model
-    return DeltaModel(model, config, adapter_name, **build_kwargs)
+    return DeltaModel(model, config, adapter_name, fused="auto" if fused is None else fused, **build_kwargs)
 
 
-def load(model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> DeltaModel:
-    """Wrap `model` with the adapter saved in `directory` (by deltatune or peft), active."""
-    wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model)
+def load(model: nn.Module, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False,
+         fused: bool | str | None = None) -> DeltaModel:
+    """Wrap `model` with the adapter saved in `directory` (by deltatune or peft), active.
+    fused as in wrap()."""
+    wrapped = model if isinstance(model, DeltaModel) else DeltaModel(model, fused="auto" if fused is None else fused)
     wrapped.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+    if fused is not None and wrapped.fused is not fused:
+        wrapped.set_fused(fused)
     return wrapped

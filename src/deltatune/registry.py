@@ -34,6 +34,8 @@ class MethodInfo:
         task loss (e.g. AdaLoRA's orthogonality penalty), through DeltaModel.auxiliary_loss.
     standalone: False for methods built on other trained adapters (AdapterFusion), which the
         comparison job cannot train from a bare base model.
+    fused_kernels: the method gains from the fused training path (kernels/patch.py); with the
+        wrapper's fused="auto" a CUDA model carrying such an adapter is patched.
     """
 
     name: str
@@ -47,6 +49,7 @@ class MethodInfo:
     after_step: Callable[..., None] | None = None
     auxiliary_loss: Callable[..., Any] | None = None
     standalone: bool = True
+    fused_kernels: bool = False
 
 
 _METHODS: dict[str, MethodInfo] = {}

@@ -15,11 +15,14 @@ from .fused_ops import (
     swiglu,
     swiglu_reference,
 )
-from .lora_linear import lora_linear, lora_linear_reference
+from .lora_linear import LoraParams, lora_linear, lora_linear_reference
 from .lora_mlp import lora_fast_params, lora_mlp, lora_mlp_reference
-from .patch import is_patched, patch_model_for_training, unpatch_model
+from .patch import has_fused_path, is_patched, patch_model_for_training, patched_modules, unpatch_model
 
 __all__ = [
+    "LoraParams",
+    "has_fused_path",
+    "patched_modules",
     "lora_linear",
     "lora_linear_reference",
     "lora_mlp",

@@ -18,10 +18,23 @@ The same code runs on CPU and CUDA; every product is a cuBLAS/MKL call, which is
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask"]
+__all__ = ["LoraParams", "lora_linear", "lora_linear_reference", "dropout_mask"]
+
+
+class LoraParams(NamedTuple):
+    """What a LoRA layer hands the fused kernels: y = x·Wᵀ + b + scaling · dropout(x)·Aᵀ·Bᵀ."""
+
+    weight: torch.Tensor  # W (out, in), frozen
+    bias: torch.Tensor | None  # b (out,), frozen
+    lora_a: torch.Tensor  # A (r, in)
+    lora_b: torch.Tensor  # B (out, r)
+    scaling: float
+    dropout_p: float = 0.0
 
 
 def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .fused_ops import swiglu_backward_raw, swiglu_forward_raw
+from .lora_linear import LoraParams
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "LoraParams", "lora_fast_params"]
-
-# (weight, bias, lora_a, lora_b, scaling, dropout_p) of one LoRA projection, weight/bias frozen
-LoraParams = tuple
 
 
 def lora_fast_params(module: torch.nn.Module) -> LoraParams | None:
@@ -98,28 +96,30 @@ class _LoraMLPFunction(torch.autograd.Function):
 
 
 def _check_frozen(params: LoraParams) -> None:
-    weight, bias = params[0], params[1]
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if params.weight.requires_grad or (params.bias is not None and params.bias.requires_grad):
         raise ValueError("lora_mlp treats the projections' weight and bias as frozen; they must not require grad")
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams) -> torch.Tensor:
     """``down(silu(gate(x)) * up(x))`` with each projection a LoRA linear without dropout.
 
-    Each of ``gate``, ``up``, ``down`` is ``(weight, bias, lora_a, lora_b, scaling)`` (a sixth
-    item, the dropout probability, must be 0 if present). Same conventions as ``lora_linear``.
+    Each of ``gate``, ``up``, ``down`` is a :class:`LoraParams` whose ``dropout_p`` is 0. Same
+    conventions as ``lora_linear``.
     """
+    gate, up, down = (LoraParams(*p) for p in (gate, up, down))
     for params in (gate, up, down):
         _check_frozen(params)
-        if len(params) > 5 and params[5]:
+        if params.dropout_p:
             raise ValueError("lora_mlp has no dropout; use lora_linear per projection")
-    return _LoraMLPFunction.apply(x, *gate[:4], *up[:4], *down[:4], (float(gate[4]), float(up[4]), float(down[4])))
+    tensors = [t for p in (gate, up, down) for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
+    return _LoraMLPFunction.apply(x, *tensors, (float(gate.scaling), float(up.scaling), float(down.scaling)))
 
 
 def lora_mlp_reference(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams) -> torch.Tensor:
     from .lora_linear import lora_linear_reference
 
     def project(inp, params):
-        return lora_linear_reference(inp, *params[:5])
+        p = LoraParams(*params)
+        return lora_linear_reference(inp, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling)
 
     return project(F.silu(project(x, gate)) * project(x, up), down)

@@ -1,36 +1,36 @@
-"""Swap fused RMSNorm, SwiGLU and rotary embedding into Llama-family HF models, and back.
+"""Swap fused RMSNorm, SwiGLU/LoRA-MLP and rotary embedding into one model's blocks, and back.
 
-Modules are patched by giving them a subclass of their own class whose ``forward`` calls the fused
-function (``isinstance`` checks, hooks, parameters and state-dict keys are untouched); unpatching
-restores the original class. Rotary embedding is a module-level function in HF's modeling files,
-so it is replaced there, reference-counted over the models patched. Every replacement computes the
-same function as the code it replaces (see tests/test_kernels.py).
+Scoped to the modules of the one model given: each replaced module gets a subclass of its own
+class whose ``forward`` calls the fused function (``isinstance`` checks, hooks, parameters and
+state-dict keys are untouched), and unpatching restores the original class. Nothing outside the
+model changes: no transformers class, module or function is modified, so another model in the
+same process runs exactly the code it ran before.
+
+Rotary embedding is a module-level function that the attention's forward looks up in its
+modeling file's globals. The attention modules of the patched model get a copy of that forward
+whose globals map ``apply_rotary_pos_emb`` to the fused function; the modeling file keeps its own.
+
+Which classes may be replaced is the architecture table's business (hf_compat.FusedBlock): only
+classes whose code is exactly what the fused functions reproduce (tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
+import inspect
+import types
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .. import hf_compat
 from .fused_ops import rms_norm, rotary_embedding, swiglu
 from .lora_mlp import lora_fast_params, lora_mlp
 
-__all__ = ["patch_model_for_training", "unpatch_model", "is_patched"]
+__all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_modules"]
 
-# HF classes whose forward is exactly the Llama code the fused functions reproduce
-_RMS_NORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
-_ROTARY_MODULES = {
-    "llama": "transformers.models.llama.modeling_llama",
-    "mistral": "transformers.models.mistral.modeling_mistral",
-    "qwen2": "transformers.models.qwen2.modeling_qwen2",
-    "qwen3": "transformers.models.qwen3.modeling_qwen3",
-}
 _PATCHED_FLAG = "_deltatune_patched_modules"
+_ORIGINAL_CLASS = "_deltatune_original_class"
 
 
 def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -41,40 +41,10 @@ def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     projections = [lora_fast_params(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    if all(p is not None and (len(p) < 6 or not p[5] or not self.training) for p in projections):
+    if all(p is not None and (p.dropout_p == 0 or not self.training) for p in projections):
         # all three are LoRA layers without active dropout: the whole MLP is one autograd node
-        return lora_mlp(x, *(p[:5] for p in projections))
+        return lora_mlp(x, *projections)
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
-_fused_subclasses: dict[type, type] = {}
-
-
-def _fused_subclass(original: type, forward: Callable) -> type:
-    if original not in _fused_subclasses:
-        _fused_subclasses[original] = type(
-            original.__name__, (original,), {"forward": forward, "_deltatune_original_class": original}
-        )
-    return _fused_subclasses[original]
-
-
-def _is_silu(module: nn.Module) -> bool:
-    return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
-
-
-def _fused_forward_for(module: nn.Module) -> Callable | None:
-    name = type(module).__name__
-    if name in _RMS_NORM_CLASSES and hasattr(module, "variance_epsilon"):
-        return _fused_rms_norm_forward
-    if name in _MLP_CLASSES and _is_silu(getattr(module, "act_fn", None)):
-        if all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            return _fused_mlp_forward
-    return None
-
-
-# ----------------------------------------------------------------------------- rotary (module level)
-_rotary_originals: dict[str, Callable] = {}
-_rotary_users: dict[str, int] = {}
 
 
 def _make_fused_rotary(original: Callable) -> Callable:
@@ -83,77 +53,118 @@ def _make_fused_rotary(original: Callable) -> Callable:
             return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
         return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
 
-    apply_rotary_pos_emb._deltatune_fused = True
     return apply_rotary_pos_emb
 
 
-def _patch_rotary(model_type: str) -> bool:
-    module_name = _ROTARY_MODULES.get(model_type)
-    if module_name is None:
-        return False
-    try:
-        modeling = importlib.import_module(module_name)
-    except ImportError:
-        return False
-    if not hasattr(modeling, "apply_rotary_pos_emb"):
-        return False
-    if _rotary_users.get(module_name, 0) == 0:
-        _rotary_originals[module_name] = modeling.apply_rotary_pos_emb
-        modeling.apply_rotary_pos_emb = _make_fused_rotary(modeling.apply_rotary_pos_emb)
-    _rotary_users[module_name] = _rotary_users.get(module_name, 0) + 1
-    return True
+def _with_global(function: Callable, name: str, value: object) -> Callable:
+    """A copy of `function` that sees `value` as its global `name`, through decorator wrappers
+    (functools.wraps-style, which keep the wrapped function in `__wrapped__` and a closure cell)."""
+    wrapped = getattr(function, "__wrapped__", None)
+    closure = function.__closure__
+    if wrapped is not None and closure:
+        inner = _with_global(wrapped, name, value)
+        cells = []
+        for cell in closure:
+            try:
+                cells.append(types.CellType(inner) if cell.cell_contents is wrapped else cell)
+            except ValueError:  # an empty cell
+                cells.append(cell)
+        scope, closure = function.__globals__, tuple(cells)
+    else:
+        inner, scope = None, {**function.__globals__, name: value}
+    copy = types.FunctionType(function.__code__, scope, function.__name__, function.__defaults__, closure)
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__dict__.update(function.__dict__)
+    copy.__qualname__ = function.__qualname__
+    if inner is not None:
+        copy.__wrapped__ = inner
+    return copy
 
 
-def _unpatch_rotary(model_type: str) -> None:
-    module_name = _ROTARY_MODULES[model_type]
-    _rotary_users[module_name] -= 1
-    if _rotary_users[module_name] == 0:
-        sys.modules[module_name].apply_rotary_pos_emb = _rotary_originals.pop(module_name)
+_fused_subclasses: dict[type, type] = {}
+
+
+def _fused_subclass(original: type, forward: Callable) -> type:
+    # One subclass per original class, so every patched module of a class shares it (and
+    # torch.compile sees one class). The original class itself is never modified.
+    if original not in _fused_subclasses:
+        _fused_subclasses[original] = type(original.__name__, (original,), {"forward": forward, _ORIGINAL_CLASS: original})
+    return _fused_subclasses[original]
+
+
+def _fused_attention_forward(attention_class: type) -> Callable | None:
+    forward = attention_class.forward
+    rotary = inspect.unwrap(forward).__globals__.get("apply_rotary_pos_emb")
+    if rotary is None:
+        return None
+    return _with_global(forward, "apply_rotary_pos_emb", _make_fused_rotary(rotary))
+
+
+def _fused_forward_for(module: nn.Module, classes: dict[type, str]) -> Callable | None:
+    role = classes.get(type(module))  # exact classes: a subclass may have changed the forward
+    if role == "norm" and hasattr(module, "variance_epsilon"):
+        return _fused_rms_norm_forward
+    if role == "mlp" and hf_compat.is_silu(getattr(module, "act_fn", None)):
+        if all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            return _fused_mlp_forward
+    if role == "attention":
+        return _fused_attention_forward(type(module))
+    return None
+
+
+def _patchable_classes(model: nn.Module) -> dict[type, str]:
+    """Classes of the model's (and its sub-models') architectures that the fused path may replace."""
+    classes: dict[type, str] = {}
+    for module in model.modules():
+        found = hf_compat.fused_classes(module) if getattr(module, "config", None) is not None else None
+        if found is not None:
+            norm, mlp, attention = found
+            classes.update({norm: "norm", mlp: "mlp", attention: "attention"})
+    return classes
 
 
 # ----------------------------------------------------------------------------- public
-def _hf_model_types(model: nn.Module) -> set[str]:
-    types = set()
-    for module in model.modules():
-        model_type = getattr(getattr(module, "config", None), "model_type", None)
-        if isinstance(model_type, str):
-            types.add(model_type)
-    return types
-
-
 def is_patched(model: nn.Module) -> bool:
     return getattr(model, _PATCHED_FLAG, None) is not None
 
 
-def patch_model_for_training(model: nn.Module) -> nn.Module:
-    """Use fused RMSNorm / SwiGLU / rotary in every Llama, Mistral, Qwen2 or Qwen3 block of ``model``.
+def patched_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` currently running a fused forward."""
+    return list(getattr(model, _PATCHED_FLAG, None) or [])
 
-    Returns the same model, changed in place. Idempotent; :func:`unpatch_model` undoes it exactly.
-    Modules of other architectures are left alone. LoRA-wrapped projections inside the MLP are fine:
-    the fused MLP calls ``gate_proj``/``up_proj``/``down_proj`` as modules.
+
+def has_fused_path(model: nn.Module) -> bool:
+    """Whether the architecture table lists fusable classes for this model."""
+    return bool(_patchable_classes(model))
+
+
+def patch_model_for_training(model: nn.Module) -> nn.Module:
+    """Use fused RMSNorm / SwiGLU (one-node LoRA MLP) / rotary in the blocks of ``model`` whose
+    architecture has a fused path in hf_compat's table (Llama, Mistral, Qwen2, Qwen3).
+
+    Returns the same model, changed in place and only there. Idempotent; :func:`unpatch_model`
+    undoes it exactly. Modules of other architectures are left alone. LoRA-wrapped projections
+    inside the MLP are fine: the fused MLP calls ``gate_proj``/``up_proj``/``down_proj`` as modules.
     """
     if is_patched(model):
         return model
+    classes = _patchable_classes(model)
     swapped = []
     for module in model.modules():
-        forward = _fused_forward_for(module)
+        forward = _fused_forward_for(module, classes)
         if forward is not None:
             module.__class__ = _fused_subclass(type(module), forward)
             swapped.append(module)
-    rotary_types = sorted(t for t in _hf_model_types(model) if _patch_rotary(t))
-    object.__setattr__(model, _PATCHED_FLAG, (swapped, rotary_types))
+    object.__setattr__(model, _PATCHED_FLAG, swapped)
     return model
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Restore the original classes and rotary functions patched by :func:`patch_model_for_training`."""
-    record = getattr(model, _PATCHED_FLAG, None)
-    if record is None:
+    """Restore the original class of every module :func:`patch_model_for_training` changed."""
+    swapped = getattr(model, _PATCHED_FLAG, None)
+    if swapped is None:
         return model
-    swapped, rotary_types = record
     for module in swapped:
-        module.__class__ = module._deltatune_original_class
-    for model_type in rotary_types:
-        _unpatch_rotary(model_type)
+        module.__class__ = getattr(type(module), _ORIGINAL_CLASS)
     object.__delattr__(model, _PATCHED_FLAG)
     return model

@@ -26,7 +26,7 @@ from torch import nn
 from ..config import AdapterConfig, ConfigError
 from ..hf_compat import is_conv1d, is_quantized_linear
 from ..inject import layer_attach
-from ..kernels import lora_linear, patch_model_for_training
+from ..kernels import LoraParams, lora_linear
 from ..layer import DeltaLayer, RowAdapters, adapter_dtype
 from ..mixed_batch import SlotPlan, StackCache, rows_by_tokens
 from ..registry import MethodInfo, register_method
@@ -282,8 +282,8 @@ class LoraLinear(_LoraBase):
         self._mixed_stacks.clear()
         super().delete_adapter(adapter_name)
 
-    def lora_fast_path_params(self) -> tuple | None:
-        """(W, b, A, B, scaling, dropout_p) when one plain LoRA adapter runs on an nn.Linear, else None.
+    def lora_fast_path_params(self) -> LoraParams | None:
+        """The fused kernels' view of this layer when one plain LoRA adapter runs on an nn.Linear, else None.
 
         The training step is host-bound on a GPU, so the answer is cached and recomputed only
         when what it depends on changes.
@@ -298,7 +298,7 @@ class LoraLinear(_LoraBase):
             self._fast_path_key, self._fast_path = key, self._compute_fast_path(base)
         return self._fast_path
 
-    def _compute_fast_path(self, base: nn.Linear) -> tuple | None:
+    def _compute_fast_path(self, base: nn.Linear) -> LoraParams | None:
         active = self.active_unmerged()
         if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_magnitude_vector:
             return None
@@ -307,13 +307,13 @@ class LoraLinear(_LoraBase):
         name = active[0]
         dropout = self.lora_dropout[name]
         dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p
+        return LoraParams(base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_adapters is not None:
             return self._mixed_forward(self.row_adapters, x, *args, **kwargs)
         params = None if args or kwargs else self.lora_fast_path_params()
-        if params is not None and x.dtype == params[0].dtype:
+        if params is not None and x.dtype == params.weight.dtype:
             # One autograd node: saves x and the rank-wide x·A only, dropout recomputed from a seed.
             return lora_linear(x, *params, training=self.training)
         fused = None if args or kwargs else self._quantized_base_forward(x)
@@ -518,15 +518,7 @@ def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
     return None
 
 
-_attach_layers = layer_attach(lora_layer_for)
-
-
-def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str, **kwargs) -> None:
-    _attach_layers(model, config, adapter_name, **kwargs)
-    # On a GPU the step is bound by host overhead and memory traffic: fused RMSNorm, SwiGLU,
-    # rotary and a one-node LoRA MLP for Llama-family blocks (same function, tests/test_kernels.py).
-    if any(p.is_cuda for p in model.parameters()):
-        patch_model_for_training(model)
+attach_lora = layer_attach(lora_layer_for)
 
 
 register_method(
@@ -536,6 +528,9 @@ register_method(
         attach=attach_lora,
         kind="reparameterized",
         description="Low-rank update B·A beside each target weight (rsLoRA, DoRA, PiSSA options)",
+        # On a GPU the step is bound by host overhead and memory traffic: fused RMSNorm, rotary and
+        # a one-node LoRA MLP pay off (the wrapper's fused="auto"; same function, tests/test_kernels.py).
+        fused_kernels=True,
         compare_defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lr": 1e-3},
     )
 )

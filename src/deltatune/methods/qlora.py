@@ -95,5 +95,6 @@ register_method(
         # caller choose between a full-precision result and a re-quantized one with its error reported.
         mergeable=True,
         compare_defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lr": 1e-3},
+        fused_kernels=True,
     )
 )

