@@ -106,16 +106,6 @@ def randomize_lora(model: nn.Module, adapter: str, seed: int, b_std: float) -> N
                 param.copy_(torch.randn(param.shape, generator=generator) * b_std)
 
 
-def with_plain_blocks(model: nn.Module) -> nn.Module:
-    """Undo the fused RMSNorm / SwiGLU / rotary kernels deltatune's LoRA swaps into Llama blocks on
-    CUDA (a training speed-up), so that every mode runs the same Hugging Face block code and only
-    the adapter path differs."""
-    from deltatune.kernels import unpatch_model
-
-    unpatch_model(model.model)
-    return model
-
-
 def save_adapters(base: nn.Module, count: int, directory: Path, seed: int, b_std: float) -> list[Path]:
     """Make `count` LoRA adapters with deltatune on a copy of base and save each in peft's format."""
     import deltatune as dt
@@ -128,18 +118,18 @@ def save_adapters(base: nn.Module, count: int, directory: Path, seed: int, b_std
         model.add_adapter(name, config)
         randomize_lora(model, name, seed + index, b_std)
         paths.append(model.save(directory / name, name))
-    with_plain_blocks(model)  # also releases the module-level rotary patch
-    del model
     return paths
 
 
 def load_deltatune(base: nn.Module, paths: list[Path], dtype: torch.dtype) -> nn.Module:
     import deltatune as dt
 
-    model = dt.DeltaModel(copy.deepcopy(base))
+    # fused=False: every mode runs the same Hugging Face block code (the fused block ops are a
+    # training speed-up), so only the adapter path differs.
+    model = dt.DeltaModel(copy.deepcopy(base), fused=False)
     for path in paths:
         model.load_adapter(path, path.name)
-    return with_plain_blocks(model).to(dtype).eval()
+    return model.to(dtype).eval()
 
 
 def load_peft(base: nn.Module, paths: list[Path], dtype: torch.dtype) -> nn.Module:
@@ -154,7 +144,7 @@ def load_peft(base: nn.Module, paths: list[Path], dtype: torch.dtype) -> nn.Modu
 def load_merged(base: nn.Module, path: Path, dtype: torch.dtype) -> nn.Module:
     import deltatune as dt
 
-    model = with_plain_blocks(dt.load(copy.deepcopy(base), path, adapter_name=path.name)).to(dtype)
+    model = dt.load(copy.deepcopy(base), path, adapter_name=path.name, fused=False).to(dtype)
     return model.merge_and_unload().eval()
 
 

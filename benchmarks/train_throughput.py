@@ -129,14 +129,16 @@ def setup_peft(model, checkpointing, seed):
 
 def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, capturable=False):
     import deltatune as dt
-    from deltatune.kernels import causal_lm_loss, unpatch_model
+    from deltatune.kernels import causal_lm_loss
 
-    # The ordinary API: on CUDA, dt.wrap with LoRA dispatches to the fused path and patches the blocks.
-    wrapped = dt.wrap(model, dt.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES))
+    # The ordinary API: on CUDA, dt.wrap with LoRA (fused="auto") dispatches each LoRA layer to one
+    # fused node and runs the fused block ops; fused=False is the "lora-only" row: fused LoRA layers
+    # without the fused block ops.
+    config = dt.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES)
+    wrapped = dt.wrap(model, config, fused="auto" if patch else False)
+    assert wrapped.is_fused == patch, "fused='auto' should patch a CUDA Llama model"
     if checkpointing:
         wrapped.gradient_checkpointing_enable()
-    if not patch:  # the "lora-only" row: fused LoRA layers without the fused block ops
-        unpatch_model(wrapped.model)
     set_same_lora_init(wrapped, seed)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True, capturable=capturable)
