@@ -33,7 +33,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.methods.adapters import BottleneckConfig
-from deltatune.methods.fusion import AdapterAttention, FusionConfig
+from deltatune.methods.adapters.fusion import AdapterAttention, FusionConfig
 from deltatune.train import TrainConfig, get_task, train
 from deltatune.train.data import PadCollator, classification_dataset, pad_token_id_of
 from deltatune.train.tasks import (

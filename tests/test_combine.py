@@ -1,4 +1,4 @@
-"""Weighted combination of LoRA adapters (deltatune.combine, DeltaModel.add_weighted_adapter)."""
+"""Weighted combination of LoRA adapters (deltatune.methods.lora.combine, DeltaModel.add_weighted_adapter)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import randomize_adapters, relative_error, tiny_bert_classifier, t
 from torch import nn
 
 import deltatune as dt
-from deltatune.combine import (
+from deltatune.methods.lora.combine import (
     CombinationReport, dare_drop, dare_linear_merge, dare_ties_merge, disjoint_merge, drop_and_rescale, elect_sign,
     magnitude_trim, random_keep_mask, ties_merge, truncated_svd,
 )

@@ -1,4 +1,4 @@
-"""AdapterFusion: attention over trained bottleneck adapters (methods/fusion.py)."""
+"""AdapterFusion: attention over trained bottleneck adapters (methods/adapters/fusion.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from conftest import (
 
 import deltatune as dt
 from deltatune.methods.adapters import BottleneckConfig
-from deltatune.methods.fusion import FusionConfig, FusionLayer, load_fusion, save_fusion
+from deltatune.methods.adapters.fusion import FusionConfig, FusionLayer, load_fusion, save_fusion
 from deltatune.train import TrainConfig, train
 
 HEAD = ["classifier"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -20,10 +20,7 @@ from .kernels.patch import has_fused_path, is_patched, patch_model_for_training,
 from .inject import set_submodule, wrap_modules_to_save
 from .io import KEY_PREFIX, AdapterFileError, read_adapter_tensors, save_adapter_files
 from .layer import DeltaLayer, ModulesToSave, RowAdapters, packed_parameter_count
-from .registry import method_for_config, method_for_peft_type
-
-if TYPE_CHECKING:  # combine imports LoRA's layer classes; the core imports no method at run time
-    from .combine import CombinationReport
+from .registry import combining_methods, method_for_config, method_for_peft_type
 
 DEFAULT_ADAPTER = "default"
 FUSED_CHOICES = ("auto", True, False)
@@ -318,14 +315,18 @@ class DeltaModel(nn.Module):
         density: float | None = None,
         majority_sign_method: str = "total",
         seed: int | None = None,
-    ) -> CombinationReport:
-        """Add `adapter_name`, a new inactive LoRA adapter combining LoRA `adapters` with `weights`:
-        combination "linear", "cat", "svd", "ties", "dare_linear" or "dare_ties" (see
-        deltatune.combine). Returns a report of the new adapter's per-layer approximation error."""
-        # Imported here: the core never imports the methods (combine.py builds on LoRA's classes).
-        from .combine import add_weighted_adapter
-
-        return add_weighted_adapter(
+    ) -> Any:
+        """Add `adapter_name`, a new inactive adapter combining `adapters` with `weights`, by their
+        method's combine hook (MethodInfo.combine). For LoRA: combination "linear", "cat", "svd",
+        "ties", "dare_linear" or "dare_ties" (deltatune.methods.lora.combine); returns a report of
+        the new adapter's per-layer approximation error."""
+        names = [adapters] if isinstance(adapters, str) else list(adapters or [])
+        named = [method_for_config(self.configs[n]) for n in names if n in self.configs]
+        # The named adapters' method decides; with none known, a combining method reports what is wrong.
+        candidates = [info for info in named if info.combine is not None] or combining_methods()
+        if not candidates:
+            raise TypeError("No registered method combines adapters.")
+        return candidates[0].combine(
             self, adapters, weights, adapter_name, combination,
             rank=rank, density=density, majority_sign_method=majority_sign_method, seed=seed,
         )

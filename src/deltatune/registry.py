@@ -6,12 +6,9 @@ Methods register themselves when `deltatune.methods` is imported; the core never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .config import AdapterConfig, ConfigError, _closest
-
-if TYPE_CHECKING:
-    pass
 
 # attach(model, config, adapter_name, **build_kwargs) -> None: adds one adapter to `model` in place.
 Attach = Callable[..., None]
@@ -36,6 +33,13 @@ class MethodInfo:
         comparison job cannot train from a bare base model.
     fused_kernels: the method gains from the fused training path (kernels/patch.py); with the
         wrapper's fused="auto" a CUDA model carrying such an adapter is patched.
+    combine: combine(delta_model, adapters, weights, adapter_name, combination, **options) adds a
+        weighted combination of this method's adapters as a new adapter (LoRA's linear/cat/svd/
+        TIES/DARE), through DeltaModel.add_weighted_adapter; None if its adapters do not combine.
+    run_length_field: a config field that a training run fills with its number of optimizer
+        steps when the user leaves it unset (AdaLoRA's total_step, which schedules the rank budget).
+    base_quant_field: a config field naming the 4-bit type the method stores its base in itself
+        (QLoRA's quant_type); a job asked for a 4-bit base sets it instead of quantizing first.
     """
 
     name: str
@@ -50,6 +54,9 @@ class MethodInfo:
     auxiliary_loss: Callable[..., Any] | None = None
     standalone: bool = True
     fused_kernels: bool = False
+    combine: Callable[..., Any] | None = None
+    run_length_field: str | None = None
+    base_quant_field: str | None = None
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -76,6 +83,11 @@ def method_info(name: str) -> MethodInfo:
     return _METHODS[key]
 
 
+def combining_methods() -> list[MethodInfo]:
+    """The methods whose adapters combine (MethodInfo.combine)."""
+    return [info for info in _METHODS.values() if info.combine is not None]
+
+
 def method_for_config(config: AdapterConfig) -> MethodInfo:
     for info in _METHODS.values():
         if type(config) is info.config_class:
@@ -86,9 +98,11 @@ def method_for_config(config: AdapterConfig) -> MethodInfo:
 def method_for_peft_type(peft_type: str) -> MethodInfo:
     """Find the method for a config file's peft_type (ours or peft's spelling)."""
     wanted = peft_type.upper()
-    for info in _METHODS.values():
-        if (info.config_class.peft_type or info.name.upper()) == wanted:
-            return info
+    matches = [info for info in _METHODS.values() if (info.config_class.peft_type or info.name.upper()) == wanted]
+    if matches:
+        # Several methods may write one file type (QLoRA writes LoRA files): the file is read by the
+        # most general one, whose config class the others extend, whatever the registration order.
+        return min(matches, key=lambda info: len(info.config_class.__mro__))
     raise ConfigError(
         f"The adapter file is for method {peft_type!r}, which deltatune does not provide. "
         f"Available: {', '.join(available_methods())}."

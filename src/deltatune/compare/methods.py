@@ -69,6 +69,7 @@ class MethodSettings:
     description: str = "all parameters trained, no adapter"
     needs_calibration_data: bool = False
     quantize: str | None = None  # 4-bit type of the frozen base ("nf4", "fp4", "int4"), or None
+    quantizes_itself: bool = False  # the method stores its base in 4 bits itself (MethodInfo.base_quant_field)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,14 +113,15 @@ def method_settings(
     registered_lr = fields.pop("lr", None)
     if use_compare_overrides:
         fields.update(COMPARE_OVERRIDES.get(name, {}))
-    if quantize and "quant_type" in _config_field_names(name):
-        fields["quant_type"] = quantize  # a method that quantizes its base itself (qlora)
+    if quantize and info.base_quant_field:
+        fields[info.base_quant_field] = quantize  # a method that quantizes its base itself (qlora)
     fields.update(config_overrides or {})
     if lr is None:
         lr = registered_lr if registered_lr is not None else FALLBACK_LEARNING_RATES.get(name, DEFAULT_PEFT_LEARNING_RATE)
     # Building the config now turns a bad field into an error before any training starts.
     config = deltatune.make_config(name, **fields)
-    quantize = getattr(config, "quant_type", None) or quantize  # qlora quantizes its base itself
+    if info.base_quant_field:  # the method quantizes its base itself (qlora), in the config's type
+        quantize = getattr(config, info.base_quant_field) or quantize
     return MethodSettings(
         name=name,
         lr=float(lr),
@@ -128,6 +130,7 @@ def method_settings(
         description=info.description,
         needs_calibration_data=bool(getattr(info, "needs_calibration_data", False)),
         quantize=quantize,
+        quantizes_itself=bool(info.base_quant_field),
     )
 
 
@@ -140,14 +143,6 @@ def _check_quantize(quantize: str | None) -> str | None:
     if value not in QUANT_TYPES:
         raise ValueError(f"Unknown 4-bit type {quantize!r} for --quantize; choose one of {', '.join(QUANT_TYPES)}.")
     return value
-
-
-def _config_field_names(name: str) -> set[str]:
-    import dataclasses
-
-    import deltatune
-
-    return {f.name for f in dataclasses.fields(deltatune.method_info(name).config_class)}
 
 
 def apply_method(
@@ -168,7 +163,7 @@ def apply_method(
     if head_modules and fields.get("modules_to_save") is None:
         fields["modules_to_save"] = list(head_modules)
     config = deltatune.make_config(settings.name, **fields)
-    if settings.quantize and not hasattr(config, "quant_type"):
+    if settings.quantize and not settings.quantizes_itself:
         from deltatune.quant import quantize
 
         # Every linear layer but the output head and the freshly trained task head, as QLoRA does.

@@ -450,14 +450,15 @@ def _describe_failure(err: BaseException) -> str:
 
 
 def _run_length_fields(name: str, max_steps: int, options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Methods with a schedule over the run (AdaLoRA's total_step) follow the run's length."""
+    """Methods with a schedule over the run (MethodInfo.run_length_field, e.g. AdaLoRA's
+    total_step) follow the run's length."""
     if name == FULL:
         return options
     import deltatune
 
-    fields = deltatune.method_info(name).config_class.field_names()
-    if "total_step" in fields and "total_step" not in (options or {}):
-        return {**(options or {}), "total_step": max_steps}
+    field = deltatune.method_info(name).run_length_field
+    if field and field not in (options or {}):
+        return {**(options or {}), field: max_steps}
     return options
 
 

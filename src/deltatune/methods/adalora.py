@@ -377,6 +377,7 @@ register_method(
         kind="reparameterized",
         description="SVD-form LoRA whose rank budget is re-allocated by importance during training",
         after_step=lambda model, name, config, step: adalora_step(model, step, name),
+        run_length_field="total_step",
         # Average rank 6 -> 4 ends at LoRA's r=4 and alpha/r=2. The comparison sets total_step to its
         # run length; warm-up and final phases this short fit any run of 31 steps or more.
         compare_defaults={

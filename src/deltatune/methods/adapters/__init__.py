@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, ConfigError
-from ..hf_compat import linear_out_features, model_type, role_patterns, suffix_regex
-from ..inject import inject_layers, is_linear_like
-from ..layer import DeltaLayer, RowAdapters, adapter_dtype
-from ..mixed_batch import SlotPlan, StackCache, per_row, rows_by_tokens, select_per_row
-from ..registry import MethodInfo, register_method
+from ...config import AdapterConfig, ConfigError
+from ...hf_compat import linear_out_features, model_type, role_patterns, suffix_regex
+from ...inject import inject_layers, is_linear_like
+from ...layer import DeltaLayer, RowAdapters, adapter_dtype
+from ...mixed_batch import SlotPlan, StackCache, per_row, rows_by_tokens, select_per_row
+from ...registry import MethodInfo, register_method
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 NONLINEARITIES: dict[str, type[nn.Module]] = {
@@ -319,3 +319,6 @@ register_method(
         compare_defaults={"placement": "houlsby", "reduction_factor": 16, "nonlinearity": "relu", "lr": 1e-3},
     )
 )
+
+# AdapterFusion builds on the bottleneck layers above.
+from . import fusion  # noqa: E402,F401  (registers "fusion")

@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch import nn
 
-from .config import _closest
-from .inject import plain_modules
-from .layer import DeltaLayer, ModulesToSave
-from .methods.lora import LoraConfig, LoraConv2d, LoraEmbedding, LoraLinear
+from ...config import _closest
+from ...inject import plain_modules
+from ...layer import DeltaLayer, ModulesToSave
+from . import LoraConfig, LoraConv2d, LoraEmbedding, LoraLinear
 
 if TYPE_CHECKING:
-    from .model import DeltaModel
+    from ...model import DeltaModel
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 SIGN_METHODS = ("total", "frequency")

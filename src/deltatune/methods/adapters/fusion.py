@@ -47,13 +47,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, ConfigError, read_config_dict
-from ..inject import find_targets, plain_modules, set_submodule
-from ..io import AdapterFileError
-from ..layer import DeltaLayer
-from ..model import DeltaModel
-from ..registry import MethodInfo, register_method
-from .adapters import ParallelAdapterLayer, _BottleneckLayer
+from ...config import AdapterConfig, ConfigError, read_config_dict
+from ...inject import find_targets, plain_modules, set_submodule
+from ...io import AdapterFileError
+from ...layer import DeltaLayer
+from ...model import DeltaModel
+from ...registry import MethodInfo, register_method
+from . import ParallelAdapterLayer, _BottleneckLayer
 
 FUSION_FOLDER = "fusion"
 ADAPTERS_FOLDER = "adapters"
@@ -273,7 +273,7 @@ def _check_adapters_present(model: nn.Module, config: FusionConfig) -> None:
             f"The fusion needs bottleneck adapters {missing}, which this model does not have "
             f"(its bottleneck adapters: {sorted(sites) or 'none'}). Add or load them first "
             f"(model.load_adapter(path, name)), or load a fusion saved with its adapters with "
-            f"deltatune.methods.fusion.load_fusion()."
+            f"deltatune.methods.adapters.fusion.load_fusion()."
         )
 
 

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, ConfigError
-from ..hf_compat import is_conv1d, is_quantized_linear
-from ..inject import layer_attach
-from ..kernels import LoraParams, lora_linear
-from ..layer import DeltaLayer, RowAdapters, adapter_dtype
-from ..mixed_batch import SlotPlan, StackCache, rows_by_tokens
-from ..registry import MethodInfo, register_method
+from ...config import AdapterConfig, ConfigError
+from ...hf_compat import is_conv1d, is_quantized_linear
+from ...inject import layer_attach
+from ...kernels import LoraParams, lora_linear
+from ...layer import DeltaLayer, RowAdapters, adapter_dtype
+from ...mixed_batch import SlotPlan, StackCache, rows_by_tokens
+from ...registry import MethodInfo, register_method
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -520,6 +520,8 @@ def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
 
 attach_lora = layer_attach(lora_layer_for)
 
+# Weighted combination builds on the classes above (QLoRA, at the end, on LoRA's registration).
+from .combine import add_weighted_adapter  # noqa: E402
 
 register_method(
     MethodInfo(
@@ -531,6 +533,9 @@ register_method(
         # On a GPU the step is bound by host overhead and memory traffic: fused RMSNorm, rotary and
         # a one-node LoRA MLP pay off (the wrapper's fused="auto"; same function, tests/test_kernels.py).
         fused_kernels=True,
+        combine=add_weighted_adapter,
         compare_defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lr": 1e-3},
     )
 )
+
+from . import qlora  # noqa: E402,F401  (registers "qlora")

@@ -15,17 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from ..inject import find_targets
-from ..quant import QUANT_TYPES, quantize, quantized_layers
-from ..registry import MethodInfo, method_info, register_method
-
-_LORA = method_info("lora")  # registered before us: methods load in name order
+from ...config import ConfigError
+from ...inject import find_targets
+from ...quant import QUANT_TYPES, quantize, quantized_layers
+from ...registry import MethodInfo, register_method
+from . import LoraConfig, attach_lora
 _COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class QLoraConfig(_LORA.config_class):  # type: ignore[misc, valid-type]
+class QLoraConfig(LoraConfig):
     """LoRA's fields, plus how the base is stored:
 
     quant_type: "nf4" (QLoRA's type), "fp4" or "int4"; block_size: values per absmax constant;
@@ -55,10 +54,10 @@ class QLoraConfig(_LORA.config_class):  # type: ignore[misc, valid-type]
         if self.init_lora_weights == "pissa":
             raise ConfigError("PiSSA init rewrites the base weight, which QLoRA keeps in 4 bits; use init_lora_weights=True.")
 
-    def lora_config(self) -> Any:
+    def lora_config(self) -> LoraConfig:
         """The same adapter as a plain LoraConfig (what is saved)."""
-        names = {f.name for f in fields(_LORA.config_class)}
-        return _LORA.config_class(**{k: v for k, v in vars(self).items() if k in names})
+        names = {f.name for f in fields(LoraConfig)}
+        return LoraConfig(**{k: v for k, v in vars(self).items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         # A plain LoRA file: peft and a full-precision base read it; quantization is the base's business.
@@ -81,7 +80,7 @@ def attach_qlora(model: nn.Module, config: QLoraConfig, adapter_name: str, **_: 
         exclude_modules=_quant_exclusions(config), block_size=config.block_size, double_quant=config.double_quant,
         compute_dtype=_COMPUTE_DTYPES[config.compute_dtype],
     )
-    _LORA.attach(model, config.replace(target_modules=lora_targets), adapter_name)
+    attach_lora(model, config.replace(target_modules=lora_targets), adapter_name)
 
 
 register_method(
@@ -96,5 +95,6 @@ register_method(
         mergeable=True,
         compare_defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lr": 1e-3},
         fused_kernels=True,
+        base_quant_field="quant_type",
     )
 )
