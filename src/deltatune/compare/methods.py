@@ -14,15 +14,6 @@ from torch import nn
 
 from .presets import DEFAULT_PEFT_LEARNING_RATE, FALLBACK_LEARNING_RATES, FULL
 
-# Where the comparison departs from a method's registered compare_defaults, and why.
-COMPARE_OVERRIDES: dict[str, dict[str, Any]] = {
-    # Rank 4 on every encoder linear keeps LoRA under 1% of MiniLM's parameters (rank 8: 1.4%)
-    # at the same scale alpha / r = 2.
-    "lora": {"r": 4, "lora_alpha": 8},
-    "qlora": {"r": 4, "lora_alpha": 8},  # same adapter as the lora row, over a 4-bit base
-}
-
-
 def available_compare_methods() -> list[str]:
     """Full fine-tuning plus every registered PEFT method that trains on a bare base model."""
     import deltatune
@@ -86,11 +77,10 @@ def method_settings(
     config_overrides: dict[str, Any] | None = None,
     lr: float | None = None,
     *,
-    use_compare_overrides: bool = True,
     quantize: str | None = None,
     quantize_full: str = "error",
 ) -> MethodSettings:
-    """Settings for `name`: registered compare_defaults, then COMPARE_OVERRIDES, then the caller's.
+    """Settings for `name`: registered compare_defaults, then the caller's.
 
     quantize: store the frozen base in 4 bits ("nf4", "fp4", "int4") under the method. Full
     fine-tuning trains every weight and so cannot use a 4-bit base: with quantize_full="error" that
@@ -111,8 +101,6 @@ def method_settings(
     info = deltatune.method_info(name)
     fields = dict(getattr(info, "compare_defaults", None) or {})
     registered_lr = fields.pop("lr", None)
-    if use_compare_overrides:
-        fields.update(COMPARE_OVERRIDES.get(name, {}))
     if quantize and info.base_quant_field:
         fields[info.base_quant_field] = quantize  # a method that quantizes its base itself (qlora)
     fields.update(config_overrides or {})

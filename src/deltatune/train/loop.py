@@ -171,8 +171,8 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         hf_compat.enable_checkpointing(base, checkpoint_kwargs)
     else:
         raise ValueError(
-            f"gradient_checkpointing=True needs a model with gradient_checkpointing_enable() "
-            f"(a Hugging Face PreTrainedModel); {type(base).__name__} has none. "
+            f"gradient_checkpointing=True needs a model that can recompute its activations "
+            f"(a Hugging Face PreTrainedModel); {type(base).__name__} cannot. "
             f"Set gradient_checkpointing=False"
         )
     config = getattr(base, "config", None)

@@ -93,7 +93,9 @@ register_method(
         # model.merge() refuses with a pointer to deltatune.quant.merge_quantized, which makes the
         # caller choose between a full-precision result and a re-quantized one with its error reported.
         mergeable=True,
-        compare_defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lr": 1e-3},
+        # Rank 4 on every encoder linear keeps LoRA under 1% of MiniLM's parameters (rank 8: 1.4%),
+        # at alpha / r = 2; QLoRA trains the same adapter over a 4-bit base.
+        compare_defaults={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lr": 1e-3},
         fused_kernels=True,
         base_quant_field="quant_type",
     )
