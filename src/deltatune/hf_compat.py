@@ -51,7 +51,7 @@ class Architecture:
 
     family: str
     model_types: tuple[str, ...]
-    linear_targets: tuple[str, ...]  # LoRA-style methods: the attention and MLP projections
+    linear_targets: tuple[str, ...]  # LoRA-style methods: the attention and MLP projections (() = all linear)
     key_value_patterns: tuple[str, ...] = ()  # IA3: projections producing keys and values
     attention_output_patterns: tuple[str, ...] = ()  # bottleneck adapters (Houlsby)
     ffn_output_patterns: tuple[str, ...] = ()  # bottleneck adapters, IA3's feed-forward scaling
@@ -96,11 +96,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         attention_output_patterns=(r"attn\.c_proj",), ffn_output_patterns=(r"mlp\.c_proj",), ffn_block_patterns=(r"mlp",),
     ),
     Architecture(
-        "bert", ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "deberta",
-                 "deberta-v2", "mpnet"),
+        "bert", ("bert", "roberta", "xlm-roberta", "camembert", "electra"),
         _BERT_LINEAR, key_value_patterns=(r"key", r"value"), attention_output_patterns=(r"attention\.output\.dense",),
         ffn_output_patterns=(_BERT_FFN_OUT,), ffn_block_patterns=(r"layer\.\d+\.output",), encoder_only=True,
     ),
+    # Other encoders: bidirectional (pooled at position 0), with module names of their own, so
+    # LoRA-style methods default to every linear layer but the head.
+    Architecture("encoder", ("distilbert", "albert", "deberta", "deberta-v2", "mpnet"), (), encoder_only=True),
     Architecture(
         # transformers < 5 names ViT like BERT; 5.x renamed the projections to q_proj ... fc2. Both are listed.
         "vit", ("vit", "deit"),

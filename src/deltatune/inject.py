@@ -41,7 +41,7 @@ def default_targets(model: nn.Module) -> list[str] | str:
     """The architecture's attention and MLP projections (hf_compat's table), else every linear
     layer but the head."""
     arch = hf_compat.architecture(model)
-    return list(arch.linear_targets) if arch else "all-linear"
+    return list(arch.linear_targets) if arch and arch.linear_targets else "all-linear"
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:

@@ -1,0 +1,94 @@
+"""hf_compat: transformers' names asked in one place, and the architecture table."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit
+
+import deltatune as dt
+from deltatune import hf_compat
+
+
+def test_cache_argument_is_the_name_the_installed_transformers_takes():
+    for model in (tiny_llama(), tiny_gpt2(), tiny_bert_classifier()):
+        name = hf_compat.cache_argument(model)
+        declared = inspect.signature(type(model.base_model).forward).parameters
+        assert name in hf_compat.CACHE_NAMES and name in declared, (type(model).__name__, name)
+
+
+def test_cache_is_read_under_either_name_and_written_under_the_models_own():
+    model, cache = tiny_llama(), object()
+    for name in hf_compat.CACHE_NAMES:
+        assert hf_compat.get_cache({name: cache}) is cache
+    kwargs = {"past_key_values": None, "cache": None}
+    hf_compat.set_cache(kwargs, model, cache)
+    assert kwargs == {hf_compat.cache_argument(model): cache}
+
+
+def test_a_cache_filled_through_the_helpers_is_used_by_the_model():
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 101, (1, 6))
+    cache = hf_compat.new_cache(model.config)
+    inputs = {"input_ids": ids[:, :5], "use_cache": True}
+    hf_compat.set_cache(inputs, model, cache)
+    with torch.no_grad():
+        model(**inputs)
+        assert hf_compat.cache_length(cache) == 5
+        assert len(hf_compat.cache_key_values(cache)) == model.config.num_hidden_layers
+        step = {"input_ids": ids[:, 5:], "use_cache": True}
+        hf_compat.set_cache(step, model, cache)
+        cached = model(**step).logits[:, -1]
+        full = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpointing_is_enabled_under_whichever_name_the_model_has():
+    model = tiny_llama()
+    assert not hf_compat.checkpointing_enabled(model)
+    hf_compat.enable_checkpointing(model, {"use_reentrant": False})
+    assert hf_compat.checkpointing_enabled(model)
+
+
+def test_module_kinds():
+    gpt2, llama = tiny_gpt2(), tiny_llama()
+    assert hf_compat.is_conv1d(gpt2.transformer.h[0].attn.c_attn) and not hf_compat.is_conv1d(llama.lm_head)
+    assert hf_compat.linear_out_features(gpt2.transformer.h[0].attn.c_attn) == 3 * 32
+    assert hf_compat.is_norm(llama.model.norm) and hf_compat.is_silu(llama.model.layers[0].mlp.act_fn)
+
+
+@pytest.mark.parametrize("build, family, encoder", [
+    (tiny_llama, "llama", False), (tiny_gpt2, "gpt2", False), (tiny_bert_classifier, "bert", True),
+    (tiny_t5, "t5", False), (tiny_vit, "vit", False),
+])
+def test_every_test_architecture_is_in_the_table(build, family, encoder):
+    model = build()
+    assert hf_compat.model_family(model) == family
+    assert hf_compat.is_encoder_only(model) is encoder
+
+
+def test_the_table_is_consistent_and_its_fused_classes_exist_in_this_transformers():
+    seen = set()
+    for arch in hf_compat.ARCHITECTURES:
+        assert not seen & set(arch.model_types), f"{arch.family}: a model type listed twice"
+        seen |= set(arch.model_types)
+        for model_type in arch.fused or {}:
+            assert model_type in arch.model_types
+    # An upstream rename of a fusable class would silently drop the fused path: fail here instead.
+    llama = tiny_llama()
+    norm, mlp, attention = hf_compat.fused_classes(llama)
+    assert type(llama.model.norm) is norm and type(llama.model.layers[0].mlp) is mlp
+    assert type(llama.model.layers[0].self_attn) is attention
+    assert hf_compat.fused_classes(tiny_gpt2()) is None
+
+
+def test_an_encoder_without_table_names_gets_every_linear_layer():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    base = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    assert hf_compat.is_encoder_only(base)
+    model = dt.wrap(base, dt.LoraConfig(r=2))
+    wrapped = {name.rsplit(".", 1)[-1] for name, _ in model.delta_layers()}
+    assert {"q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"} <= wrapped and "classifier" not in wrapped
