@@ -115,6 +115,26 @@ def test_generate_differs_from_base_is_deterministic_and_handles_cache_and_paddi
         assert torch.equal(batch[1, 2:], greedy(model, ids[1:, :3])[0])
 
 
+@pytest.mark.parametrize("build", CAUSAL_LMS)
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+def test_beam_search_and_sampling_agree_with_and_without_the_cache(build, method):
+    model = dt.wrap(steerable(build()), METHODS[method]())
+    randomize_adapters(model, scale=0.5)
+    model.eval()
+    ids = token_batch(batch=2, length=5)
+
+    def run(use_cache, **options):
+        torch.manual_seed(5)  # sampling draws the same numbers in both runs
+        return model.generate(input_ids=ids, max_new_tokens=5, use_cache=use_cache, pad_token_id=0, **options)
+
+    with torch.no_grad():
+        for options in ({"num_beams": 3, "do_sample": False}, {"do_sample": True, "top_k": 5}):
+            cached = run(True, **options)
+            assert torch.equal(cached, run(False, **options)), options
+            with model.disable_adapters():
+                assert not torch.equal(cached, run(True, **options)), options
+
+
 # -- parameter counts, files, outputs ------------------------------------------------------------
 def test_trainable_parameters_equal_the_hand_count(tmp_path):
     hidden, layers, n = 32, 2, 8

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -59,9 +60,6 @@ class Architecture:
     encoder_only: bool = False  # bidirectional (BERT-style): pools position 0, no label shift
     plain_lm_head: bool = False  # the causal-LM head is a plain projection of the last hidden state
     fused: dict[str, FusedBlock] | None = None  # model type -> classes the fused path may replace
-
-    def __hash__(self) -> int:
-        return hash((self.family, self.model_types))
 
 
 _LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -255,10 +253,20 @@ def set_cache(kwargs: dict, model: nn.Module, cache: Any) -> None:
 
 
 def clear_output_cache(output: Any, cache: Any) -> None:
-    """Remove `cache` from a model output (under whichever name the output has it)."""
+    """Remove `cache` from a model output (under whichever name the output has it).
+
+    The key itself goes, not only its value: generate() treats a cache key that is present, even
+    holding None, as a cache to carry (and beam search then tries to reorder it). A ModelOutput
+    refuses `del`, so the key is removed through OrderedDict, whose subclass it is."""
     for name in CACHE_NAMES:
-        if hasattr(output, "get") and output.get(name) is cache:
-            output[name] = None
+        if not hasattr(output, "get") or output.get(name) is not cache:
+            continue
+        if isinstance(output, OrderedDict):
+            OrderedDict.__delitem__(output, name)
+        else:
+            del output[name]
+        if name in getattr(output, "__dict__", {}):
+            object.__setattr__(output, name, None)
 
 
 def new_cache(config: Any) -> Any:
