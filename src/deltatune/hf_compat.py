@@ -290,13 +290,14 @@ def cache_key_values(cache: Any) -> list[tuple[Any, Any]]:
 
 
 # -- activation (gradient) checkpointing -----------------------------------------------------------
-def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None) -> None:
+def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None, **options: Any) -> None:
     """Turn on activation checkpointing of a transformers model under whichever name it has
-    (`activation_checkpointing_enable` since 5.x, `gradient_checkpointing_enable` before)."""
+    (`activation_checkpointing_enable` since 5.x, `gradient_checkpointing_enable` before);
+    `options` (every_n_layers, offload) only where given, for releases that take them."""
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **options)
     elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **options)
     else:
         raise AttributeError(f"{type(model).__name__} has no activation checkpointing (not a transformers PreTrainedModel).")
 

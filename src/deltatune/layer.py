@@ -74,6 +74,11 @@ class RowAdapters:
             )
 
 
+def autocast_enabled() -> bool:
+    """Whether autocast is on for any device (torch.is_autocast_enabled() alone asks about CUDA only)."""
+    return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+
+
 def adapter_dtype(reference: torch.Tensor) -> torch.dtype:
     """The dtype for trainable adapter tensors beside a base tensor: float32 when the base is
     half precision or not floating point, because small updates vanish in 16-bit weights."""

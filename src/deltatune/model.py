@@ -7,6 +7,7 @@ It is a plain nn.Module whose forward is the base model's forward, so `generate(
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -85,6 +86,39 @@ def _same_structure(old: AdapterConfig, new: AdapterConfig) -> bool:
     return type(old) is type(new) and _structure_fields(old) == _structure_fields(new)
 
 
+_WRAPPER_CLASSES: dict[type, type] = {}
+
+
+def _wrapper_class_for(base: nn.Module) -> type:
+    """A DeltaModel subclass whose forward shows the base class's own signature (plus
+    adapter_names). Tools that read it see the model's real arguments: Hugging Face Trainer keeps
+    the dataset columns the model takes and finds its label names. It adds nothing else; one per
+    base class."""
+    base_class = type(base)
+    if base_class in _WRAPPER_CLASSES:
+        return _WRAPPER_CLASSES[base_class]
+    try:
+        signature = inspect.signature(base_class.forward)
+    except (TypeError, ValueError):  # a forward without a readable signature: keep the plain one
+        return DeltaModel
+    parameters = list(signature.parameters.values())
+    if any(p.name == "adapter_names" for p in parameters):
+        return DeltaModel
+    routing = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    var_keyword = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
+    parameters = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD] + [routing] + var_keyword
+
+    def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        return DeltaModel.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    forward.__signature__ = signature.replace(parameters=parameters)
+    forward.__doc__ = DeltaModel.forward.__doc__
+    # The base class's name inside ours: Trainer reads "QuestionAnswering" from it for label names.
+    name = f"DeltaModel[{base_class.__name__}]"
+    _WRAPPER_CLASSES[base_class] = type(name, (DeltaModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+    return _WRAPPER_CLASSES[base_class]
+
+
 class DeltaModel(nn.Module):
     """A frozen base model plus named adapters of any registered method."""
 
@@ -94,6 +128,8 @@ class DeltaModel(nn.Module):
         if isinstance(model, DeltaModel):
             raise TypeError("This model is already wrapped; call .add_adapter() on it instead.")
         self.fused = _check_fused(fused, model)
+        if type(self) is DeltaModel:  # a user's own subclass keeps its class
+            self.__class__ = _wrapper_class_for(model)
         self.model = model
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
@@ -178,14 +214,20 @@ class DeltaModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpointing that works with a frozen base: non-reentrant, so no input needs grads."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        hf_compat.enable_checkpointing(self.model, kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        gradient_checkpointing_kwargs: dict | None = None, **options: Any) -> None:
+        """Checkpointing that works with a frozen base: non-reentrant, so no input needs grads.
+
+        Takes what transformers passes under either name (Trainer calls this one with
+        activation_checkpointing_kwargs, every_n_layers and offload); `options` go to the base."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or gradient_checkpointing_kwargs or {})}
+        hf_compat.enable_checkpointing(self.model, kwargs, **options)
         if kwargs["use_reentrant"] and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
 
-    activation_checkpointing_enable = gradient_checkpointing_enable
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options: Any) -> None:
+        """The name transformers < 5 and peft users call; the same as activation_checkpointing_enable."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **options)
 
     # -- adapters -------------------------------------------------------------------------
     @property

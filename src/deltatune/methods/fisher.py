@@ -26,7 +26,7 @@ from ..config import AdapterConfig, ConfigError
 from ..hf_compat import is_conv1d
 from ..inject import find_targets, set_submodule
 from ..io import KEY_PREFIX, AdapterFileError
-from ..layer import DeltaLayer, adapter_dtype
+from ..layer import DeltaLayer, adapter_dtype, autocast_enabled
 from ..registry import MethodInfo, register_method
 
 DEFAULT_DENSITY = 0.005
@@ -114,7 +114,7 @@ def _combined(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
 
 def _can_fuse(module: nn.Module) -> bool:
     """A plain, frozen Linear or Conv1D outside autocast: _SparseDeltaLinear computes it."""
-    if not (type(module) is nn.Linear or is_conv1d(module)) or torch.is_autocast_enabled():
+    if not (type(module) is nn.Linear or is_conv1d(module)) or autocast_enabled():
         return False
     return not any(p.requires_grad for p in module.parameters(recurse=False))
 

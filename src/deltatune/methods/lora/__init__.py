@@ -27,7 +27,7 @@ from ...config import AdapterConfig, ConfigError
 from ...hf_compat import is_conv1d, is_quantized_linear
 from ...inject import layer_attach
 from ...kernels import LoraParams, lora_linear
-from ...layer import DeltaLayer, RowAdapters, adapter_dtype
+from ...layer import DeltaLayer, RowAdapters, adapter_dtype, autocast_enabled
 from ...mixed_batch import SlotPlan, StackCache, rows_by_tokens
 from ...registry import MethodInfo, register_method
 
@@ -290,7 +290,7 @@ class LoraLinear(_LoraBase):
         """
         base = self.base_layer  # a wrapper of another method inside must run its own forward
         # In a mixed batch each row has its own adapter: the fused MLP must call forward instead.
-        if self.row_adapters is not None or type(base) is not nn.Linear or torch.is_autocast_enabled():
+        if self.row_adapters is not None or type(base) is not nn.Linear or autocast_enabled():
             return None
         # Outer wrappers (Fisher, LayerNorm tuning) may swap the weight tensor per call.
         key = (tuple(self.active_adapters), tuple(self.merged_adapters), self.disabled, base.weight.requires_grad, id(base.weight), id(base.bias))

@@ -1,0 +1,70 @@
+"""The wrapped model in the Hugging Face training stack: Trainer with default arguments, autocast."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+import deltatune as dt
+
+
+def lm_rows(count: int = 16, length: int = 12, seed: int = 0) -> list[dict[str, list[int]]]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        ids = torch.randint(0, 101, (length,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids})
+    return rows
+
+
+def test_forward_shows_the_base_models_arguments_to_introspection():
+    from transformers.utils.generic import find_labels
+
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
+    parameters = inspect.signature(model.forward).parameters
+    assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(parameters)
+    assert find_labels(type(model)) == ["labels"]  # what Trainer uses for eval_loss
+    assert isinstance(model, dt.DeltaModel)
+    classifier = dt.wrap(tiny_bert_classifier(), dt.LoraConfig(r=4))
+    assert "token_type_ids" in inspect.signature(classifier.forward).parameters
+
+
+def test_trainer_with_default_arguments_trains_evaluates_and_checkpoints(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=4, gradient_checkpointing=True, save_steps=2,
+                             per_device_train_batch_size=4)
+    rows = lm_rows()
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4])
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter", "prefix"])
+def test_methods_train_under_cpu_bf16_autocast(build, method):
+    model = dt.wrap(build(), dt.make_config(method))
+    ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+
+
+def test_train_loop_with_bf16_mixed_precision_on_the_cpu():
+    from deltatune.train import TrainConfig, train
+
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
+    rows = [{k: torch.tensor(v) for k, v in row.items()} for row in lm_rows(8)]
+    result = train(model, rows, TrainConfig(max_steps=3, batch_size=4, mixed_precision="bf16", device="cpu", progress=False))
+    assert all(math.isfinite(loss) for loss in result.losses)
