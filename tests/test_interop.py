@@ -60,3 +60,27 @@ def test_peft_feature_we_do_not_implement_is_refused_not_ignored(tmp_path):
     theirs.save_pretrained(str(tmp_path / "p"))
     with pytest.raises(dt.ConfigError, match="lora_bias"):
         dt.load(tiny_llama(), tmp_path / "p")
+
+
+@pytest.mark.parametrize("build, task_type", [(tiny_llama, None), (tiny_gpt2, None), (tiny_bert_classifier, "SEQ_CLS")])
+def test_default_target_adapter_loads_in_peft_with_same_logits(build, task_type, tmp_path):
+    """With no target_modules the file lists the modules trained, since peft's own default differs;
+    with task_type SEQ_CLS the new head trains and is saved, as in peft."""
+    tokens = token_batch()
+    ours = dt.wrap(build(), dt.LoraConfig(r=4, lora_alpha=8, task_type=task_type))
+    if task_type == "SEQ_CLS":
+        head = [n for n, p in ours.named_parameters() if p.requires_grad and n.startswith("model.classifier.")]
+        assert head == ["model.classifier.modules_to_save.default.weight", "model.classifier.modules_to_save.default.bias"]
+        assert ours.configs["default"].modules_to_save == ["classifier"]
+    randomize_adapters(ours)
+    ours.save(tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(build(), str(tmp_path / "a"))
+    assert relative_error(_logits(theirs, tokens), _logits(ours, tokens)) < 1e-5
+
+
+def test_default_target_ia3_adapter_loads_in_peft_with_same_logits(tmp_path):
+    tokens = token_batch()
+    ours = dt.wrap(tiny_llama(), dt.IA3Config(init_ia3_weights=False))
+    ours.save(tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+    assert relative_error(_logits(theirs, tokens), _logits(ours, tokens)) < 1e-5

@@ -174,6 +174,20 @@ def fused_classes(model: nn.Module) -> tuple[type, type, type] | None:
         return None
 
 
+# The freshly initialised heads of transformers' task models, by peft's task_type: trained and
+# saved beside the adapter (peft does the same).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def task_heads(model: nn.Module, task_type: str | None) -> list[str]:
+    """The head modules of this task type that `model` has (top-level children, as peft finds them)."""
+    names = TASK_HEADS.get((task_type or "").upper(), ())
+    children = dict(model.named_children())
+    return [name for name in names if name in children]
+
+
 def has_plain_lm_head(model: nn.Module) -> bool:
     arch = architecture(model)
     return bool(arch and arch.plain_lm_head)
@@ -316,5 +330,5 @@ __all__ = [
     "cache_key_values", "cache_length", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "linear_out_features", "model_family",
-    "model_type", "new_cache", "role_patterns", "set_cache", "suffix_regex", "supports_checkpointing", "transformers_version",
+    "model_type", "new_cache", "role_patterns", "set_cache", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
 ]

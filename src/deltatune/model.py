@@ -10,7 +10,7 @@ import contextlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -234,6 +234,13 @@ class DeltaModel(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.configs)
 
+    def adapter_module_names(self, adapter_name: str, where: Callable[[DeltaLayer], bool] | None = None) -> list[str]:
+        """The modules an adapter wraps (modules_to_save copies aside), by the names the user knows;
+        `where` keeps only the layers it accepts."""
+        return [self._user_path(path) for path, layer in self.delta_layers()
+                if adapter_name in layer.adapter_names and not isinstance(layer, ModulesToSave)
+                and (where is None or where(layer))]
+
     def delta_layers(self) -> Iterator[tuple[str, DeltaLayer]]:
         for name, module in self.model.named_modules():
             if isinstance(module, DeltaLayer):
@@ -254,7 +261,12 @@ class DeltaModel(nn.Module):
         if config.base_model_name_or_path is None:
             name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
             config = config.replace(base_model_name_or_path=name_or_path or None)
+        heads = [h for h in hf_compat.task_heads(self.model, config.task_type) if h not in (config.modules_to_save or [])]
+        if heads:  # a classification task's new head trains beside the adapter, as in peft
+            config = config.replace(modules_to_save=[*(config.modules_to_save or []), *heads])
         info.attach(self.model, config, adapter_name, **build_kwargs)
+        if info.resolve_targets is not None:
+            config = info.resolve_targets(self, adapter_name, config)
         if config.modules_to_save:
             wrap_modules_to_save(self.model, list(config.modules_to_save), adapter_name)
         # New modules start in training mode; follow the mode of the layer they were added to.
@@ -554,6 +566,14 @@ class DeltaModel(nn.Module):
         if not self.configs:
             raise ValueError("This model has no adapter.")
         return self.active_adapters[0] if self.active_adapters else next(iter(self.configs))
+
+
+def written_out_targets(model: DeltaModel, adapter_name: str, config: AdapterConfig) -> AdapterConfig:
+    """`config` with target_modules written out as the modules the adapter wraps, where it named
+    them by the architecture's default (None) or "all-linear" (a MethodInfo.resolve_targets)."""
+    if config.target_modules is None or config.target_modules == "all-linear":
+        return config.replace(target_modules=model.adapter_module_names(adapter_name))
+    return config
 
 
 def wrap(model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT_ADAPTER,

@@ -40,6 +40,10 @@ class MethodInfo:
         steps when the user leaves it unset (AdaLoRA's total_step, which schedules the rank budget).
     base_quant_field: a config field naming the 4-bit type the method stores its base in itself
         (QLoRA's quant_type); a job asked for a 4-bit base sets it instead of quantizing first.
+    resolve_targets: resolve_targets(delta_model, adapter_name, config) -> config, called once the
+        adapter is attached: the config with the defaults it resolved written out (target_modules as
+        the modules it wrapped), so that its file means the same to every reader (peft reads a
+        missing target_modules as its own default, which differs from ours).
     """
 
     name: str
@@ -57,6 +61,7 @@ class MethodInfo:
     combine: Callable[..., Any] | None = None
     run_length_field: str | None = None
     base_quant_field: str | None = None
+    resolve_targets: Callable[..., Any] | None = None
 
 
 _METHODS: dict[str, MethodInfo] = {}

@@ -41,6 +41,7 @@ from ..config import AdapterConfig, ConfigError
 from ..hf_compat import is_conv1d
 from ..inject import inject_layers
 from ..layer import DeltaLayer
+from ..model import written_out_targets
 from ..registry import MethodInfo, register_method
 
 
@@ -378,6 +379,7 @@ register_method(
         description="SVD-form LoRA whose rank budget is re-allocated by importance during training",
         after_step=lambda model, name, config, step: adalora_step(model, step, name),
         run_length_field="total_step",
+        resolve_targets=written_out_targets,
         # Average rank 6 -> 4 ends at LoRA's r=4 and alpha/r=2. The comparison sets total_step to its
         # run length; warm-up and final phases this short fit any run of 31 steps or more.
         compare_defaults={

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from ..hf_compat import is_conv1d, model_type, role_patterns, suffix_regex
 from ..inject import inject_layers, is_linear_like
 from ..layer import DeltaLayer, RowAdapters, adapter_dtype
 from ..mixed_batch import StackCache, per_row
+from ..model import written_out_targets
 from ..registry import MethodInfo, register_method
 
 
@@ -209,6 +211,17 @@ def attach(model: nn.Module, config: IA3Config, adapter_name: str, **_: object) 
     inject_layers(model, config, adapter_name, lambda m: IA3Layer if is_linear_like(m) else None, default_targets)
 
 
+def _written_out(model: Any, adapter_name: str, config: IA3Config) -> IA3Config:
+    """Targets and feed-forward modules as the module names wrapped, so that peft (whose defaults
+    differ) reads the file as trained."""
+    config = written_out_targets(model, adapter_name, config)
+    if config.feedforward_modules is None or isinstance(config.feedforward_modules, str):
+        feedforward = model.adapter_module_names(
+            adapter_name, where=lambda layer: isinstance(layer, IA3Layer) and layer.is_feedforward.get(adapter_name, False))
+        config = config.replace(feedforward_modules=feedforward)
+    return config
+
+
 register_method(
     MethodInfo(
         name="ia3",
@@ -216,6 +229,7 @@ register_method(
         attach=attach,
         kind="reparameterized",
         description="Learned per-channel scaling of keys, values and the feed-forward activation ((IA)³)",
+        resolve_targets=_written_out,
         compare_defaults={"lr": 5e-3},
     )
 )

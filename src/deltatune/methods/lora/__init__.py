@@ -29,6 +29,7 @@ from ...inject import layer_attach
 from ...kernels import LoraParams, lora_linear
 from ...layer import DeltaLayer, RowAdapters, adapter_dtype, autocast_enabled
 from ...mixed_batch import SlotPlan, StackCache, rows_by_tokens
+from ...model import written_out_targets
 from ...registry import MethodInfo, register_method
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
@@ -534,6 +535,7 @@ register_method(
         # a one-node LoRA MLP pay off (the wrapper's fused="auto"; same function, tests/test_kernels.py).
         fused_kernels=True,
         combine=add_weighted_adapter,
+        resolve_targets=written_out_targets,
         # Rank 4 on every encoder linear keeps LoRA under 1% of MiniLM's parameters (rank 8: 1.4%),
         # at alpha / r = 2; QLoRA trains the same adapter over a 4-bit base.
         compare_defaults={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lr": 1e-3},

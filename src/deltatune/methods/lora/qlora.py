@@ -18,6 +18,7 @@ from torch import nn
 from ...config import ConfigError
 from ...inject import find_targets
 from ...quant import QUANT_TYPES, quantize, quantized_layers
+from ...model import written_out_targets
 from ...registry import MethodInfo, register_method
 from . import LoraConfig, attach_lora
 _COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,5 +99,6 @@ register_method(
         compare_defaults={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lr": 1e-3},
         fused_kernels=True,
         base_quant_field="quant_type",
+        resolve_targets=written_out_targets,
     )
 )
