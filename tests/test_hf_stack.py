@@ -68,3 +68,28 @@ def test_train_loop_with_bf16_mixed_precision_on_the_cpu():
     rows = [{k: torch.tensor(v) for k, v in row.items()} for row in lm_rows(8)]
     result = train(model, rows, TrainConfig(max_steps=3, batch_size=4, mixed_precision="bf16", device="cpu", progress=False))
     assert all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_save_pretrained_writes_adapters_only_in_peft_layout_and_from_pretrained_reads_them(tmp_path):
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, init_lora_weights=False))
+    model.add_adapter("other", dt.IA3Config(init_ia3_weights=False))
+    model.save_pretrained(tmp_path / "out", safe_serialization=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    assert (tmp_path / "out" / "other" / "adapter_model.safetensors").is_file()
+    tokens = torch.randint(0, 101, (2, 8))
+    loaded = dt.DeltaModel.from_pretrained(tiny_llama(), tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
+
+
+def test_peft_named_aliases():
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, init_lora_weights=False))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert (trainable, total) == (model.trainable_parameters().trainable, model.trainable_parameters().total)
+    assert model.peft_config is model.configs and model.active_adapter == "default"
+    assert model.get_base_model() is model.model
+    tokens = torch.randint(0, 101, (1, 6))
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(input_ids=tokens).logits
+    with torch.no_grad():
+        assert torch.equal(plain, tiny_llama()(input_ids=tokens).logits)

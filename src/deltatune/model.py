@@ -493,6 +493,43 @@ class DeltaModel(nn.Module):
         config = self.configs[adapter_name].replace(inference_mode=True)
         return save_adapter_files(directory, config, self.adapter_state_dict(adapter_name))
 
+    # -- the names peft users reach for: aliases of the calls above, not a second API ---------------
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None,
+                        **_ignored: Any) -> None:
+        """peft's layout: the "default" adapter in `save_directory`, every other one in a sub-folder
+        of its name. Only adapters are written, never the base model. (Keyword arguments that
+        Hugging Face tools pass for whole models, such as safe_serialization, change nothing.)"""
+        names = list(selected_adapters) if selected_adapters is not None else self.adapter_names
+        for name in names:
+            self.save(Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name, name)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | Path, adapter_name: str = DEFAULT_ADAPTER,
+                        is_trainable: bool = False, **_ignored: Any) -> DeltaModel:
+        """peft's PeftModel.from_pretrained(base, folder): the same as dt.load(base, folder)."""
+        return load(model, model_id, adapter_name=adapter_name, is_trainable=is_trainable)
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        return self.configs
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.active_adapters[0] if self.active_adapters else None
+
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        return self.disable_adapters()
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        report = self.trainable_parameters()
+        return report.trainable, report.total
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_parameters())
+
     def load_adapter(self, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False, activate: bool = True) -> None:
         """Add an adapter from a folder written by deltatune or Hugging Face peft."""
         info = method_for_peft_type(str(read_config_dict(directory)["peft_type"]))
