@@ -33,20 +33,52 @@ def test_forward_shows_the_base_models_arguments_to_introspection():
     assert "token_type_ids" in inspect.signature(classifier.forward).parameters
 
 
-def test_trainer_with_default_arguments_trains_evaluates_and_checkpoints(tmp_path):
+def trainer_run(output_dir, resume_from=None, init_seed=0):
     from transformers import Trainer, TrainingArguments
 
-    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = TrainingArguments(str(tmp_path / "out"), max_steps=4, gradient_checkpointing=True, save_steps=2,
+    torch.manual_seed(init_seed)  # LoRA's A starts random
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, lora_dropout=0.1))
+    args = TrainingArguments(str(output_dir), max_steps=4, gradient_checkpointing=True, save_steps=2,
                              per_device_train_batch_size=4)
     rows = lm_rows()
     trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4])
-    trainer.train()
-    metrics = trainer.evaluate()
-    assert math.isfinite(metrics["eval_loss"])
-    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
-    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    trainer.train(resume_from_checkpoint=resume_from)
+    return model, trainer
+
+
+def test_trainer_with_default_arguments_trains_evaluates_and_resumes_from_adapter_checkpoints(tmp_path):
+    from safetensors.torch import load_file
+
+    model, trainer = trainer_run(tmp_path / "out")
+    fresh = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
+    assert any(not torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    # The checkpoint holds the adapter (what the wrapper's state_dict is), not the frozen base.
+    checkpoint = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
+    saved = load_file(checkpoint)
+    assert set(saved) == {f"model.{n}" for n, p in model.model.named_parameters() if p.requires_grad}
+    full_bytes = sum(t.numel() * t.element_size() for t in model.model.state_dict().values())
+    adapter_bytes = sum(t.numel() * t.element_size() for t in saved.values())
+    assert checkpoint.stat().st_size < adapter_bytes + 16_384 and adapter_bytes < 0.2 * full_bytes
+    # Resuming from step 2 ends on exactly the adapter of the uninterrupted run (dropout included),
+    # although the resumed model was initialised differently: the checkpoint is what counts.
+    resumed, _ = trainer_run(tmp_path / "again", resume_from=str(tmp_path / "out" / "checkpoint-2"), init_seed=1)
+    ours, theirs = model.state_dict(), resumed.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_state_dict_is_the_delta_and_loads_strictly_into_a_fresh_wrapper():
+    model = dt.wrap(tiny_bert_classifier(), dt.LoraConfig(r=2, init_lora_weights=False, task_type="SEQ_CLS"))
+    model.add_adapter("bias", dt.BitFitConfig())
+    state = model.state_dict()
+    assert state and all(".lora_" in k or ".modules_to_save." in k or "bitfit" in k.lower() or "bias" in k for k in state)
+    assert not any(k.endswith("base_layer.weight") for k in state)
+    other = dt.wrap(tiny_bert_classifier(seed=5), dt.LoraConfig(r=2, task_type="SEQ_CLS"))
+    other.add_adapter("bias", dt.BitFitConfig())
+    other.load_state_dict(state)  # strict: every delta key present, the base's need not be
+    assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(RuntimeError, match="missing"):
+        other.load_state_dict({k: v for k, v in list(state.items())[1:]})
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])

@@ -493,6 +493,38 @@ class DeltaModel(nn.Module):
         config = self.configs[adapter_name].replace(inference_mode=True)
         return save_adapter_files(directory, config, self.adapter_state_dict(adapter_name))
 
+    # -- state dict: the delta, not the frozen base ------------------------------------------------
+    def _is_delta_key(self) -> Callable[[str], bool]:
+        """Whether a state-dict key (relative to this wrapper) is the wrapper's own: adapter tensors
+        of any layer (not its wrapped base) and any parameter that trains."""
+        owned = [f"model.{path}." for path, _ in self.delta_layers()]
+        trainable = {f"model.{name}" for name, param in self.model.named_parameters() if param.requires_grad}
+        return lambda key: key in trainable or any(key.startswith(o) and not key.startswith(o + "base_layer.") for o in owned)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The delta only: every adapter's tensors (modules_to_save copies included) and whatever
+        trains. The frozen base is the base model's own state (`get_base_model().state_dict()`;
+        `merge_and_unload().state_dict()` for a merged model). So a training framework that saves
+        `model.state_dict()` (Hugging Face Trainer, accelerate) writes adapter-sized checkpoints."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        is_delta = self._is_delta_key()
+        for key in [k for k in state if k.startswith(prefix) and not is_delta(k[len(prefix):])]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Loads a delta state (see state_dict); base keys, where present, load into the base too.
+        strict: every delta key must be there and none unknown (missing base keys are fine)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        is_delta = self._is_delta_key()
+        missing = [key for key in result.missing_keys if is_delta(key)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"The state dict does not fit this {type(self).__name__}: missing {missing[:5]} "
+                f"({len(missing)} in all), unexpected {result.unexpected_keys[:5]} ({len(result.unexpected_keys)} in all)."
+            )
+        return type(result)(missing, result.unexpected_keys)
+
     # -- the names peft users reach for: aliases of the calls above, not a second API ---------------
     def save_pretrained(self, save_directory: str | Path, selected_adapters: Sequence[str] | None = None,
                         **_ignored: Any) -> None:
