@@ -125,3 +125,34 @@ def test_peft_named_aliases():
         plain = model(input_ids=tokens).logits
     with torch.no_grad():
         assert torch.equal(plain, tiny_llama()(input_ids=tokens).logits)
+
+
+def word_tokenizer():
+    """A word-level tokenizer over tiny_llama's 101 ids, built in memory (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(4, 101)}
+    backend = Tokenizer(models.WordLevel({"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3, **words}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+
+
+def test_trl_sft_trainer_trains_a_wrapped_model_with_its_default_config(tmp_path):
+    """SFTConfig's defaults turn on bf16 autocast and gradient checkpointing; on a machine without a
+    GPU transformers itself asks for use_cpu=True."""
+    import random
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(4, 101)}" for _ in range(10)) for _ in range(16)]
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    config = SFTConfig(str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4, use_cpu=not torch.cuda.is_available())
+    assert config.bf16 and config.gradient_checkpointing  # the defaults that used to stop it
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": texts}), processing_class=word_tokenizer())
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before and ".lora_B." in n)
