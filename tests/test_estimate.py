@@ -102,3 +102,47 @@ def test_estimate_within_15_percent_on_the_default_task_model():
         measured = measured_step(fresh, method, batch, task.head_modules)
         error = estimate_error(predicted.memory, measured)["peak"]
         assert abs(error) <= 15.0, (method, error)
+
+
+# Llama-7B: 32 blocks of q, k, v, o (4096 x 4096) and gate, up, down (4096 x 11008) projections.
+LLAMA_7B_LINEAR = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+
+
+def close(estimated: int, expected: float, tolerance: float = 0.10) -> bool:
+    return abs(estimated - expected) <= tolerance * expected
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_seven_billion_figures_agree_with_the_usual_arithmetic(checkpointing):
+    """Mixed-precision AdamW full fine-tuning: 4 + 4 + 8 = 16 bytes per parameter (float32 weights,
+    gradients, two states); LoRA over a bf16 base: 2 bytes per base parameter plus a float32 adapter
+    with its gradients and two states; QLoRA: about 0.52 bytes per linear weight (NF4 with double
+    quantization), the embeddings and head in bf16."""
+    common = dict(batch_size=1, seq_len=256, device="cuda", gradient_checkpointing=checkpointing)
+    full = estimate("llama-7b", ["full"], **common).row("full")
+    n = full.total
+    assert close(full.memory.weights, 4 * n) and close(full.memory.gradients, 4 * n)
+    assert close(full.memory.optimizer_states, 8 * n)
+    half = estimate("llama-7b", ["lora", "qlora"], weights_dtype="bfloat16", **common)
+    lora, qlora = half.row("lora"), half.row("qlora")
+    t = lora.trainable
+    assert close(lora.memory.weights, 2 * n + 4 * t) and close(lora.memory.gradients, 4 * t)
+    assert close(lora.memory.optimizer_states, 8 * t)
+    assert close(qlora.memory.weights, 0.516 * LLAMA_7B_LINEAR + 2 * (n - LLAMA_7B_LINEAR) + 4 * t)
+    assert qlora.trainable == t and close(qlora.memory.optimizer_states, 8 * t)
+
+
+def test_checkpointing_keeps_block_inputs_and_one_block():
+    common = dict(batch_size=2, seq_len=256, device="cuda", weights_dtype="bfloat16")
+    plain = estimate("llama-7b", ["lora"], **common).row("lora").memory.activations
+    checkpointed = estimate("llama-7b", ["lora"], gradient_checkpointing=True, **common).row("lora").memory.activations
+    block_inputs = 32 * 2 * 256 * 4096 * 2  # bf16 hidden states entering each block
+    assert block_inputs < checkpointed < plain / 5
+
+
+def test_the_readmes_estimate_command_runs(capsys):
+    from deltatune.cli import main
+
+    assert main(["estimate", "--model", "llama-7b", "--methods", "full,lora"]) == 0
+    table = capsys.readouterr().out
+    assert "full" in table and "lora" in table and "failed" not in table

@@ -118,9 +118,11 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- estimate
 def _add_estimate(parser: argparse.ArgumentParser) -> None:
+    from deltatune.compare.estimate import OPTIMIZERS, WEIGHT_DTYPES
     from deltatune.compare.presets import MODEL_PRESETS
 
     parser.add_argument("model", nargs="?", help=f"a model folder or a preset: {', '.join(MODEL_PRESETS)}")
+    parser.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the positional MODEL")
     parser.add_argument("--methods", type=_csv, help="comma-separated methods (default: full and every registered one)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -128,6 +130,10 @@ def _add_estimate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-labels", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the device to predict for")
     parser.add_argument("--mixed-precision", default="auto", help="auto (bf16 on CUDA), no, bf16, fp16")
+    parser.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
+                        help="how the base is stored: float32 (mixed precision's master weights) or a half-precision base")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block's activations in backward")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
     parser.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="a method config field, e.g. lora.r=16")
     parser.add_argument("--results", metavar="RESULTS_JSON", help="show a compare run's estimates against its measurements")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -139,6 +145,9 @@ def _run_estimate(args: argparse.Namespace) -> int:
 
         print(estimate_comparison_text(read_results(args.results)))
         return EXIT_OK
+    if args.model and args.model_option and args.model != args.model_option:
+        raise ValueError(f"Two models named: {args.model!r} and --model {args.model_option!r}; name one.")
+    args.model = args.model or args.model_option
     if not args.model:
         raise ValueError("Name a model folder or preset to estimate (or pass --results RESULTS_JSON).")
     from deltatune.compare import estimate
@@ -153,6 +162,9 @@ def _run_estimate(args: argparse.Namespace) -> int:
         method_options=_method_values(args.set, "--set"),
         device=args.device,
         mixed_precision=args.mixed_precision,
+        weights_dtype=args.weights_dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return EXIT_OK

@@ -320,6 +320,24 @@ def supports_checkpointing(model: nn.Module) -> bool:
     return hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
 
 
+def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks transformers recomputes under activation checkpointing (its decoder/encoder
+    layers), outermost only."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return []
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, GradientCheckpointingLayer):
+            blocks.append(module)
+            inside.update(id(m) for m in module.modules())
+    return blocks
+
+
 def checkpointing_enabled(model: nn.Module) -> bool:
     """Whether any block of the model recomputes its activations in training."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
@@ -327,7 +345,7 @@ def checkpointing_enabled(model: nn.Module) -> bool:
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BLOCK_CONTAINERS", "CACHE_NAMES", "FusedBlock", "architecture", "cache_argument",
-    "cache_key_values", "cache_length", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
+    "cache_key_values", "cache_length", "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "linear_out_features", "model_family",
     "model_type", "new_cache", "role_patterns", "set_cache", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",

@@ -50,6 +50,9 @@ from .presets import MODEL_PRESETS
 
 TASK_KINDS = ("classification", "causal_lm")
 ADAMW_STEP_BYTES = 4  # torch keeps AdamW's step count as a float32 scalar tensor per parameter
+# Optimizer state tensors per trained parameter, each of the parameter's size, and a step counter.
+OPTIMIZERS: dict[str, tuple[int, int]] = {"adamw": (2, ADAMW_STEP_BYTES), "sgd": (0, 0), "sgd_momentum": (1, 0)}
+WEIGHT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -86,6 +89,9 @@ class EstimateReport:
     device: str
     mixed_precision: str
     rows: list[MethodEstimate]
+    weights_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
 
     def row(self, method: str) -> MethodEstimate:
         for row in self.rows:
@@ -101,6 +107,9 @@ class EstimateReport:
             "seq_len": self.seq_len,
             "device": self.device,
             "mixed_precision": self.mixed_precision,
+            "weights_dtype": self.weights_dtype,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "optimizer": self.optimizer,
             "rows": [r.to_dict() for r in self.rows],
         }
 
@@ -109,7 +118,8 @@ class EstimateReport:
         header = f"{'method':<12} {'trainable':>14} {'%':>8} {'weights':>9} {'grads':>9} {'optim':>9} {'activ':>9} {'outputs':>9} {'peak':>10}"
         lines = [
             f"Estimate for {self.model} ({self.task_kind}), batch {self.batch_size} x {self.seq_len} tokens, "
-            f"{self.device}, mixed precision: {self.mixed_precision}",
+            f"{self.device}, mixed precision: {self.mixed_precision}, base weights {self.weights_dtype}, "
+            f"{self.optimizer}, checkpointing {'on' if self.gradient_checkpointing else 'off'}",
             header,
             "-" * len(header),
         ]
@@ -246,36 +256,79 @@ def _meta_batch(task_kind: str, batch_size: int, seq_len: int) -> dict[str, torc
     return {"input_ids": input_ids, "labels": input_ids}
 
 
-def _trace_step(model: nn.Module, batch: dict[str, torch.Tensor], device: str, compute_dtype: torch.dtype | None) -> tuple[int, int, list[str]]:
-    """(activation bytes, output bytes, notes) from one meta forward pass."""
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for value in (*args, kwargs.get("hidden_states")):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _trace_step(model: nn.Module, batch: dict[str, torch.Tensor], device: str, compute_dtype: torch.dtype | None,
+                gradient_checkpointing: bool = False) -> tuple[int, int, list[str]]:
+    """(activation bytes, output bytes, notes) from one meta forward pass.
+
+    With checkpointing, each block (hf_compat.checkpointable_blocks) keeps only its input, and
+    backward recomputes one block at a time: the saved bytes outside the blocks, plus every
+    block's input, plus the largest block's own saved bytes. (transformers' checkpointing itself
+    does not run on meta tensors, so the trace measures each block instead.)"""
     notes: list[str] = []
     traced = model
     if compute_dtype is not None:
-        # Autocast does not run on meta; a low-precision copy saves the same shapes. Autocast
-        # also keeps a low-precision copy of every matmul weight for backward: add those.
+        # Autocast does not run on meta; a low-precision copy saves the same shapes.
         traced = copy.deepcopy(model).to(compute_dtype)
     traced.train()
+    blocks = hf_compat.checkpointable_blocks(traced) if gradient_checkpointing else []
+    per_block: list[list[int]] = []  # [input bytes, saved bytes before, saved bytes after]
     with SavedTensorCounter(exclude=model_tensors(traced)) as saved, _attention_as_on(device):
-        outputs = traced(**batch)
+        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            tensor = _first_tensor(args, kwargs)
+            per_block.append([tensor.numel() * tensor.element_size() if tensor is not None else 0, saved.total_bytes, 0])
+
+        def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            per_block[-1][2] = saved.total_bytes
+
+        handles = [h for b in blocks for h in (b.register_forward_pre_hook(before, with_kwargs=True),
+                                                b.register_forward_hook(after, with_kwargs=True))]
+        try:
+            outputs = traced(**batch)
+        finally:
+            for handle in handles:
+                handle.remove()
     loss_from_outputs(outputs)
     excluded = {storage_key(t) for t in model_tensors(traced)} | saved.keys
     outputs_bytes = storage_bytes(output_tensors(outputs), exclude=excluded)
     activations = saved.total_bytes
+    if gradient_checkpointing and per_block:
+        inside = [end - start for _, start, end in per_block]
+        activations = activations - sum(inside) + sum(size for size, _, _ in per_block) + max(inside)
+        notes.append(f"checkpointing {len(per_block)} blocks: their inputs, plus one block recomputed")
+    elif gradient_checkpointing:
+        notes.append("this model has no checkpointable blocks: activations as without checkpointing")
     if compute_dtype is not None:
+        # Autocast keeps a low-precision copy of each matmul weight stored in another dtype for
+        # backward; under checkpointing, only one block's at a time.
         element = torch.empty((), dtype=compute_dtype).element_size()
-        weight_copies = sum(m.weight.numel() * element for m in model.modules() if isinstance(m, nn.Linear))
-        activations += weight_copies
-        notes.append("includes autocast's low-precision copies of linear weights")
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype != compute_dtype]
+        copies = sum(m.weight.numel() * element for m in linears)
+        if blocks:
+            copies = copies - copies * (len(blocks) - 1) // len(blocks)
+        if copies:
+            activations += copies
+            notes.append("includes autocast's low-precision copies of linear weights")
     return activations, outputs_bytes, notes
 
 
-def estimate_prepared(model: nn.Module, task_kind: str, batch_size: int, seq_len: int, *, device: str = "cpu", compute_dtype: torch.dtype | None = None) -> tuple[int, int, MemoryBreakdown]:
+def estimate_prepared(model: nn.Module, task_kind: str, batch_size: int, seq_len: int, *, device: str = "cpu",
+                      compute_dtype: torch.dtype | None = None, gradient_checkpointing: bool = False,
+                      optimizer: str = "adamw") -> tuple[int, int, MemoryBreakdown]:
     """(trainable, total, memory) of a meta model already made trainable by its method."""
     params = trainable_parameters(model)
     trainable, total = count_parameters(model)
     gradients = sum(p.numel() * p.element_size() for p in params)
-    optimizer_states = sum(2 * p.numel() * p.element_size() + ADAMW_STEP_BYTES for p in params)
-    activations, outputs, notes = _trace_step(model, _meta_batch(task_kind, batch_size, seq_len), device, compute_dtype)
+    states, step_bytes = OPTIMIZERS[optimizer]
+    optimizer_states = sum(states * p.numel() * p.element_size() + step_bytes for p in params)
+    activations, outputs, notes = _trace_step(model, _meta_batch(task_kind, batch_size, seq_len), device, compute_dtype,
+                                              gradient_checkpointing)
     memory = MemoryBreakdown(
         weights=storage_bytes(model_tensors(model)),
         gradients=gradients,
@@ -298,6 +351,9 @@ def estimate(
     method_options: dict[str, dict[str, Any]] | None = None,
     device: str = "cpu",
     mixed_precision: str = "auto",
+    weights_dtype: str = "float32",
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
 ) -> EstimateReport:
     """Predict trainable parameters and the memory breakdown of one training step per method.
 
@@ -307,6 +363,10 @@ def estimate(
     method_options: {method: {config field: value}} on top of the comparison's settings.
     device: "cpu" or "cuda" (selects the attention kernel's saved tensors and mixed precision).
     mixed_precision: "auto" (bf16 on CUDA, none on CPU), "no", "bf16" or "fp16".
+    weights_dtype: how the base is stored: "float32" (mixed precision's master weights), "bfloat16"
+        or "float16" (a half-precision base, as PEFT usually trains; adapters stay float32).
+    gradient_checkpointing: recompute each block's activations in backward.
+    optimizer: "adamw" (two states per trained parameter), "sgd_momentum" (one) or "sgd" (none).
     """
     from .methods import available_compare_methods
 
@@ -323,6 +383,10 @@ def estimate(
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16; got {mixed_precision!r}.")
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}; got {weights_dtype!r}.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}.")
     # Built once up front so that a bad model name fails here, not once per method.
     _, name, kind = build_meta_model(model, task_kind, num_labels)
     rows = []
@@ -330,12 +394,14 @@ def estimate(
         row = MethodEstimate(method)
         try:
             meta_model, _, _ = build_meta_model(model, kind, num_labels)
+            meta_model.to(WEIGHT_DTYPES[weights_dtype])
             settings = method_settings(method, (method_options or {}).get(method))
             calibration = [_meta_batch(kind, batch_size, seq_len)] if settings.needs_calibration_data else None
             with torch.device("meta"):
                 prepared = apply_method(meta_model, settings, _head_modules(meta_model, kind), calibration)
             row.trainable, row.total, row.memory = estimate_prepared(
-                prepared, kind, batch_size, seq_len, device=device, compute_dtype=compute_dtype
+                prepared, kind, batch_size, seq_len, device=device, compute_dtype=compute_dtype,
+                gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
             )
         except (ValueError, TypeError) as err:
             row.error = f"{type(err).__name__}: {err}"
@@ -343,7 +409,8 @@ def estimate(
             # e.g. a method whose setup needs real numbers (data-dependent masks) cannot run on meta.
             row.error = f"cannot be traced on the meta device ({type(err).__name__}: {err})"
         rows.append(row)
-    return EstimateReport(name, kind, batch_size, seq_len, device, precision, rows)
+    return EstimateReport(name, kind, batch_size, seq_len, device, precision, rows, weights_dtype,
+                          gradient_checkpointing, optimizer)
 
 
 def estimate_error(estimated: MemoryBreakdown, measured: MemoryBreakdown) -> dict[str, float | None]:
