@@ -214,7 +214,7 @@ def test_save_load_round_trips_bit_exact_and_stores_only_the_adapter(tmp_path, t
     model.eval()
     out = model(input_ids=tokens).logits
     path = model.save(tmp_path / "adapter")
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = dt.load(tiny_llama(layers=4, hidden=256, vocab=4000), path)
     saved = model.adapter_state_dict()
     restored = loaded.adapter_state_dict()

@@ -290,7 +290,7 @@ def test_saving_the_fusion_alone_needs_its_adapters_to_load(tmp_path):
     model.save(tmp_path / "a", "a")
     model.save(tmp_path / "b", "b")
     path = model.save(tmp_path / "f", "f")
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = json.loads((path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "ADAPTER_FUSION" and saved["adapters"] == ["a", "b"]
     assert all(".fusion." in k or "classifier" in k for k in model.adapter_state_dict("f"))
@@ -311,7 +311,7 @@ def test_save_fusion_and_load_fusion_round_trip_bit_exact(tmp_path):
     files = sorted(str(p.relative_to(tmp_path / "saved")) for p in (tmp_path / "saved").rglob("*") if p.is_file())
     assert files == [
         f"{folder}/{name}" for folder in ("adapters/a", "adapters/b", "fusion")
-        for name in ("adapter_config.json", "adapter_model.safetensors")
+        for name in ("README.md", "adapter_config.json", "adapter_model.safetensors")
     ]
     loaded = load_fusion(tiny_bert_classifier(), tmp_path / "saved", fusion_name="f")
     assert loaded.active_adapters == ["f"] and sorted(loaded.configs) == ["a", "b", "f"]

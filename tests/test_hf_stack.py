@@ -106,7 +106,7 @@ def test_save_pretrained_writes_adapters_only_in_peft_layout_and_from_pretrained
     model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, init_lora_weights=False))
     model.add_adapter("other", dt.IA3Config(init_ia3_weights=False))
     model.save_pretrained(tmp_path / "out", safe_serialization=True)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "other"]
     assert (tmp_path / "out" / "other" / "adapter_model.safetensors").is_file()
     tokens = torch.randint(0, 101, (2, 8))
     loaded = dt.DeltaModel.from_pretrained(tiny_llama(), tmp_path / "out")
@@ -156,3 +156,15 @@ def test_trl_sft_trainer_trains_a_wrapped_model_with_its_default_config(tmp_path
     result = trainer.train()
     assert math.isfinite(result.training_loss)
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before and ".lora_B." in n)
+
+
+def test_adapter_folders_get_a_model_card(tmp_path):
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, lora_alpha=8))
+    model.save(tmp_path / "a", task="sentiment", metrics={"accuracy": 0.75})
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: deltatune")
+    for expected in ("| method | lora (peft_type LORA) |", "14 modules", "r=4", "lora_alpha=8",
+                     f"| trainable parameters | {model.trainable_parameters().trainable:,}", "| task | sentiment |",
+                     "| accuracy | 0.75 |"):
+        assert expected in card, expected
+    assert dt.load(tiny_llama(), tmp_path / "a").adapter_names == ["default"]  # the card changes no loading

@@ -25,8 +25,13 @@ class AdapterFileError(ValueError):
     """An adapter file is missing, corrupt, or does not fit the model."""
 
 
-def save_adapter_files(directory: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write both files atomically: a failed save leaves any earlier adapter in `directory` intact."""
+CARD_NAME = "README.md"
+
+
+def save_adapter_files(directory: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+                       model_card: str | None = None) -> Path:
+    """Write both files atomically: a failed save leaves any earlier adapter in `directory` intact.
+    `model_card`: a README.md written beside them (it does not take part in loading)."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -40,7 +45,11 @@ def save_adapter_files(directory: str | Path, config: AdapterConfig, tensors: di
     try:
         save_file(payload, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         config.to_json_file(staging / CONFIG_NAME)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        names = [WEIGHTS_NAME, CONFIG_NAME]
+        if model_card is not None:
+            (staging / CARD_NAME).write_text(model_card, encoding="utf-8")
+            names.append(CARD_NAME)
+        for name in names:
             os.replace(staging / name, directory / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -7,6 +7,7 @@ It is a plain nn.Module whose forward is the base model's forward, so `generate(
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,11 +488,17 @@ class DeltaModel(nn.Module):
             module = getattr(module, part)
         return ".".join(kept)
 
-    def save(self, directory: str | Path, adapter_name: str | None = None) -> Path:
-        """Write adapter_config.json + adapter_model.safetensors (the adapter only, never the base)."""
+    def save(self, directory: str | Path, adapter_name: str | None = None, *, task: str | None = None,
+             metrics: dict[str, Any] | None = None) -> Path:
+        """Write adapter_config.json + adapter_model.safetensors (the adapter only, never the base),
+        and a README.md model card: base model, method, targets, settings, parameter count, and the
+        task and metrics when given."""
         adapter_name = self._one_adapter(adapter_name)
         config = self.configs[adapter_name].replace(inference_mode=True)
-        return save_adapter_files(directory, config, self.adapter_state_dict(adapter_name))
+        tensors = self.adapter_state_dict(adapter_name)
+        card = _model_card(adapter_name, config, sum(t.numel() for t in tensors.values()),
+                           self.trainable_parameters().total, task, metrics)
+        return save_adapter_files(directory, config, tensors, model_card=card)
 
     # -- state dict: the delta, not the frozen base ------------------------------------------------
     def _is_delta_key(self) -> Callable[[str], bool]:
@@ -635,6 +642,39 @@ class DeltaModel(nn.Module):
         if not self.configs:
             raise ValueError("This model has no adapter.")
         return self.active_adapters[0] if self.active_adapters else next(iter(self.configs))
+
+
+def _model_card(adapter_name: str, config: AdapterConfig, parameters: int, base_parameters: int,
+                task: str | None, metrics: dict[str, Any] | None) -> str:
+    """A README.md for an adapter folder, in the Hub's model-card form (YAML front matter)."""
+    base = config.base_model_name_or_path
+    targets = config.target_modules
+    if isinstance(targets, list):
+        leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+        targets_text = f"{len(targets)} modules ({', '.join(leaves)})"
+    else:
+        targets_text = "the method's own" if targets is None else f"`{targets}`"
+    # The method's own fields (rank, scaling, ...) and the shared ones the user set.
+    shared = {f.name for f in dataclasses.fields(AdapterConfig)}
+    settings = {k: v for k, v in config.to_dict().items()
+                if k in {f.name for f in dataclasses.fields(config)} and k not in ("target_modules", "base_model_name_or_path",
+                "inference_mode", "revision") and (k not in shared or v not in (None, [], {}, False))}
+    lines = ["---", "library_name: deltatune", *([f"base_model: {base}"] if base else []),
+             f"tags: [deltatune, peft, {config.method}]", "---", "",
+             f"# {adapter_name}: a {config.method} adapter", "",
+             "| | |", "|---|---|",
+             f"| method | {config.method} (peft_type {config.peft_type or config.method.upper()}) |",
+             f"| base model | {base or 'not recorded'} |",
+             f"| targets | {targets_text} |",
+             f"| settings | {', '.join(f'{k}={v}' for k, v in settings.items()) or 'defaults'} |",
+             f"| trainable parameters | {parameters:,} ({100 * parameters / max(base_parameters, 1):.4f}% of {base_parameters:,}) |"]
+    if task:
+        lines.append(f"| task | {task} |")
+    for name, value in (metrics or {}).items():
+        lines.append(f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
+    lines += ["", "Load it with `deltatune.load(base_model, folder)` or peft's "
+              "`PeftModel.from_pretrained(base_model, folder)` (LoRA, IA3, AdaLoRA, prompt-style methods).", ""]
+    return "\n".join(lines)
 
 
 def written_out_targets(model: DeltaModel, adapter_name: str, config: AdapterConfig) -> AdapterConfig:

@@ -104,7 +104,8 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
     if console:
         console(f"Training {method} on {task.name}: {trainable:,} of {total:,} parameters trainable, lr {config.lr:g}")
     result = train(model, data, config, collate_fn=task.collate)
-    saved_bytes = _save_trained(model, method, output)
+    quality = evaluate_task(task, model, tokenizer, limit=spec.eval_limit) if spec.evaluate else None
+    saved_bytes = _save_trained(model, method, output, task.name, quality)
     summary: dict[str, Any] = {
         "task": spec.task if isinstance(spec.task, str) else task.name,
         "task_options": spec.task_options,
@@ -119,8 +120,8 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
         "train_s": result.total_time,
         "saved_bytes": saved_bytes,
     }
-    if spec.evaluate:
-        summary["quality"] = evaluate_task(task, model, tokenizer, limit=spec.eval_limit)
+    if quality is not None:
+        summary["quality"] = quality
     (output / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))
     if console:
         console(f"Saved to {output} ({saved_bytes:,} bytes)")
@@ -132,11 +133,22 @@ def _first_batches(task: Any, data: Any, batch_size: int, count: int = 16):
         yield task.collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
 
 
-def _save_trained(model: nn.Module, method: str, output: Path) -> int:
+def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of nested results, as dotted names (for the adapter's model card)."""
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _save_trained(model: nn.Module, method: str, output: Path, task: str, quality: dict[str, Any] | None) -> int:
     if method == FULL:
         save_full_checkpoint(model, output)
         return directory_bytes(output / "model.safetensors")
-    model.save(output)
+    model.save(output, task=task, metrics=_numbers(quality or {}))
     return sum(directory_bytes(output / name) for name in ("adapter_config.json", "adapter_model.safetensors") if (output / name).exists())
 
 
