@@ -100,8 +100,10 @@ def test_train_from_yaml_then_eval(tiny_task, tmp_path, capsys):
         "task: tiny\nmethod: lora\nmethod_options: {r: 2}\nlr: 0.01\n"
         f"train: {{max_steps: 3, batch_size: 8, progress: false}}\noutput: {tmp_path / 'adapter'}\neval_limit: 16\n"
     )
-    assert main(["train", "--config", str(config), "--set", "r=4", "--no-progress"]) == 0
-    trained = json.loads(capsys.readouterr().out.split("Saved to")[-1].split("\n", 1)[1])
+    assert main(["train", "--config", str(config), "--set", "r=4", "--no-progress", "--train-option", "log_every=1"]) == 0
+    printed = capsys.readouterr()
+    assert "step 3/3 loss" in printed.err  # without a progress bar the loss is still reported
+    trained = json.loads(printed.out.split("Saved to")[-1].split("\n", 1)[1])
     assert set(trained) == {"in_domain", "out_of_domain", "forgetting"}
     saved = json.loads((tmp_path / "adapter" / "deltatune_run.json").read_text())
     assert saved["method_settings"]["config"]["r"] == 4 and saved["steps"] == 3
@@ -147,3 +149,16 @@ def test_unknown_quantize_type_lists_the_choices(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--quantize", "nf3"])
     assert "nf4" in capsys.readouterr().err
+
+
+def test_train_help_lists_the_tasks_and_their_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "sentiment:" in text and "classification: model, train_file" in text
+
+
+def test_train_checkpoints_beside_the_adapter_without_an_output_dir_option(tiny_task, tmp_path, capsys):
+    assert main(["train", "--task", "tiny", "--method", "lora", "--train-option", "max_steps=2", "--train-option", "batch_size=8",
+                 "--train-option", "checkpoint_every=1", "--output", str(tmp_path / "adapter"), "--no-progress", "--no-eval"]) == 0
+    assert any((tmp_path / "adapter" / "checkpoints").iterdir())

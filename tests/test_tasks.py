@@ -272,3 +272,22 @@ def test_sentence_embeddings_skip_soft_prompt_positions():
     prompted = sentence_embeddings(model, examples, collate, batch_size=2)
     assert prompted.shape == plain.shape == (3, 32)
     assert torch.isfinite(prompted).all()
+
+
+def test_eval_finds_a_relative_model_folder_from_another_working_directory(tmp_path, tiny_causal_lm_folder, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from deltatune.cli import main
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_causal_lm_folder, work / "lm")
+    (work / "train.txt").write_text("some words repeat here again " * 40, encoding="utf-8")
+    monkeypatch.chdir(work)
+    assert main(["train", "--task", "text", "--task-option", "model=lm", "--task-option", "train_file=train.txt",
+                 "--task-option", "test_file=train.txt", "--task-option", "block_size=16", "--method", "lora",
+                 "--train-option", "max_steps=2", "--train-option", "batch_size=4", "--output", "adapter", "--no-progress"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded paths are absolute
+    assert main(["eval", str(work / "adapter"), "--splits", "in_domain"]) == 0
+    assert json.loads(capsys.readouterr().out)["in_domain"]["perplexity"] > 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--storage-tasks", type=int, default=100, help="N in the storage-for-N-tasks plot")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the full model copy written to measure its size")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars; the loss is logged every log_every steps instead")
     _add_quantize(parser, "every PEFT method's frozen base (full fine-tuning stays the full-precision baseline)")
 
 
@@ -186,7 +187,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     parser.add_argument("--output", help="folder for the adapter (default: runs/train)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar; the loss is logged every log_every steps instead")
     _add_quantize(parser, "the frozen base")
 
 
@@ -301,12 +302,22 @@ SUBCOMMANDS: list[Subcommand] = [
 ]
 
 
+def _epilog(command: str) -> str | None:
+    """The tasks and their --task-option keys, for the commands that take a task."""
+    if command not in ("train", "compare", "eval"):
+        return None
+    from deltatune.train.tasks import describe_tasks
+
+    return "tasks (--task NAME) and their options (--task-option KEY=VALUE):\n" + describe_tasks()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning, measured against full fine-tuning.")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for sub in SUBCOMMANDS:
-        sub_parser = commands.add_parser(sub.name, help=sub.help, description=sub.help)
+        sub_parser = commands.add_parser(sub.name, help=sub.help, description=sub.help, epilog=_epilog(sub.name),
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_arguments(sub_parser)
         sub_parser.set_defaults(handler=sub.run)
     return parser
@@ -317,11 +328,35 @@ def _stop_on_terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes (a test's capture, a redirect)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """deltatune's own messages (the training loss without progress bars, resumes) on stderr."""
+    log = logging.getLogger("deltatune")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if argv is None:  # only when run as the `deltatune` program, not when called from Python
         signal.signal(signal.SIGTERM, _stop_on_terminate)
+    _log_to_stderr()
     try:
         return args.handler(args)
     except KeyboardInterrupt:

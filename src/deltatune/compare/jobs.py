@@ -82,6 +82,8 @@ def _train_config(spec: TrainSpec, lr: float) -> Any:
     if unknown:
         raise ValueError(f"Unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}.")
     values = {"lr": lr, **spec.train}
+    if (values.get("checkpoint_every") or values.get("resume")) and not values.get("output_dir"):
+        values["output_dir"] = str(Path(spec.output) / "checkpoints")  # beside the adapter, unless chosen
     return TrainConfig(**values)
 
 
@@ -108,7 +110,8 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
     saved_bytes = _save_trained(model, method, output, task.name, quality)
     summary: dict[str, Any] = {
         "task": spec.task if isinstance(spec.task, str) else task.name,
-        "task_options": spec.task_options,
+        # Absolute paths, so that `deltatune eval` finds the model and data from any folder.
+        "task_options": _absolute_paths(spec.task_options),
         "method": method,
         "method_settings": settings.to_dict(),
         "quantize": settings.quantize,
@@ -131,6 +134,12 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
 def _first_batches(task: Any, data: Any, batch_size: int, count: int = 16):
     for start in range(0, min(len(data), count * batch_size), batch_size):
         yield task.collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+
+
+def _absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
+    """Option values naming an existing file or folder, made absolute."""
+    return {key: str(Path(value).resolve()) if isinstance(value, str) and value and Path(value).exists() else value
+            for key, value in options.items()}
 
 
 def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import inspect
 import io
 import math
 import random
@@ -747,6 +748,18 @@ _BUILDERS: dict[str, Callable[..., Task]] = {
 
 def available_tasks() -> list[str]:
     return list(_BUILDERS)
+
+
+def task_options(name: str) -> list[str]:
+    """The options a task takes (--task-option KEY=VALUE), read from its constructor."""
+    builder = _BUILDERS[name]
+    target = FileLanguageModelTask.__init__ if not isinstance(builder, type) else builder.__init__
+    return [p for p in inspect.signature(target).parameters if p not in ("self", "name")]
+
+
+def describe_tasks() -> str:
+    """One line per task with its options (the CLI's help lists them)."""
+    return "\n".join(f"  {name}: {', '.join(task_options(name)) or 'no options'}" for name in available_tasks())
 
 
 def get_task(name: str, **options: Any) -> Task:
