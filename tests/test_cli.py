@@ -76,6 +76,7 @@ def test_compare_runs_and_estimate_reads_its_results(tiny_task, tmp_path, capsys
     code = main([
         "compare", "--task", "tiny", "--methods", "full,lora", "--steps", "4", "--batch-size", "8",
         "--eval-limit", "16", "--lr", "lora=1e-2", "--set", "lora.r=2", "--output", str(out), "--no-progress",
+        "--report-to", "csv",
     ])
     printed = capsys.readouterr().out
     assert code == 0
@@ -83,6 +84,8 @@ def test_compare_runs_and_estimate_reads_its_results(tiny_task, tmp_path, capsys
     results = json.loads((out / "results.json").read_text())
     assert results["method_settings"]["lora"]["lr"] == 1e-2
     assert results["method_settings"]["lora"]["config"]["r"] == 2
+    for method in ("full", "lora"):  # --report-to csv: each method's training scalars
+        assert "train/loss" in (out / "logs" / method / "metrics.csv").read_text()
     assert main(["estimate", "--results", str(out / "results.json")]) == 0
     assert "Estimate (batch 8 x 12 tokens) vs measured" in capsys.readouterr().out
 

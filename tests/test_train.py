@@ -334,3 +334,28 @@ def test_loop_calls_model_hooks_for_methods():
     assert hooked.hook_steps == [(1, True), (2, True), (3, True)]
     assert second.losses[0] > first.losses[0]  # the penalty is part of the optimised loss
     assert abs(hooked.linear.bias.item()) < abs(plain.linear.bias.item())  # and it pulls the bias to 0
+
+
+def test_report_to_writes_tensorboard_events_and_a_csv(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import tiny_llama
+
+    import deltatune as dt
+
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2))
+    rows = [{"input_ids": torch.randint(0, 101, (8,)), "labels": torch.randint(0, 101, (8,))} for _ in range(8)]
+    config = TrainConfig(max_steps=4, batch_size=4, log_every=2, progress=False, device="cpu",
+                         report_to=["tensorboard", "csv"], logging_dir=str(tmp_path / "logs"))
+    train(model, rows, config, eval_fn=lambda m: {"in_domain": {"loss": 1.5, "note": "text is skipped"}})
+    lines = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "step,name,value" and "2,train/loss," in lines[1] and "4,eval/in_domain/loss,1.5" in lines
+    events = EventAccumulator(str(tmp_path / "logs"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "eval/in_domain/loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+
+
+def test_report_to_refuses_an_unknown_target():
+    with pytest.raises(ValueError, match="tensorboard, csv"):
+        TrainConfig(report_to=["wandb"], output_dir="x")

@@ -62,7 +62,15 @@ def _method_values(pairs: Sequence[str] | None, what: str) -> dict[str, dict[str
 
 
 # ---------------------------------------------------------------- compare
+def _add_report_to(parser: argparse.ArgumentParser) -> None:
+    from deltatune.train.reporting import REPORT_TARGETS
+
+    parser.add_argument("--report-to", type=_csv, metavar="TARGETS",
+                        help=f"comma-separated: {', '.join(REPORT_TARGETS)} (training scalars under the output's logs/)")
+
+
 def _add_compare(parser: argparse.ArgumentParser) -> None:
+    _add_report_to(parser)
     parser.add_argument("--task", default="sentiment", help="task name (default: sentiment)")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task (repeatable)")
     parser.add_argument("--methods", type=_csv, help="comma-separated methods, e.g. full,lora,bitfit, or 'all' (default: the preset's)")
@@ -110,6 +118,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         quantize=args.quantize,
         progress=not args.no_progress,
+        report_to=args.report_to,
     )
     failed = [n for n, r in run.methods.items() if r.get("status") != "ok"]
     if failed:
@@ -173,6 +182,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- train / eval
 def _add_train(parser: argparse.ArgumentParser) -> None:
+    _add_report_to(parser)
     parser.add_argument("--config", help="YAML file with task, method, method_options, lr, train, output, ...")
     parser.add_argument("--task", help="task name (default: sentiment)")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task")
@@ -196,7 +206,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     spec = TrainSpec.from_yaml(args.config) if args.config else TrainSpec()
     train_options = _key_values(args.train_option, "--train-option")
-    for key, value in (("max_steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed)):
+    for key, value in (("max_steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
+                       ("report_to", args.report_to)):
         if value is not None:
             train_options[key] = value
     spec = spec.merged(

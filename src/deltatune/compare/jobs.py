@@ -84,6 +84,8 @@ def _train_config(spec: TrainSpec, lr: float) -> Any:
     values = {"lr": lr, **spec.train}
     if (values.get("checkpoint_every") or values.get("resume")) and not values.get("output_dir"):
         values["output_dir"] = str(Path(spec.output) / "checkpoints")  # beside the adapter, unless chosen
+    if values.get("report_to") and not values.get("logging_dir"):
+        values["logging_dir"] = str(Path(spec.output) / "logs")
     return TrainConfig(**values)
 
 
@@ -142,22 +144,13 @@ def _absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
             for key, value in options.items()}
 
 
-def _numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of nested results, as dotted names (for the adapter's model card)."""
-    flat: dict[str, float] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_numbers(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _save_trained(model: nn.Module, method: str, output: Path, task: str, quality: dict[str, Any] | None) -> int:
     if method == FULL:
         save_full_checkpoint(model, output)
         return directory_bytes(output / "model.safetensors")
-    model.save(output, task=task, metrics=_numbers(quality or {}))
+    from deltatune.train.reporting import numeric_leaves
+
+    model.save(output, task=task, metrics=numeric_leaves(quality or {}, sep="."))
     return sum(directory_bytes(output / name) for name in ("adapter_config.json", "adapter_model.safetensors") if (output / name).exists())
 
 

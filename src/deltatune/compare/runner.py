@@ -64,6 +64,7 @@ class CompareSettings:
     keep_checkpoints: bool
     task_options: dict[str, Any] = field(default_factory=dict)
     quantize: str | None = None  # 4-bit base under every PEFT method; full FT stays the baseline
+    report_to: list[str] = field(default_factory=list)  # "tensorboard" / "csv": per-method logs under logs/
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -391,6 +392,8 @@ class _Comparison:
             seed=self.settings.seed,
             progress=self.progress,
             device=self.settings.device,
+            report_to=self.settings.report_to,
+            logging_dir=str(self.output_dir / "logs" / settings.name),
         )
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -483,6 +486,7 @@ def compare(
     progress: bool = True,
     console: Callable[[str], None] | None = print,
     report: bool = True,
+    report_to: Sequence[str] | str | None = None,
 ) -> CompareRun:
     """Train full fine-tuning and PEFT methods on one task alike and report how they compare.
 
@@ -493,6 +497,7 @@ def compare(
     lrs / method_options: per-method learning rates and config fields over the defaults.
     quantize: "nf4", "fp4" or "int4" stores the frozen base of every PEFT method in 4 bits (the
         qlora method takes it as its quant_type); full fine-tuning stays in full precision.
+    report_to: "tensorboard" and/or "csv": each method's training scalars under output_dir/logs/<method>.
     Writes results.json (after every phase), report.md and PNG plots into `output_dir`.
     """
     settings = resolve_settings(
@@ -512,6 +517,9 @@ def compare(
         for name in settings.methods
     }
     settings.quantize = next((m.quantize for m in methods_used.values() if m.quantize), None)
+    from deltatune.train.reporting import check_report_to
+
+    settings.report_to = check_report_to(report_to)
     path = prepare_output_dir(output_dir)
     comparison = _Comparison(settings, task, path, methods_used, progress, console)
     comparison.results.save()

@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +36,7 @@ from deltatune.train.checkpoint import (
     trainable_parameters,
 )
 from deltatune.train.data import pad_collate
+from deltatune.train.reporting import check_report_to, make_reporters, numeric_leaves
 
 logger = logging.getLogger("deltatune.train")
 
@@ -65,6 +67,8 @@ class TrainConfig:
     resume: bool = False  # continue from output_dir's latest checkpoint when there is one
     progress: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    report_to: list[str] = field(default_factory=list)  # "tensorboard" and/or "csv" (train/reporting.py)
+    logging_dir: str | None = None  # where they write; default: output_dir/logs
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +90,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if (self.checkpoint_every or self.resume) and not self.output_dir:
             raise ValueError("TrainConfig.output_dir is required when checkpoint_every > 0 or resume=True")
+        self.report_to = check_report_to(self.report_to)
+        if self.report_to and not (self.logging_dir or self.output_dir):
+            raise ValueError("TrainConfig.report_to needs logging_dir (or output_dir) to write into")
 
 
 @dataclass
@@ -367,6 +374,8 @@ class _Runner:
         self.model.train()
         bar = _progress_bar(config, initial=state["step"])
         window_tokens, window_time = 0, 0.0
+        logging_dir = config.logging_dir or (str(Path(config.output_dir) / "logs") if config.output_dir else None)
+        self.reporters = make_reporters(config.report_to, logging_dir)
         try:
             while state["step"] < config.max_steps:
                 step_started = time.perf_counter()
@@ -383,16 +392,18 @@ class _Runner:
                 for callback in self.callbacks:
                     callback(state["step"], self.model, self.optimizer)
                 self.optimizer.zero_grad(set_to_none=True)
-                if config.log_every and state["step"] % config.log_every == 0:
+                if config.log_every and (state["step"] % config.log_every == 0 or state["step"] == config.max_steps):
                     self._log(bar, window_tokens / max(window_time, 1e-9))
                     window_tokens, window_time = 0, 0.0
                 self._maybe_evaluate()
                 self._maybe_checkpoint()
+            self._maybe_evaluate(final=True)
+            self._maybe_checkpoint(final=True)
         finally:
             bar.close()
             self.optimizer.zero_grad(set_to_none=True)
-        self._maybe_evaluate(final=True)
-        self._maybe_checkpoint(final=True)
+            for reporter in self.reporters:
+                reporter.close()
         return self._result("completed")
 
     def _optimizer_step(self) -> tuple[float, int]:
@@ -440,6 +451,11 @@ class _Runner:
         due = self.config.eval_every and step % self.config.eval_every == 0
         if final or due:
             history.append({"step": step, **run_eval(self.eval_fn, self.model)})
+            self._report(step, numeric_leaves({k: v for k, v in history[-1].items() if k != "step"}, "eval"))
+
+    def _report(self, step: int, values: dict[str, float]) -> None:
+        for reporter in self.reporters:
+            reporter.report(step, values)
 
     def _maybe_checkpoint(self, final: bool = False) -> None:
         every, step = self.config.checkpoint_every, self.state["step"]
@@ -469,6 +485,7 @@ class _Runner:
         loss = sum(recent) / len(recent)
         lr = self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", lr=f"{lr:.2e}", refresh=False)
+        self._report(self.state["step"], {"train/loss": loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second})
         if not self.config.progress:
             logger.info("step %d/%d loss %.4f %.0f tok/s lr %.2e", self.state["step"],
                         self.config.max_steps, loss, tokens_per_second, lr)
