@@ -82,11 +82,14 @@ def test_state_dict_is_the_delta_and_loads_strictly_into_a_fresh_wrapper():
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("method", ["lora", "ia3", "adapter", "prefix"])
-def test_methods_train_under_cpu_bf16_autocast(build, method):
-    model = dt.wrap(build(), dt.make_config(method))
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter", "prefix", "qlora"])
+@pytest.mark.parametrize("precision", ["bf16-autocast", "fp16-autocast", "bf16-weights"])
+def test_methods_train_under_cpu_autocast_and_on_bf16_weights(build, method, precision):
+    base = build().to(torch.bfloat16) if precision == "bf16-weights" else build()
+    model = dt.wrap(base, dt.make_config(method))
     ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(1))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    dtype = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}.get(precision)
+    with torch.autocast("cpu", dtype=dtype) if dtype else torch.enable_grad():
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     trained = [p for p in model.parameters() if p.requires_grad]
