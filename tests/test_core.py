@@ -237,7 +237,7 @@ def test_save_is_atomic_old_adapter_survives_a_failed_save(tmp_path, monkeypatch
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("deltatune.io.save_file", broken_save)
+    monkeypatch.setattr("deltatune.io.save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         model.save(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before

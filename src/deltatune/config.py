@@ -117,8 +117,12 @@ class AdapterConfig:
             data[f.name] = value
         return data
 
+    def to_json(self) -> str:
+        """The adapter_config.json text (peft's field names, sorted keys)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def to_json_file(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        Path(path).write_text(self.to_json())
 
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
@@ -131,13 +135,18 @@ def read_config_dict(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"No {CONFIG_NAME} in {directory}: point to a folder written by deltatune's or peft's save."
         )
+    return parse_config_text(path.read_bytes(), str(path))
+
+
+def parse_config_text(text: bytes | str, source: str) -> dict[str, Any]:
+    """An adapter config's JSON, checked to be one; `source` names it in errors."""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err}); the file is corrupt or was cut short.") from None
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"{source} is not valid JSON ({err}); the file is corrupt or was cut short.") from None
     if not isinstance(data, dict) or "peft_type" not in data:
-        raise ConfigError(f"{path} has no 'peft_type' field, so it is not an adapter config.")
+        raise ConfigError(f"{source} has no 'peft_type' field, so it is not an adapter config.")
     return data
 
 
-__all__ = ["AdapterConfig", "ConfigError", "CONFIG_NAME", "read_config_dict", "field"]
+__all__ = ["AdapterConfig", "ConfigError", "CONFIG_NAME", "parse_config_text", "read_config_dict", "field"]

@@ -20,7 +20,7 @@ from . import hf_compat
 from .config import AdapterConfig, ConfigError, read_config_dict
 from .kernels.patch import has_fused_path, is_patched, patch_model_for_training, unpatch_model
 from .inject import set_submodule, wrap_modules_to_save
-from .io import KEY_PREFIX, AdapterFileError, read_adapter_tensors, save_adapter_files
+from .io import KEY_PREFIX, AdapterFileError, check_tensor_fits, read_adapter, save_adapter_files
 from .layer import DeltaLayer, ModulesToSave, RowAdapters, packed_parameter_count
 from .registry import combining_methods, method_for_config, method_for_peft_type
 
@@ -60,6 +60,14 @@ class ParameterReport:
             f"trainable params: {self.trainable:,} of {self.total:,} ({self.percent:.4f}%), "
             f"{self.trainable_bytes / 2**20:.2f} MiB" + (f" [{parts}]" if parts else "")
         )
+
+
+def _read_folder(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config (as its method's class) and the tensors of one save in an adapter folder."""
+    method_for_peft_type(str(read_config_dict(directory)["peft_type"]))  # a foreign method: said before the weights are read
+    files = read_adapter(directory)
+    info = method_for_peft_type(str(files.config["peft_type"]))
+    return info.config_class.from_dict(files.config, foreign_ok=True), files.tensors
 
 
 def _check_row_count(adapter_names: Sequence[str | None], args: tuple, kwargs: dict) -> None:
@@ -571,10 +579,11 @@ class DeltaModel(nn.Module):
 
     def load_adapter(self, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False, activate: bool = True) -> None:
         """Add an adapter from a folder written by deltatune or Hugging Face peft."""
-        info = method_for_peft_type(str(read_config_dict(directory)["peft_type"]))
-        config = info.config_class.from_dict(read_config_dict(directory), foreign_ok=True)
-        config = config.replace(inference_mode=not is_trainable)
-        tensors = read_adapter_tensors(directory)
+        config, tensors = _read_folder(directory)
+        self._add_loaded(adapter_name, config.replace(inference_mode=not is_trainable), tensors, directory, activate)
+
+    def _add_loaded(self, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+                    directory: str | Path, activate: bool) -> None:
         # The file's tensors let a method skip data-dependent setup (a Fisher mask, a prompt from text).
         self.add_adapter(adapter_name, config, activate=activate, saved_tensors=tensors)
         try:
@@ -598,16 +607,15 @@ class DeltaModel(nn.Module):
         if any(adapter_name in layer.merged_adapters for _, layer in self.delta_layers()):
             raise RuntimeError(f"Adapter {adapter_name!r} is merged into the base; unmerge() before replacing it.")
         old = self.configs[adapter_name]
-        info = method_for_peft_type(str(read_config_dict(directory)["peft_type"]))
-        new = info.config_class.from_dict(read_config_dict(directory), foreign_ok=True).replace(inference_mode=old.inference_mode)
-        tensors = read_adapter_tensors(directory)
+        new, tensors = _read_folder(directory)  # config and weights of one save, read as one unit
+        new = new.replace(inference_mode=old.inference_mode)
         if _same_structure(old, new):
             self._copy_in(adapter_name, tensors, directory)  # checks every shape before the first write
             self.configs[adapter_name] = new.replace(base_model_name_or_path=old.base_model_name_or_path)
             return "in_place"
         was_active = adapter_name in self.active_adapters
         self.delete_adapter(adapter_name)
-        self.load_adapter(directory, adapter_name, is_trainable=not old.inference_mode, activate=False)
+        self._add_loaded(adapter_name, new, tensors, directory, activate=False)
         others = [n for n in self.active_adapters if n != adapter_name]
         self.set_adapter([*others, adapter_name] if was_active else others)
         return "rebuilt"
@@ -624,12 +632,7 @@ class DeltaModel(nn.Module):
                 + "Was it trained on another base model or with other target_modules?"
             )
         for key, target in expected.items():
-            source = tensors[key]
-            if source.shape != target.shape:
-                raise AdapterFileError(
-                    f"Tensor {key} has shape {tuple(source.shape)} in {directory} but the model needs "
-                    f"{tuple(target.shape)}; the adapter was made for a model of another size."
-                )
+            check_tensor_fits(key, tensors[key], target, directory)
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(tensors[key])
