@@ -133,3 +133,34 @@ def test_unsupported_module_type_is_named():
     with pytest.raises(dt.ConfigError, match="'1' is a LayerNorm"):
         dt.wrap(model, dt.LoraConfig(r=2, target_modules=["0", "1"]))
     assert isinstance(model[0], nn.Linear)  # nothing was wrapped before the error
+
+
+def test_pissa_load_then_delete_or_unwrap_restores_the_shared_base_bit_exactly(tmp_path):
+    """A server evicts adapters with delete_adapter: a PiSSA adapter must not leave the base rewritten."""
+    trained = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, init_lora_weights="pissa", target_modules=["q_proj", "v_proj"]))
+    path = trained.save(tmp_path / "pissa")
+    base = tiny_llama()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = dt.load(base, path)
+    rewritten = base.model.layers[0].self_attn.q_proj.get_base_layer().weight
+    assert not torch.equal(rewritten, original["model.layers.0.self_attn.q_proj.weight"])  # PiSSA's residual
+    model.delete_adapter("default")
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
+    model.load_adapter(path, "again")
+    model.unwrap()
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
+
+
+def test_pissa_adapters_on_one_weight_are_deleted_newest_first_and_a_refusal_changes_nothing(tmp_path):
+    base = tiny_llama()
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = dt.wrap(base, dt.LoraConfig(r=2, init_lora_weights="pissa", target_modules=["q_proj"]), adapter_name="first")
+    model.add_adapter("second", dt.LoraConfig(r=2, init_lora_weights="pissa", target_modules=["q_proj"]))
+    rewritten = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(RuntimeError, match="delete 'second' before 'first'"):
+        model.delete_adapter("first")
+    assert model.adapter_names == ["first", "second"]
+    assert all(torch.equal(v, rewritten[k]) for k, v in base.state_dict().items())
+    model.delete_adapter("second")
+    model.delete_adapter("first")
+    assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())

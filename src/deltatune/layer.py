@@ -165,6 +165,13 @@ class DeltaLayer(nn.Module):
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]
 
+    def delete_refusal(self, adapter_name: str) -> str | None:
+        """Why this layer cannot delete the adapter now, or None. The wrapper asks every layer
+        before it deletes anything, so a refused delete changes nothing."""
+        if adapter_name in self.merged_adapters:
+            return f"Adapter {adapter_name!r} is merged; unmerge before deleting it."
+        return None
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"Adapter {adapter_name!r} is merged; unmerge before deleting it.")

@@ -357,6 +357,10 @@ class DeltaModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
             raise ValueError(f"No adapter named {adapter_name!r}; this model has {self.adapter_names}.")
+        refusals = sorted({reason for _, layer in self.delta_layers() if adapter_name in layer.adapter_names
+                           and (reason := layer.delete_refusal(adapter_name))})
+        if refusals:
+            raise RuntimeError(" ".join(refusals))
         # Innermost first, so the path of an outer wrapper stays valid while inner ones go.
         for name, layer in reversed(list(self.delta_layers())):
             layer.delete_adapter(adapter_name)

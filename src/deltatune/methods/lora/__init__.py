@@ -179,6 +179,9 @@ class LoraLinear(_LoraBase):
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_norm_at_merge: dict[str, torch.Tensor] = {}
+        # The base weight as it was before each PiSSA init rewrote it (a host copy), in the order of
+        # the inits: deleting the adapter puts those exact bits back, so a shared base is left as found.
+        self._base_before_pissa: dict[str, torch.Tensor] = {}
         self._fast_path_key: tuple | None = None
         self._fast_path: tuple | None = None
         self._mixed_stacks: StackCache[_LoraStacks] = StackCache()
@@ -230,6 +233,7 @@ class LoraLinear(_LoraBase):
         self.lora_A[adapter_name].weight.copy_(A)
         self.lora_B[adapter_name].weight.copy_(B)
         residual = weight - scaling * (B @ A)
+        self._base_before_pissa[adapter_name] = stored.detach().to("cpu", copy=True)
         stored.data.copy_((residual.T if self.fan_in_fan_out else residual).to(stored.dtype))
 
     def _lora_product(self, adapter_name: str) -> torch.Tensor:
@@ -278,10 +282,22 @@ class LoraLinear(_LoraBase):
         self._mixed_stacks.clear()
         self._add_lora(adapter_name, config, module_name)
 
+    def delete_refusal(self, adapter_name: str) -> str | None:
+        inits = list(self._base_before_pissa)
+        if adapter_name in inits and inits[-1] != adapter_name:
+            # A later PiSSA init took its residual from this one's: only the reverse order restores exactly.
+            return (f"PiSSA adapters rewrote this base weight in turn ({', '.join(inits)}); "
+                    f"delete {inits[-1]!r} before {adapter_name!r}.")
+        return super().delete_refusal(adapter_name)
+
     def delete_adapter(self, adapter_name: str) -> None:
         self._fast_path_key = None
         self._mixed_stacks.clear()
         super().delete_adapter(adapter_name)
+        if adapter_name in self._base_before_pissa:
+            stored = self.get_base_layer().weight
+            with torch.no_grad():
+                stored.copy_(self._base_before_pissa.pop(adapter_name).to(stored.device))
 
     def lora_fast_path_params(self) -> LoraParams | None:
         """The fused kernels' view of this layer when one plain LoRA adapter runs on an nn.Linear, else None.
