@@ -356,3 +356,31 @@ def test_methods_reach_the_training_loop_through_generic_hooks(monkeypatch):
     model.set_adapter("plain")
     model.after_optimizer_step(8)
     assert calls == [("probe", 7)]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"use_rslora": "false"}, r"LoraConfig.use_rslora must be bool, got 'false' \(str\)"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+    ({"r": 4.0}, "r must be a positive integer, got 4.0"),
+    ({"target_modules": [1, 2]}, "target_modules must be list"),
+])
+def test_config_values_of_the_wrong_type_or_not_finite_are_refused_by_name(fields, message):
+    with pytest.raises(dt.ConfigError, match=message):
+        dt.LoraConfig(**fields)
+    with pytest.raises(dt.ConfigError, match=message):  # the same from a file
+        dt.LoraConfig.from_dict({"peft_type": "LORA", **fields}, foreign_ok=True)
+
+
+def test_merging_an_unknown_adapter_names_the_known_ones():
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2))
+    with pytest.raises(ValueError, match=r"No adapter named \['nope'\] to merge; this model has \['default'\]"):
+        model.merge(["nope"])
+
+
+def test_bad_yaml_is_a_usage_error_naming_the_file(tmp_path, capsys):
+    from deltatune.cli import EXIT_USAGE, main
+
+    job = tmp_path / "job.yaml"
+    job.write_text("task: [unclosed\n")
+    assert main(["train", "--config", str(job)]) == EXIT_USAGE
+    assert f"{job} is not valid YAML" in capsys.readouterr().err

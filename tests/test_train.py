@@ -359,3 +359,51 @@ def test_report_to_writes_tensorboard_events_and_a_csv(tmp_path):
 def test_report_to_refuses_an_unknown_target():
     with pytest.raises(ValueError, match="tensorboard, csv"):
         TrainConfig(report_to=["wandb"], output_dir="x")
+
+
+def tiny_lora_run(tmp_path, callbacks=(), **options):
+    from conftest import tiny_llama
+
+    import deltatune as dt
+
+    torch.manual_seed(0)
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2))
+    rows = [{"input_ids": torch.randint(0, 101, (8,), generator=torch.Generator().manual_seed(i))} for i in range(8)]
+    rows = [{**row, "labels": row["input_ids"]} for row in rows]
+    values = dict(max_steps=4, batch_size=4, checkpoint_every=1, progress=False, device="cpu", output_dir=str(tmp_path / "ckpt"))
+    return model, train(model, rows, TrainConfig(**{**values, **options}), step_callbacks=callbacks)
+
+
+def test_only_the_newest_checkpoints_are_kept_and_a_damaged_newest_one_falls_back(tmp_path, caplog):
+    tiny_lora_run(tmp_path)
+    folders = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("checkpoint-"))
+    assert folders == ["checkpoint-00000003", "checkpoint-00000004"]
+    damaged = tmp_path / "ckpt" / "checkpoint-00000004" / "optimizer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    _, result = tiny_lora_run(tmp_path, resume=True, max_steps=5)
+    assert str(damaged) in caplog.text and result.steps == 5  # resumed from step 3, with a warning naming the file
+
+
+def test_resume_refuses_changed_hyperparameters_unless_overridden_and_then_uses_and_records_them(tmp_path):
+    from deltatune.train.checkpoint import read_checkpoint
+
+    tiny_lora_run(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=r"changed hyper-parameters \(lr 0.0005 -> 0.01"):
+        tiny_lora_run(tmp_path, resume=True, max_steps=2, lr=1e-2)
+    rates = []
+    tiny_lora_run(tmp_path, resume=True, max_steps=3, lr=1e-2, resume_override=True, warmup_ratio=0.0,
+                  callbacks=[lambda step, model, optimizer: rates.append(optimizer.param_groups[0]["initial_lr"])])
+    assert rates == [1e-2]  # the new rate drives the optimizer, not only the record
+    state = read_checkpoint(tmp_path / "ckpt" / "checkpoint-00000003")["state.json"]["trainer"]
+    assert state["config"]["lr"] == 1e-2 and state["overrides"][0]["lr"] == {"was": 5e-4, "now": 1e-2}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"progress": "false"}, "progress must be bool"),
+    ({"max_steps": "10"}, "max_steps must be int"),
+])
+def test_bad_training_options_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +22,56 @@ CONFIG_NAME = "adapter_config.json"
 
 class ConfigError(ValueError):
     """A config field is unknown or has a value that cannot work."""
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` is of the annotated type, strictly: no string for a bool, no bool for a
+    number, only finite floats. Annotations this does not know pass."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_fits(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(_fits(k, key) and _fits(v, item) for k, v in value.items())
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    text = hint.__name__ if isinstance(hint, type) else str(hint)
+    return text.replace("NoneType", "None").replace("typing.", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def check_types(instance: Any) -> None:
+    """Every field of a dataclass instance holds its annotated type, strictly; ConfigError names
+    the first that does not."""
+    for name, hint in _field_types(type(instance)).items():
+        value = getattr(instance, name)
+        if not _fits(value, hint):
+            problem = "a finite number" if isinstance(value, float) and not math.isfinite(value) else _describe(hint)
+            raise ConfigError(f"{type(instance).__name__}.{name} must be {problem}, got {value!r} ({type(value).__name__}).")
 
 
 def _closest(name: str, choices: list[str]) -> str:
@@ -63,7 +117,16 @@ class AdapterConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
-        self.validate()
+        try:
+            self.validate()  # the method's own checks speak first: their messages say more
+        except (TypeError, AttributeError, RecursionError):
+            self.check_field_types()  # a wrong type got past them: name the field instead
+            raise
+        self.check_field_types()
+
+    def check_field_types(self) -> None:
+        """Every field holds its annotated type (strictly: "false" is no bool, NaN no number)."""
+        check_types(self)
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work; methods extend this."""

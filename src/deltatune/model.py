@@ -423,7 +423,10 @@ class DeltaModel(nn.Module):
     # -- merging --------------------------------------------------------------------------
     def merge(self, adapter_names: Iterable[str] | None = None) -> None:
         """Fold adapters into the base weights (zero added latency); `unmerge` undoes it."""
-        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise ValueError(f"No adapter named {unknown} to merge; this model has {self.adapter_names}.")
         for name in names:
             if not method_for_config(self.configs[name]).mergeable:
                 raise TypeError(

@@ -55,7 +55,10 @@ class TrainSpec:
         import yaml
 
         text = Path(path).read_text()
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of keys ({', '.join(SPEC_KEYS)}), not {type(values).__name__}.")
         return cls.from_dict(values, source=str(path))

@@ -10,8 +10,9 @@ A checkpoint directory holds
 
 It is written into a temporary directory and renamed into place; only then
 does ``latest.json`` (itself replaced atomically) point at it, and only
-after that are older checkpoints removed. A process killed at any moment
-therefore leaves the previous good checkpoint readable.
+after that are older checkpoints removed beyond the newest ``keep``. A process
+killed at any moment therefore leaves the previous good checkpoint readable;
+a damaged newest one is reported by file and the one before it is used.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST_POINTER = "latest.json"
@@ -49,8 +51,9 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     trainer_state: dict[str, Any],
+    keep: int = 2,
 ) -> Path:
-    """Write a checkpoint for ``step`` atomically and make it the latest one."""
+    """Write a checkpoint for ``step`` atomically and make it the latest one; keep the newest `keep`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
@@ -66,7 +69,7 @@ def save_checkpoint(
         raise
     _write_json_atomically(output_dir / LATEST_POINTER, {"checkpoint": final.name, "step": step})
     _fsync_directory(output_dir)
-    _remove_other_checkpoints(output_dir, keep=final.name)
+    _remove_old_checkpoints(output_dir, keep)
     return final
 
 
@@ -134,12 +137,18 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
-def _remove_other_checkpoints(output_dir: Path, keep: str) -> None:
+def _remove_old_checkpoints(output_dir: Path, keep: int) -> None:
     for entry in output_dir.iterdir():
-        stale_temporary = entry.name.startswith(f".tmp-{CHECKPOINT_PREFIX}")
-        older = entry.name.startswith(CHECKPOINT_PREFIX) and entry.name != keep
-        if entry.is_dir() and (older or stale_temporary):
+        if entry.is_dir() and entry.name.startswith(f".tmp-{CHECKPOINT_PREFIX}"):
             shutil.rmtree(entry, ignore_errors=True)
+    for entry in checkpoints_newest_first(output_dir)[keep:]:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def checkpoints_newest_first(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoint folders (renamed into place), newest step first."""
+    folders = [e for e in Path(output_dir).iterdir() if e.is_dir() and e.name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(folders, key=lambda e: e.name, reverse=True)  # zero-padded steps sort as numbers
 
 
 # --------------------------------------------------------------------------- reading
@@ -165,28 +174,50 @@ def read_trainer_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return state["trainer"]
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or damaged; the message names it."""
+
+
+def read_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Every file of a checkpoint, read and checked before anything is restored from it."""
+    checkpoint = Path(checkpoint)
+    data: dict[str, Any] = {}
+    for name in ("state.json", "trainable.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        path = checkpoint / name
+        try:
+            data[name] = json.loads(path.read_text(encoding="utf-8")) if name.endswith(".json") else load_file(str(path))
+        except (OSError, ValueError, SafetensorError) as err:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{path} cannot be read ({err}).") from None
+    for key in ("trainer", "trainable_names", "optimizer", "scheduler", "python_rng", "numpy_rng"):
+        if key not in data["state.json"]:
+            raise CheckpointError(f"{checkpoint / 'state.json'} has no {key!r}: the file is damaged.")
+    return data
+
+
 def load_checkpoint(
     checkpoint: str | os.PathLike,
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Restore trainable weights, optimizer, scheduler and RNG states; return the trainer state."""
+    """Restore trainable weights, optimizer, scheduler and RNG states; return the trainer state.
+    `data`: what read_checkpoint returned, when the caller read it already."""
     checkpoint = Path(checkpoint)
-    state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
-    _load_trainable(checkpoint, model, state["trainable_names"])
-    optimizer_tensors = load_file(str(checkpoint / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer_state(optimizer_tensors, state["optimizer"]))
+    data = data if data is not None else read_checkpoint(checkpoint)
+    state = data["state.json"]
+    _load_trainable(checkpoint, model, state["trainable_names"], data["trainable.safetensors"])
+    optimizer.load_state_dict(_unflatten_optimizer_state(data["optimizer.safetensors"], state["optimizer"]))
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    _restore_torch_rng(load_file(str(checkpoint / "rng.safetensors")))
+    _restore_torch_rng(data["rng.safetensors"])
     _restore_python_rng(state["python_rng"])
     _restore_numpy_rng(state["numpy_rng"])
     return state["trainer"]
 
 
-def _load_trainable(checkpoint: Path, model: torch.nn.Module, saved_names: list[str]) -> None:
+def _load_trainable(checkpoint: Path, model: torch.nn.Module, saved_names: list[str], saved: dict[str, torch.Tensor]) -> None:
     params = trainable_parameters(model)
     if list(params) != saved_names:
         missing = sorted(set(saved_names) - set(params))
@@ -197,7 +228,6 @@ def _load_trainable(checkpoint: Path, model: torch.nn.Module, saved_names: list[
             f"in model only: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
             f"Resume with the same model and method configuration, or use a new output_dir"
         )
-    saved = load_file(str(checkpoint / "trainable.safetensors"))
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])

@@ -28,10 +28,13 @@ import torch
 from torch import nn
 
 from deltatune import hf_compat
+from deltatune.config import check_types
 from deltatune.train.checkpoint import (
+    CheckpointError,
+    checkpoints_newest_first,
     latest_checkpoint,
     load_checkpoint,
-    read_trainer_state,
+    read_checkpoint,
     save_checkpoint,
     trainable_parameters,
 )
@@ -42,7 +45,10 @@ logger = logging.getLogger("deltatune.train")
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "no")
-RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed")
+RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed")  # they decide the data order: never overridable
+# Hyper-parameters a resumed run keeps unless the user says resume_override=True (then recorded).
+# (max_steps may grow: training longer is what a resume is often for.)
+RESUME_SHOULD_MATCH = ("lr", "weight_decay", "warmup_ratio", "schedule", "max_grad_norm", "mixed_precision")
 
 StepCallback = Callable[[int, nn.Module, torch.optim.Optimizer], Any]
 
@@ -67,10 +73,13 @@ class TrainConfig:
     resume: bool = False  # continue from output_dir's latest checkpoint when there is one
     progress: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    report_to: list[str] = field(default_factory=list)  # "tensorboard" and/or "csv" (train/reporting.py)
+    report_to: list[str] | str = field(default_factory=list)  # "tensorboard" and/or "csv" (train/reporting.py)
     logging_dir: str | None = None  # where they write; default: output_dir/logs
+    keep_checkpoints: int = 2  # the newest ones kept: a damaged newest one falls back to the one before
+    resume_override: bool = False  # resume even if RESUME_SHOULD_MATCH values changed (recorded in the state)
 
     def __post_init__(self) -> None:
+        check_types(self)  # "false" is no bool, NaN no number: before any comparison below
         self.validate()
 
     def validate(self) -> None:
@@ -86,6 +95,14 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.mixed_precision={self.mixed_precision!r} is not one of {', '.join(PRECISIONS)}"
             )
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"TrainConfig.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if (self.checkpoint_every or self.resume) and not self.output_dir:
@@ -304,9 +321,10 @@ def train(
     stream = BatchStream(train_data, config.batch_size, config.seed, collate_fn)
 
     state = _fresh_state(config, len(train_data))
-    checkpoint = latest_checkpoint(config.output_dir) if config.resume else None
-    if checkpoint is not None:
-        state = _resume(checkpoint, config, len(train_data), model, optimizer, scheduler, scaler)
+    found = _readable_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = found[0] if found else None
+    if found is not None:
+        state = _resume(*found, config, len(train_data), model, optimizer, scheduler, scaler)
     else:
         seed_everything(config.seed)
 
@@ -330,8 +348,30 @@ def _fresh_state(config: TrainConfig, dataset_size: int) -> dict[str, Any]:
     }
 
 
-def _resume(checkpoint, config, dataset_size, model, optimizer, scheduler, scaler) -> dict[str, Any]:
-    saved = read_trainer_state(checkpoint)
+def _readable_checkpoint(output_dir: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint whose files all read back (latest.json's first), with its data."""
+    candidates: list[Path] = []
+    try:
+        pointed = latest_checkpoint(output_dir)
+        candidates += [pointed] if pointed else []
+    except (OSError, ValueError) as err:  # a missing target or a damaged pointer
+        logger.warning("%s/latest.json is unusable (%s); looking at the checkpoints themselves", output_dir, err)
+    if Path(output_dir).is_dir():
+        candidates += [c for c in checkpoints_newest_first(output_dir) if c not in candidates]
+    problems = []
+    for checkpoint in candidates:
+        try:
+            return checkpoint, read_checkpoint(checkpoint)
+        except CheckpointError as err:
+            problems.append(str(err))
+            logger.warning("%s Trying the checkpoint before it.", err)
+    if problems:
+        raise CheckpointError("No readable checkpoint to resume from: " + " ".join(problems))
+    return None
+
+
+def _resume(checkpoint, data, config, dataset_size, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+    saved = data["state.json"]["trainer"]
     # Checked before any weight is overwritten: each would silently change the data order.
     for name in RESUME_MUST_MATCH:
         if saved["config"].get(name) != getattr(config, name):
@@ -344,9 +384,26 @@ def _resume(checkpoint, config, dataset_size, model, optimizer, scheduler, scale
             f"cannot resume from {checkpoint}: it was trained on {saved['dataset_size']} examples, "
             f"now train_data has {dataset_size}; resume with the same data or use a new output_dir"
         )
-    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler)
+    changed = {name: (saved["config"].get(name), getattr(config, name)) for name in RESUME_SHOULD_MATCH
+               if name in saved["config"] and saved["config"][name] != getattr(config, name)}
+    if changed and not config.resume_override:
+        listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        raise ValueError(
+            f"cannot resume from {checkpoint} with changed hyper-parameters ({listed}); use the checkpoint's "
+            f"values, or resume_override=True (--train-option resume_override=true) to continue with the new ones"
+        )
+    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
+    if changed:  # the optimizer came back with the old values: the new ones take effect from here
+        for group, multiplier in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = config.lr
+            group["lr"] = config.lr * multiplier(scheduler.last_epoch)
+            group["weight_decay"] = config.weight_decay
+        scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
+        overrides = state.setdefault("overrides", [])
+        overrides.append({"step": state["step"], **{name: {"was": old, "now": new} for name, (old, new) in changed.items()}})
+        logger.warning("resuming with changed hyper-parameters: %s", changed)
     state["config"] = asdict(config)
     logger.info("resumed from %s at step %d", checkpoint, state["step"])
     return state
@@ -474,6 +531,7 @@ class _Runner:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             trainer_state=self.state,
+            keep=self.config.keep_checkpoints,
         )
         self.last_checkpoint, self.checkpoint_step = str(path), step
 
