@@ -330,3 +330,97 @@ def test_cli_serve_runs_from_a_model_folder(adapters_dir, tokenizer, tmp_path):
         rest = process.communicate(timeout=60)[1]
     assert process.returncode == 0, rest
     assert "stopped" in rest
+
+
+# ---------------------------------------------------------------- hostile inputs
+def test_a_backtracking_pattern_fails_its_adapter_alone_and_health_keeps_answering(adapters_dir, tokenizer, tmp_path):
+    root = tmp_path / "adapters"
+    save_lora(root / "good", seed=1)
+    evil = dt.wrap(tiny_llama(), dt.LoraConfig(r=2, target_modules=r".*q_proj"))
+    evil.save(root / "evil")
+    config = json.loads((root / "evil" / "adapter_config.json").read_text())
+    config["target_modules"] = r"(.+)+!"  # exponential backtracking on every module name
+    (root / "evil" / "adapter_config.json").write_text(json.dumps(config))
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=50)) as port:
+        with ThreadPoolExecutor(4) as pool:
+            bad = pool.submit(generate, port, {"adapter": "evil", "prompt": "w5 w6", "max_new_tokens": 2})
+            good = pool.submit(generate, port, {"adapter": "good", "prompt": "w5 w6", "max_new_tokens": 2})
+            started = time.monotonic()
+            health = pool.submit(request, port, "GET", "/health")
+            assert health.result()[0] == 200 and time.monotonic() - started < 1.5
+            status, body = bad.result()
+            assert status == 422 and "catastrophic backtracking" in body["error"]
+            assert good.result()[0] == 200
+
+
+def test_size_limits_answer_413_and_the_server_stays_up(adapters_dir, tokenizer):
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, max_prompt_chars=1000, max_body_bytes=20_000)) as port:
+        status, body = generate(port, {"adapter": "a0", "prompt": "w5 " * 400})
+        assert status == 413 and "1,000" in body["error"]
+        status, body = request(port, "POST", "/generate", json.dumps({"prompt": "w5 " * 10_000}).encode())
+        assert status == 413 and "20,000 bytes" in body["error"]
+        assert generate(port, {"adapter": "a0", "prompt": "w5 w9", "max_new_tokens": 2})[0] == 200
+
+
+def test_api_key_guards_every_route_but_health(adapters_dir, tokenizer):
+    import http.client
+
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, api_key="s3cret")) as port:
+        assert request(port, "GET", "/health")[0] == 200
+        status, body = generate(port, {"adapter": "a0", "prompt": "w5"})
+        assert status == 401 and "API key" in body["error"]
+        assert request(port, "GET", "/adapters")[0] == 401
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/generate", body=json.dumps({"adapter": "a0", "prompt": "w5", "max_new_tokens": 1}),
+                           headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+        assert connection.getresponse().status == 200
+
+
+def test_binding_beyond_loopback_without_a_key_is_warned_about(caplog):
+    from deltatune.serve.server import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+
+
+def test_a_folder_named_like_the_base_is_not_an_adapter(adapters_dir, tokenizer, tmp_path):
+    root = tmp_path / "adapters"
+    save_lora(root / "__base__", seed=3)
+    save_lora(root / "real", seed=4)
+    with running_server(create_app(tiny_llama(), tokenizer, root)) as port:
+        assert request(port, "GET", "/adapters")[1]["known"] == ["real"]
+        status, body = generate(port, {"adapter": "__base__", "prompt": "w5"})
+        assert status == 404 and body["known"] == ["real"]
+
+
+def test_an_adapter_replaced_on_disk_while_served_answers_from_one_version_at_a_time(tokenizer, tmp_path):
+    """One adapter resident at a time forces reloads while another thread keeps re-saving "a"."""
+    root, versions = tmp_path / "adapters", tmp_path / "versions"
+    # The versions differ in their config too (rsLoRA's scaling), so a config read from one save
+    # with weights from the other would answer differently from both.
+    save_lora(versions / "v1", seed=21)
+    save_lora(versions / "v2", seed=22, use_rslora=True)
+    save_lora(root / "other", seed=23)
+    save_lora(root / "a", seed=21)
+    bodies = [{"adapter": "a" if i % 2 == 0 else "other", "prompt": "w5 w6 w7", "max_new_tokens": 3} for i in range(40)]
+    expected = {name: run_alone(versions, tokenizer, [{**bodies[0], "adapter": name}])[0]["text"] for name in ("v1", "v2")}
+    assert expected["v1"] != expected["v2"]
+    stop = threading.Event()
+
+    def keep_replacing():
+        models = {name: dt.load(tiny_llama(), versions / name) for name in ("v1", "v2")}
+        while not stop.is_set():
+            for name in ("v2", "v1"):
+                models[name].save(root / "a")
+
+    writer = threading.Thread(target=keep_replacing)
+    with running_server(create_app(tiny_llama(), tokenizer, root, max_resident=1, batch_wait_ms=0)) as port:
+        writer.start()
+        try:
+            answers = [generate(port, body) for body in bodies]
+        finally:
+            stop.set()
+            writer.join()
+    texts = [body["text"] for (status, body), sent in zip(answers, bodies) if sent["adapter"] == "a"]
+    assert all(status == 200 for status, _ in answers)
+    assert set(texts) <= set(expected.values()), "an answer came from a mix of two saves"

@@ -272,7 +272,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, metavar="MODEL_DIR", help="local causal LM folder (config, tokenizer, *.safetensors)")
     parser.add_argument("--adapters", required=True, metavar="ADAPTERS_DIR", help="folder of adapter folders; a request's adapter is a subfolder name")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="beyond loopback, set an API key")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $DELTATUNE_API_KEY, else none)")
+    parser.add_argument("--max-prompt-chars", type=int, default=100_000, help="longer prompts are answered 413")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--max-resident", type=int, default=4, help="adapters kept loaded at once (least recently used ones are unloaded)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests per generate() call")
@@ -295,6 +297,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             args.base, args.adapters, host=args.host, port=args.port, device=args.device, log_level=args.log_level,
             max_resident=args.max_resident, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
             max_new_tokens=args.max_new_tokens,
+            api_key=args.api_key,
+            max_prompt_chars=args.max_prompt_chars,
         )
     except KeyboardInterrupt:
         # uvicorn shuts down cleanly on Ctrl-C / SIGTERM, then re-raises the signal: a normal stop.

@@ -6,17 +6,41 @@ adapter is never deleted while a batch runs on it; HTTP handlers only read the l
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
 
+from ..config import CONFIG_NAME
 from ..inspection import is_adapter_folder, summarize_adapter
 from ..model import DeltaModel
 from .metrics import Metrics
 
 log = logging.getLogger("deltatune.serve")
+
+# Names with a meaning in a request: "__base__" is the plain base model in adapter_names.
+RESERVED_NAMES = frozenset({"__base__"})
+PATTERN_FIELDS = ("target_modules", "exclude_modules", "layers_pattern")
+PATTERN_SECONDS = 2.0
+# Matches the patterns against the module names in a child process, which a pattern that
+# backtracks for ever cannot freeze: Python's re holds the interpreter while it matches.
+_MATCH_PATTERNS = "import json, re, sys; p, names = json.load(sys.stdin); [re.fullmatch(x, n) for x in p for n in names]"
+
+
+def patterns_finish(patterns: list[str], names: list[str], seconds: float = PATTERN_SECONDS) -> bool:
+    """Whether matching every pattern against every name ends within `seconds`."""
+    try:
+        subprocess.run([sys.executable, "-c", _MATCH_PATTERNS], input=json.dumps([patterns, names]), text=True,
+                       timeout=seconds, check=True, capture_output=True)
+    except subprocess.TimeoutExpired:
+        return False
+    except subprocess.CalledProcessError:  # an invalid pattern: the config check reports it
+        return True
+    return True
 
 
 class UnknownAdapterError(LookupError):
@@ -51,10 +75,13 @@ class AdapterPool:
         self.metrics = metrics
         self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
+        self._module_names: list[str] | None = None
 
     def known(self) -> list[str]:
-        """Adapter folders on disk now (re-read each time, so new folders need no restart)."""
-        return sorted(p.name for p in self.adapters_dir.iterdir() if not p.name.startswith(".") and is_adapter_folder(p))
+        """Adapter folders on disk now (re-read each time, so new folders need no restart); a
+        folder with a reserved name (__base__) is never an adapter."""
+        return sorted(p.name for p in self.adapters_dir.iterdir()
+                      if not p.name.startswith(".") and p.name not in RESERVED_NAMES and is_adapter_folder(p))
 
     def resident(self) -> list[str]:
         """Loaded adapters, least recently used first."""
@@ -87,15 +114,33 @@ class AdapterPool:
                 self._load(name)
             except AdapterLoadError as err:
                 failures[name] = err
+            except Exception as err:  # whatever a file does, it fails its own requests only
+                self.metrics.count(name, load_failures=1)
+                log.warning("cannot load adapter %s: %s", name, err)
+                failures[name] = AdapterLoadError(name, f"{type(err).__name__}: {err}")
         return failures
 
     def _check_files(self, name: str) -> None:
         """Refuse a broken folder from its headers alone, before evicting anything for it."""
         summary = summarize_adapter(self.adapters_dir / name)
-        if not summary.ok:
+        reason = summary.error if not summary.ok else self._slow_pattern(name)
+        if reason:
             self.metrics.count(name, load_failures=1)
-            log.warning("cannot load adapter %s: %s", name, summary.error)
-            raise AdapterLoadError(name, summary.error or "unreadable adapter folder")
+            log.warning("cannot load adapter %s: %s", name, reason)
+            raise AdapterLoadError(name, reason)
+
+    def _slow_pattern(self, name: str) -> str | None:
+        """A regex in the config that would not finish matching this model's module names."""
+        config = json.loads((self.adapters_dir / name / CONFIG_NAME).read_text())
+        patterns = [config[f] for f in PATTERN_FIELDS if isinstance(config.get(f), str)]
+        if not patterns:
+            return None
+        if self._module_names is None:
+            self._module_names = [n for n, _ in self.model.model.named_modules() if n]
+        if patterns_finish(patterns, self._module_names):
+            return None
+        return (f"its pattern {patterns} did not finish matching the model's module names within "
+                f"{PATTERN_SECONDS:g} s (catastrophic backtracking?); list the module names instead.")
 
     def _make_room(self, keep: set[str]) -> None:
         while len(self._resident) >= self.max_resident:

@@ -6,16 +6,21 @@
     GET  /metrics   request, token, batch and adapter load/eviction counters
     GET  /health    {"status": "ok"}
 
-Errors are JSON {"error": message, ...}: 400 for a malformed request, 404 for an unknown adapter
-(with the known ones), 422 for an adapter folder that cannot be loaded, 503 when the queue is
+Errors are JSON {"error": message, ...}: 400 for a malformed request, 401 without the API key
+(when the server has one), 404 for an unknown adapter (with the known ones), 413 for a body or
+prompt over the limits, 422 for an adapter folder that cannot be loaded, 503 when the queue is
 full, 500 when generation itself fails. A failing adapter fails only its own requests.
+Tokenising runs off the event loop, so /health answers while a long prompt is encoded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -56,9 +61,11 @@ class ServeLimits:
     batch_wait_ms: float = 10.0
     max_new_tokens: int = 64
     max_queue: int = 1024
+    max_prompt_chars: int = 100_000
+    max_body_bytes: int = 1_000_000
 
     def validate(self) -> None:
-        for name in ("max_resident", "max_batch", "max_new_tokens", "max_queue"):
+        for name in ("max_resident", "max_batch", "max_new_tokens", "max_queue", "max_prompt_chars", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.batch_wait_ms < 0:
@@ -96,7 +103,11 @@ class GenerationService:
         max_new_tokens = self._max_new_tokens(request)
         if request.adapter is not None:
             self._check_adapter(request.adapter)
-        prompt_ids = self._encode(request.prompt, max_new_tokens)
+        if len(request.prompt) > self.limits.max_prompt_chars:
+            raise ApiError(413, f"The prompt has {len(request.prompt):,} characters, more than the server's limit of "
+                                f"{self.limits.max_prompt_chars:,}.")
+        # In a worker thread: a long prompt must not hold up other requests or /health.
+        prompt_ids = await asyncio.to_thread(self._encode, request.prompt, max_new_tokens)
         # Counted before it is queued, so a snapshot never shows more completed than received.
         # Unknown names are not counted: a client could otherwise grow the metrics without bound.
         self.metrics.count(request.adapter, requests=1)
@@ -190,10 +201,14 @@ def create_app(
     batch_wait_ms: float = 10.0,
     max_new_tokens: int = 64,
     max_queue: int = 1024,
+    max_prompt_chars: int = 100_000,
+    max_body_bytes: int = 1_000_000,
+    api_key: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model` (a causal LM, plain or a DeltaModel without adapters) with
-    the adapters in `adapters_dir/<name>`. Its batch worker runs while the app is started."""
-    limits = ServeLimits(max_resident, max_batch, batch_wait_ms, max_new_tokens, max_queue)
+    the adapters in `adapters_dir/<name>`. Its batch worker runs while the app is started.
+    api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`."""
+    limits = ServeLimits(max_resident, max_batch, batch_wait_ms, max_new_tokens, max_queue, max_prompt_chars, max_body_bytes)
     service = GenerationService(_as_delta_model(model), tokenizer, adapters_dir, limits)
 
     @contextlib.asynccontextmanager
@@ -207,9 +222,26 @@ def create_app(
 
     app = FastAPI(title="deltatune serve", lifespan=lifespan)
     app.state.service = service
+    _add_guards(app, limits, api_key)
     _add_routes(app, service)
     _add_error_handlers(app)
     return app
+
+
+def _add_guards(app: FastAPI, limits: ServeLimits, api_key: str | None) -> None:
+    """The API key and the body-size limit, checked before a request body is read or parsed."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return JSONResponse({"error": "Missing or wrong API key: send 'Authorization: Bearer <key>'."}, status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            return JSONResponse({"error": f"The request body is larger than the server's limit of {limits.max_body_bytes:,} bytes."},
+                                status_code=413)
+        return await call_next(request)
 
 
 def _add_routes(app: FastAPI, service: GenerationService) -> None:
@@ -270,12 +302,27 @@ def serve(
     port: int = 8000,
     device: str = "auto",
     log_level: str = "info",
+    api_key: str | None = None,
     **limits: Any,
 ) -> None:
-    """Load the base model from `base_dir` and serve it until interrupted (Ctrl-C / SIGTERM)."""
+    """Load the base model from `base_dir` and serve it until interrupted (Ctrl-C / SIGTERM).
+    api_key: None reads DELTATUNE_API_KEY; binding beyond loopback without one is warned about."""
     import uvicorn
 
+    api_key = api_key or os.environ.get("DELTATUNE_API_KEY") or None
+    if not api_key and not is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who reaches this port can use the model. "
+                    "Pass --api-key (or set DELTATUNE_API_KEY), or bind to 127.0.0.1.", host)
     model, tokenizer = load_base_model(base_dir, device)
-    app = create_app(model, tokenizer, adapters_dir, **limits)
+    app = create_app(model, tokenizer, adapters_dir, api_key=api_key, **limits)
     log.info("base model loaded from %s", base_dir)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only the machine's resolver knows; assume it reaches out
+        return False
