@@ -377,10 +377,31 @@ def test_api_key_guards_every_route_but_health(adapters_dir, tokenizer):
 
 
 def test_binding_beyond_loopback_without_a_key_is_warned_about(caplog):
-    from deltatune.serve.server import is_loopback
+    from deltatune.serve.server import is_loopback, warn_if_exposed
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+    caplog.set_level(logging.WARNING, logger="deltatune.serve")
+    warn_if_exposed("127.0.0.1", None)
+    warn_if_exposed("0.0.0.0", "key")
+    assert not caplog.records
+    warn_if_exposed("0.0.0.0", None)
+    assert "without an API key" in caplog.text
+
+
+def test_configs_of_wrong_types_or_deep_nesting_fail_their_adapter_alone(tokenizer, tmp_path):
+    root = tmp_path / "adapters"
+    for name in ("good", "typed", "nested"):
+        save_lora(root / name, seed=len(name))
+    typed = json.loads((root / "typed" / "adapter_config.json").read_text())
+    typed["r"] = {"not": "a number"}
+    (root / "typed" / "adapter_config.json").write_text(json.dumps(typed))
+    (root / "nested" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    bodies = [{"adapter": name, "prompt": "w5 w6", "max_new_tokens": 2} for name in ("good", "typed", "nested", "good")]
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=200)) as port:
+        answers = generate_concurrently(port, bodies)
+    assert [status for status, _ in answers] == [200, 422, 422, 200]
+    assert "r" in answers[1][1]["error"] and "JSON" in answers[2][1]["error"]
 
 
 def test_a_folder_named_like_the_base_is_not_an_adapter(adapters_dir, tokenizer, tmp_path):

@@ -310,13 +310,17 @@ def serve(
     import uvicorn
 
     api_key = api_key or os.environ.get("DELTATUNE_API_KEY") or None
-    if not api_key and not is_loopback(host):
-        log.warning("serving on %s without an API key: anyone who reaches this port can use the model. "
-                    "Pass --api-key (or set DELTATUNE_API_KEY), or bind to 127.0.0.1.", host)
+    warn_if_exposed(host, api_key)
     model, tokenizer = load_base_model(base_dir, device)
     app = create_app(model, tokenizer, adapters_dir, api_key=api_key, **limits)
     log.info("base model loaded from %s", base_dir)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    if not api_key and not is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who reaches this port can use the model. "
+                    "Pass --api-key (or set DELTATUNE_API_KEY), or bind to 127.0.0.1.", host)
 
 
 def is_loopback(host: str) -> bool:

@@ -1,0 +1,216 @@
+"""Load on `deltatune serve` over loopback, with an adapter replaced and another corrupted mid-run.
+
+    python benchmarks/serve_load.py [--requests 1000] [--clients 50] [--adapters 8]
+
+A tiny Llama built from a config and LoRA adapters with random weights (no download). Clients
+send greedy requests over the adapters and the base while one adapter folder is re-saved with
+another version and another one's weights are truncated. Every answer is checked against the
+same request run alone on a fresh model: an answer for the replaced adapter must equal the old
+version's or the new one's (never a mix), the corrupted one may only fail with 422, and /health
+is polled throughout. Prints requests/s, latency percentiles, answers by kind and /health's
+slowest reply. Bounded: stops by itself (--max-seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import logging
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import torch
+
+import deltatune as dt
+from deltatune.serve import create_app
+
+VOCAB = 101
+WORDS = [f"w{i}" for i in range(4, VOCAB)]
+
+
+def tiny_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3, **{w: i for i, w in enumerate(WORDS, start=4)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+
+
+def save_lora(base: torch.nn.Module, folder: Path, seed: int) -> None:
+    model = dt.wrap(base, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save(folder)
+    model.unwrap()
+
+
+@contextlib.contextmanager
+def running_server(app):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict, float]:
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        connection.request(method, path, body=payload, headers={"Content-Type": "application/json"} if payload else {})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read()), time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+def reference(folder: Path | None, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The request run alone: a fresh model, no batching, no padding."""
+    model = dt.DeltaModel(tiny_llama()) if folder is None else dt.load(tiny_llama(), folder)
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    tokens = out[0, ids.shape[1]:].tolist()
+    tokens = tokens[: tokens.index(2) + 1] if 2 in tokens else tokens
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--max-resident", type=int, default=4, help="fewer than --adapters: loads and evictions go on")
+    parser.add_argument("--max-seconds", type=float, default=300)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    logging.getLogger("deltatune.serve").setLevel(logging.ERROR)  # the expected load failures, counted below
+    rng = random.Random(0)
+    tokenizer = word_tokenizer()
+    with TemporaryDirectory() as tmp:
+        root, versions = Path(tmp) / "adapters", Path(tmp) / "versions"
+        names = [f"a{i}" for i in range(args.adapters)]
+        replaced, corrupted = names[1], names[2]
+        for index, name in enumerate(names):
+            save_lora(tiny_llama(), root / name, seed=100 + index)
+        save_lora(tiny_llama(), versions / "old", seed=101)
+        save_lora(tiny_llama(), versions / "new", seed=999)
+        prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for _ in range(16)]
+        bodies = [{"adapter": rng.choice([*names, None]), "prompt": rng.choice(prompts), "max_new_tokens": 4}
+                  for _ in range(args.requests)]
+        print(f"references: {len({(b['adapter'], b['prompt']) for b in bodies})} distinct requests run alone ...", flush=True)
+        expected: dict[tuple, set[str]] = {}
+        for body in bodies:
+            key = (body["adapter"], body["prompt"])
+            if key in expected:
+                continue
+            if body["adapter"] == replaced:
+                expected[key] = {reference(versions / v, tokenizer, body["prompt"], 4) for v in ("old", "new")}
+            else:
+                folder = None if body["adapter"] is None else root / body["adapter"]
+                expected[key] = {reference(folder, tokenizer, body["prompt"], 4)}
+
+        app = create_app(tiny_llama(), tokenizer, root, max_resident=args.max_resident, batch_wait_ms=5)
+        outcomes: Counter = Counter()
+        latencies: list[float] = []
+        health: list[float] = []
+        health_failures = 0
+        done = threading.Event()
+        deadline = time.monotonic() + args.max_seconds
+
+        with running_server(app) as port:
+            def poll_health() -> None:
+                nonlocal health_failures
+                while not done.is_set():
+                    try:
+                        status, _, seconds = call(port, "GET", "/health")
+                        health.append(seconds)
+                        health_failures += status != 200
+                    except OSError:
+                        health_failures += 1
+                    time.sleep(0.05)
+
+            def send(index: int) -> None:
+                if time.monotonic() > deadline:
+                    outcomes["not sent (time limit)"] += 1
+                    return
+                if index == args.requests // 3:
+                    dt.load(tiny_llama(), versions / "new").save(root / replaced)  # a new version, on disk, while served
+                if index == args.requests // 2:
+                    weights = root / corrupted / "adapter_model.safetensors"
+                    weights.write_bytes(weights.read_bytes()[:100])
+                body = bodies[index]
+                try:
+                    status, answer, seconds = call(port, "POST", "/generate", body)
+                except OSError as err:
+                    outcomes[f"lost ({type(err).__name__})"] += 1
+                    return
+                latencies.append(seconds)
+                if status == 200:
+                    right = answer["text"] in expected[(body["adapter"], body["prompt"])]
+                    kind = "ok" if right else ("mixed versions" if body["adapter"] == replaced else "wrong answer")
+                elif status == 422 and body["adapter"] == corrupted:
+                    kind = "422 corrupted adapter (expected)"
+                else:
+                    kind = f"HTTP {status}"
+                outcomes[kind] += 1
+
+            poller = threading.Thread(target=poll_health, daemon=True)
+            poller.start()
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                list(pool.map(send, range(args.requests)))
+            elapsed = time.perf_counter() - started
+            done.set()
+            poller.join()
+            metrics = call(port, "GET", "/metrics")[1]
+
+    answered = len(latencies)
+    ordered = sorted(latencies)
+    print(f"{args.requests} requests, {args.clients} clients, {args.adapters} adapters (max resident {args.max_resident}), "
+          f"{replaced} replaced at request {args.requests // 3}, {corrupted} corrupted at {args.requests // 2}")
+    print(f"throughput: {answered / elapsed:.1f} requests/s over {elapsed:.1f} s")
+    print(f"latency: p50 {statistics.median(ordered) * 1000:.0f} ms, p99 {ordered[int(0.99 * (answered - 1))] * 1000:.0f} ms")
+    for kind, count in sorted(outcomes.items()):
+        print(f"  {kind}: {count}")
+    print(f"/health: {len(health)} polls, {health_failures} failed, slowest {max(health) * 1000:.0f} ms")
+    print(f"server: {metrics.get('total_loads')} loads, {metrics.get('total_evictions')} evictions")
+    bad = sum(c for k, c in outcomes.items() if k not in ("ok", "422 corrupted adapter (expected)"))
+    print("result: " + ("every answer checked out" if not bad and not health_failures else f"{bad} bad answers, {health_failures} health failures"))
+    return 0 if not bad and not health_failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
