@@ -51,7 +51,7 @@ def test_trainer_with_default_arguments_trains_evaluates_and_resumes_from_adapte
 
     model, trainer = trainer_run(tmp_path / "out")
     fresh = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
-    assert any(not torch.equal(p, q) for p, q in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert any(not torch.equal(p, q.cpu()) for p, q in zip(fresh.state_dict().values(), model.state_dict().values()))
     assert math.isfinite(trainer.evaluate()["eval_loss"])
     # The checkpoint holds the adapter (what the wrapper's state_dict is), not the frozen base.
     checkpoint = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
@@ -64,7 +64,7 @@ def test_trainer_with_default_arguments_trains_evaluates_and_resumes_from_adapte
     # although the resumed model was initialised differently: the checkpoint is what counts.
     resumed, _ = trainer_run(tmp_path / "again", resume_from=str(tmp_path / "out" / "checkpoint-2"), init_seed=1)
     ours, theirs = model.state_dict(), resumed.state_dict()
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k].cpu(), theirs[k].cpu()) for k in ours)
 
 
 def test_state_dict_is_the_delta_and_loads_strictly_into_a_fresh_wrapper():
