@@ -171,3 +171,19 @@ def test_adapter_folders_get_a_model_card(tmp_path):
                      "| accuracy | 0.75 |"):
         assert expected in card, expected
     assert dt.load(tiny_llama(), tmp_path / "a").adapter_names == ["default"]  # the card changes no loading
+
+
+def test_a_wrapped_model_pickles_and_deep_copies_with_its_adapters():
+    import copy
+    import io
+    import pickle
+
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2, init_lora_weights=False))
+    ids = torch.randint(0, 101, (1, 5))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # a whole-model save, as some tools do
+    buffer.seek(0)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert type(clone) is type(model) and clone.adapter_names == ["default"]
+        with torch.no_grad():
+            assert torch.equal(clone(input_ids=ids).logits, model(input_ids=ids).logits)

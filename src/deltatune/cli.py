@@ -371,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None:  # only when run as the `deltatune` program, not when called from Python
         signal.signal(signal.SIGTERM, _stop_on_terminate)
-    _log_to_stderr()
+    if args.command in ("train", "compare", "eval"):  # serve configures logging its own way
+        _log_to_stderr()
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ adding one `Architecture` entry to `ARCHITECTURES`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections import OrderedDict
@@ -239,10 +240,16 @@ CACHE_NAMES = ("cache", "past_key_values")
 def cache_argument(model: nn.Module) -> str:
     """The name this model's forward takes its key/value cache under: the one its signature (or
     its base model's, for task heads that pass **kwargs through) declares."""
-    for module in (model, getattr(model, "base_model", None)):
+    return _cache_argument(type(model), type(getattr(model, "base_model", None)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(*classes: type) -> str:
+    # Per class, once: prefix tuning asks on every forward.
+    for cls in classes:
         try:
-            parameters = inspect.signature(type(module).forward).parameters
-        except (TypeError, ValueError):
+            parameters = inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError, AttributeError):
             continue
         for name in CACHE_NAMES:
             if name in parameters:

@@ -98,12 +98,11 @@ def _same_structure(old: AdapterConfig, new: AdapterConfig) -> bool:
 _WRAPPER_CLASSES: dict[type, type] = {}
 
 
-def _wrapper_class_for(base: nn.Module) -> type:
+def _wrapper_class_for(base_class: type) -> type:
     """A DeltaModel subclass whose forward shows the base class's own signature (plus
     adapter_names). Tools that read it see the model's real arguments: Hugging Face Trainer keeps
     the dataset columns the model takes and finds its label names. It adds nothing else; one per
     base class."""
-    base_class = type(base)
     if base_class in _WRAPPER_CLASSES:
         return _WRAPPER_CLASSES[base_class]
     try:
@@ -122,10 +121,21 @@ def _wrapper_class_for(base: nn.Module) -> type:
 
     forward.__signature__ = signature.replace(parameters=parameters)
     forward.__doc__ = DeltaModel.forward.__doc__
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # Pickled as "the wrapper class of this base class" (the class is made at run time).
+        return _rebuild_wrapper, (base_class,), self.__dict__.copy()
+
     # The base class's name inside ours: Trainer reads "QuestionAnswering" from it for label names.
     name = f"DeltaModel[{base_class.__name__}]"
-    _WRAPPER_CLASSES[base_class] = type(name, (DeltaModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+    _WRAPPER_CLASSES[base_class] = type(name, (DeltaModel,), {
+        "forward": forward, "__reduce_ex__": __reduce_ex__, "__module__": __name__, "__qualname__": name})
     return _WRAPPER_CLASSES[base_class]
+
+
+def _rebuild_wrapper(base_class: type) -> DeltaModel:
+    """Unpickling: an empty instance of the wrapper class for `base_class` (its state follows)."""
+    return nn.Module.__new__(_wrapper_class_for(base_class))
 
 
 class DeltaModel(nn.Module):
@@ -138,7 +148,7 @@ class DeltaModel(nn.Module):
             raise TypeError("This model is already wrapped; call .add_adapter() on it instead.")
         self.fused = _check_fused(fused, model)
         if type(self) is DeltaModel:  # a user's own subclass keeps its class
-            self.__class__ = _wrapper_class_for(model)
+            self.__class__ = _wrapper_class_for(type(model))
         self.model = model
         self.configs: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
