@@ -14,7 +14,6 @@ slowest reply. Bounded: stops by itself (--max-seconds).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import json
 import logging
@@ -31,7 +30,7 @@ from tempfile import TemporaryDirectory
 import torch
 
 import deltatune as dt
-from deltatune.serve import create_app
+from deltatune.serve import create_app, serving_in_background
 
 VOCAB = 101
 WORDS = [f"w{i}" for i in range(4, VOCAB)]
@@ -66,22 +65,6 @@ def save_lora(base: torch.nn.Module, folder: Path, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     model.save(folder)
     model.unwrap()
-
-
-@contextlib.contextmanager
-def running_server(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict, float]:
@@ -150,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         done = threading.Event()
         deadline = time.monotonic() + args.max_seconds
 
-        with running_server(app) as port:
+        with serving_in_background(app) as port:
             def poll_health() -> None:
                 nonlocal health_failures
                 while not done.is_set():

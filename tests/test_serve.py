@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import deltatune as dt
 from deltatune.cli import EXIT_USAGE, main
-from deltatune.serve import create_app
+from deltatune.serve import create_app, serving_in_background
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3  # LlamaConfig's bos/eos ids, so generation stops where the tokenizer expects
 VOCAB = 101  # tiny_llama's vocabulary size: the tokenizer must name every id the model can produce
@@ -98,22 +98,7 @@ def run_alone(adapters_dir: Path, tokenizer, requests: list[dict[str, Any]]) -> 
 
 
 # ---------------------------------------------------------------- a server on a real socket
-@contextlib.contextmanager
-def running_server(app) -> Iterator[int]:
-    """Run `app` with uvicorn in a background thread on a free loopback port; yields the port."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("The test server did not start.")
-        time.sleep(0.02)
-    try:
-        yield server.servers[0].sockets[0].getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
+running_server = serving_in_background  # the library's own helper, on a free loopback port
 
 
 def request(port: int, method: str, path: str, body: bytes | dict | None = None) -> tuple[int, dict]:

@@ -16,9 +16,9 @@ except ImportError as err:  # pragma: no cover (depends on the install)
 from .adapters import AdapterLoadError, AdapterPool, UnknownAdapterError
 from .batching import BatchWorker, MixedBatchGenerator
 from .metrics import Metrics
-from .server import GenerateRequest, create_app, load_base_model, serve
+from .server import GenerateRequest, create_app, load_base_model, serve, serving_in_background
 
 __all__ = [
     "AdapterLoadError", "AdapterPool", "BatchWorker", "GenerateRequest", "Metrics", "MixedBatchGenerator",
-    "UnknownAdapterError", "create_app", "load_base_model", "serve",
+    "UnknownAdapterError", "create_app", "load_base_model", "serve", "serving_in_background",
 ]

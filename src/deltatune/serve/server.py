@@ -317,6 +317,30 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
 
 
+@contextlib.contextmanager
+def serving_in_background(app: FastAPI, host: str = "127.0.0.1", start_timeout: float = 60) -> Any:
+    """Run `app` with uvicorn in a background thread on a free port of `host`; yields the port and
+    stops the server on exit (tests, load benchmarks, notebooks)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("The server did not start.")
+        time.sleep(0.02)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
 def warn_if_exposed(host: str, api_key: str | None) -> None:
     if not api_key and not is_loopback(host):
         log.warning("serving on %s without an API key: anyone who reaches this port can use the model. "
