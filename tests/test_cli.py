@@ -165,3 +165,16 @@ def test_train_checkpoints_beside_the_adapter_without_an_output_dir_option(tiny_
     assert main(["train", "--task", "tiny", "--method", "lora", "--train-option", "max_steps=2", "--train-option", "batch_size=8",
                  "--train-option", "checkpoint_every=1", "--output", str(tmp_path / "adapter"), "--no-progress", "--no-eval"]) == 0
     assert any((tmp_path / "adapter" / "checkpoints").iterdir())
+
+
+def test_compare_with_lr_auto_trains_at_the_range_tests_suggestion(tiny_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["compare", "--task", "tiny", "--methods", "full,lora", "--steps", "4", "--batch-size", "8",
+                 "--eval-limit", "16", "--lr", "lora=auto", "--output", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    lora = results["methods"]["lora"]
+    suggested = lora["lr_range"]["suggested_lr"]
+    assert suggested and results["method_settings"]["lora"] == {**results["method_settings"]["lora"], "lr": suggested, "lr_auto": True}
+    assert "lr_range" not in results["methods"]["full"] and "lr_auto" not in results["method_settings"]["full"]
+    assert main(["compare", "--task", "tiny", "--methods", "lora", "--lr", "lora=fast", "--output", str(out)]) == 2
+    assert "numbers or 'auto'" in capsys.readouterr().err

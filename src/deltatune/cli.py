@@ -50,6 +50,14 @@ def _key_values(pairs: Sequence[str] | None, what: str) -> dict[str, Any]:
     return values
 
 
+def _number_or_text(value: Any) -> Any:
+    """"1e-3" as 0.001 (YAML reads exponents without a dot as text), other text as it is."""
+    try:
+        return float(value) if isinstance(value, str) and value != "auto" else value
+    except ValueError:
+        return value
+
+
 def _method_values(pairs: Sequence[str] | None, what: str) -> dict[str, dict[str, Any]]:
     """--set lora.r=4 -> {"lora": {"r": 4}}; --lr lora=1e-3 -> {"lora": 1e-3} (via _key_values)."""
     nested: dict[str, dict[str, Any]] = {}
@@ -80,7 +88,9 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-limit", type=int, help="training examples to read")
     parser.add_argument("--eval-limit", type=int, help="examples per evaluation split")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", action="append", metavar="METHOD=LR", help="learning rate of one method (repeatable)")
+    parser.add_argument("--lr", action="append", metavar="METHOD=LR",
+                        help="learning rate of one method (repeatable); METHOD=auto or plain 'auto' (every method): "
+                             "from a learning-rate range test just before training")
     parser.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="a method config field, e.g. lora.r=8")
     parser.add_argument("--output", help="output folder (default: runs/compare-<time>)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -99,7 +109,10 @@ def _add_quantize(parser: argparse.ArgumentParser, what: str) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from deltatune.compare import compare
 
-    lrs = {k.lower(): float(v) for k, v in _key_values(args.lr, "--lr").items()}
+    given = list(args.lr or [])
+    lrs: dict[str, float | str] = {"*": "auto"} if "auto" in given else {}
+    for key, value in _key_values([g for g in given if g != "auto"], "--lr").items():
+        lrs[key.lower()] = _number_or_text(value)  # a number or "auto"; compare() names anything else
     run = compare(
         args.task,
         args.methods,

@@ -61,6 +61,7 @@ class MethodSettings:
     needs_calibration_data: bool = False
     quantize: str | None = None  # 4-bit type of the frozen base ("nf4", "fp4", "int4"), or None
     quantizes_itself: bool = False  # the method stores its base in 4 bits itself (MethodInfo.base_quant_field)
+    lr_auto: bool = False  # lr comes from a learning-rate range test just before training (--lr auto)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class MethodSettings:
             "kind": self.kind,
             "description": self.description,
             "quantize": self.quantize,
+            **({"lr_auto": True} if self.lr_auto else {}),
         }
 
 

@@ -385,6 +385,8 @@ class _Comparison:
     def _train(self, model: nn.Module, settings: MethodSettings, record: dict[str, Any]) -> tuple[Any, int | None]:
         from deltatune.train import TrainConfig, train
 
+        if settings.lr_auto:
+            self._find_learning_rate(model, settings, record)
         config = TrainConfig(
             max_steps=self.settings.max_steps,
             batch_size=self.settings.batch_size,
@@ -410,6 +412,18 @@ class _Comparison:
             "step_times": list(result.step_times),
         }
         return result, rss.peak
+
+    def _find_learning_rate(self, model: nn.Module, settings: MethodSettings, record: dict[str, Any]) -> None:
+        from deltatune.train.lr_range import lr_range_test
+
+        _say(self.console, f"    learning-rate range test for {settings.name} ...")
+        result = lr_range_test(model, self.train_data, collate_fn=self.task.collate, batch_size=self.settings.batch_size,
+                               seed=self.settings.seed, device=self.settings.device)
+        record["lr_range"] = result.to_dict()
+        if result.suggested_lr is not None:
+            settings.lr = result.suggested_lr
+        self.results.data["method_settings"][settings.name] = settings.to_dict()
+        _say(self.console, f"    {settings.name}: lr {settings.lr:.3g} ({'suggested' if result.suggested_lr else 'no suggestion: default'})")
 
     def _record_forgetting(self, record: dict[str, Any]) -> None:
         before = self.results.data.get("base_quality", {}).get("forgetting")
@@ -476,7 +490,7 @@ def compare(
     train_limit: int | None = None,
     eval_limit: int | None = None,
     seed: int = 0,
-    lrs: dict[str, float] | None = None,
+    lrs: dict[str, float | str] | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
     task_options: dict[str, Any] | None = None,
     device: str = "auto",
@@ -494,7 +508,9 @@ def compare(
     methods: names or a comma-separated string ("full,lora,bitfit"), or "all" for full
         fine-tuning and every registered method; default: the preset's list (see RUN_PRESETS).
     quick: the short preset (about 4 minutes on 2 CPU cores) instead of the default one.
-    lrs / method_options: per-method learning rates and config fields over the defaults.
+    lrs / method_options: per-method learning rates and config fields over the defaults; a rate of
+        "auto" (key "*" for every method) runs a learning-rate range test on the prepared model
+        just before training it and trains at its suggestion (recorded as lr_range in results.json).
     quantize: "nf4", "fp4" or "int4" stores the frozen base of every PEFT method in 4 bits (the
         qlora method takes it as its quant_type); full fine-tuning stays in full precision.
     report_to: "tensorboard" and/or "csv": each method's training scalars under output_dir/logs/<method>.
@@ -504,18 +520,28 @@ def compare(
         task, methods, "quick" if quick else "default", max_steps, batch_size, train_limit, eval_limit,
         seed, device, storage_tasks, keep_checkpoints, task_options,
     )
-    unknown = set(lrs or {}) | set(method_options or {})
+    lrs = dict(lrs or {})
+    every = lrs.pop("*", None)
+    if every is not None:
+        lrs = {**{name: every for name in settings.methods}, **lrs}
+    auto = {name for name, value in lrs.items() if value == "auto"}
+    bad = {name: value for name, value in lrs.items() if name not in auto and not isinstance(value, (int, float))}
+    if bad:
+        raise ValueError(f"Learning rates must be numbers or 'auto', got {bad}.")
+    unknown = set(lrs) | set(method_options or {})
     unknown -= set(settings.methods)
     if unknown:
         raise ValueError(f"Options given for methods that are not run: {', '.join(sorted(unknown))}. Run: {', '.join(settings.methods)}.")
     # Every method's config is built here, so a bad field fails before anything is written.
     methods_used = {
         name: method_settings(
-            name, _run_length_fields(name, settings.max_steps, (method_options or {}).get(name)), (lrs or {}).get(name),
-            quantize=quantize, quantize_full="keep",
+            name, _run_length_fields(name, settings.max_steps, (method_options or {}).get(name)),
+            None if name in auto else lrs.get(name), quantize=quantize, quantize_full="keep",
         )
         for name in settings.methods
     }
+    for name in auto:
+        methods_used[name].lr_auto = True
     settings.quantize = next((m.quantize for m in methods_used.values() if m.quantize), None)
     from deltatune.train.reporting import check_report_to
 
