@@ -113,3 +113,14 @@ def test_load_takes_the_fused_choice(tmp_path):
     path = dt.wrap(tiny_llama(), lora()).save(tmp_path / "adapter")
     assert dt.load(tiny_llama(), path, fused=True).is_fused
     assert not dt.load(tiny_llama(), path).is_fused
+
+
+def test_fused_mlp_with_lora_dropout_runs_in_eval_mode_and_equals_the_plain_path():
+    """Dropout is off in eval mode, so the one-node MLP applies; it must not refuse the layers."""
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, lora_dropout=0.1, init_lora_weights=False), fused=True).eval()
+    tokens = token_batch()
+    with torch.no_grad():
+        fused = model(input_ids=tokens).logits
+        model.set_fused(False)
+        plain = model(input_ids=tokens).logits
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -42,8 +42,8 @@ def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     projections = [lora_fast_params(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
     if all(p is not None and (p.dropout_p == 0 or not self.training) for p in projections):
-        # all three are LoRA layers without active dropout: the whole MLP is one autograd node
-        return lora_mlp(x, *projections)
+        # all three are LoRA layers without active dropout (none, or in eval mode): one autograd node
+        return lora_mlp(x, *(p._replace(dropout_p=0.0) for p in projections))
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
