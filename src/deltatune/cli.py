@@ -320,6 +320,37 @@ def _run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- tune
+def _add_tune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="sentiment", help="task name (default: sentiment)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task")
+    parser.add_argument("--methods", type=_csv, default=["lora"], help="comma-separated PEFT methods to search (default: lora)")
+    parser.add_argument("--trials", type=int, default=20, help="finished trials the study should hold")
+    parser.add_argument("--objectives", type=_csv, default=["quality"],
+                        help="quality, then optionally params and/or step_time (multi-objective: NSGA-II)")
+    parser.add_argument("--output", default="runs/tune", help="folder for study.db, results.json, best-METHOD.yaml")
+    parser.add_argument("--storage", help="an Optuna database URL shared by workers (default: sqlite in --output)")
+    parser.add_argument("--workers", type=int, default=1, help="processes running trials of the one study")
+    parser.add_argument("--train-option", action="append", metavar="KEY=VALUE", help="a TrainConfig field for every trial")
+    parser.add_argument("--train-limit", type=int)
+    parser.add_argument("--eval-limit", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from deltatune.tune import tune
+
+    results = tune(
+        args.task, args.methods, trials=args.trials, objectives=args.objectives, output_dir=args.output,
+        storage=args.storage, workers=args.workers, task_options=_key_values(args.task_option, "--task-option"),
+        train=_key_values(args.train_option, "--train-option"), train_limit=args.train_limit,
+        eval_limit=args.eval_limit, seed=args.seed,
+    )
+    for method, best in results["best"].items():
+        print(f"{method}: best {results['metric']} {best[results['metric']]:.4g} (trial {best['trial']}) -> {best['config']}")
+    return EXIT_OK
+
+
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("compare", "train full fine-tuning and every PEFT method on one task and compare them", _add_compare, _run_compare),
     Subcommand("estimate", "predict trainable parameters and memory before training", _add_estimate, _run_estimate),
@@ -327,12 +358,13 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("eval", "evaluate a saved adapter on its task", _add_eval, _run_eval),
     Subcommand("inspect", "list saved adapters (method, rank, size) and the storage to serve N tasks", _add_inspect, _run_inspect),
     Subcommand("serve", "serve a base model over HTTP with adapters loaded on demand, batched across adapters", _add_serve, _run_serve),
+    Subcommand("tune", "search methods and their hyper-parameters (Optuna; resumable, parallel workers)", _add_tune, _run_tune),
 ]
 
 
 def _epilog(command: str) -> str | None:
     """The tasks and their --task-option keys, for the commands that take a task."""
-    if command not in ("train", "compare", "eval"):
+    if command not in ("train", "compare", "eval", "tune"):
         return None
     from deltatune.train.tasks import describe_tasks
 
@@ -384,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None:  # only when run as the `deltatune` program, not when called from Python
         signal.signal(signal.SIGTERM, _stop_on_terminate)
-    if args.command in ("train", "compare", "eval"):  # serve configures logging its own way
+    if args.command in ("train", "compare", "eval", "tune"):  # serve configures logging its own way
         _log_to_stderr()
     try:
         return args.handler(args)

@@ -40,6 +40,9 @@ class MethodInfo:
         steps when the user leaves it unset (AdaLoRA's total_step, which schedules the rank budget).
     base_quant_field: a config field naming the 4-bit type the method stores its base in itself
         (QLoRA's quant_type); a job asked for a 4-bit base sets it instead of quantizing first.
+    search_space: search_space(trial) -> {config field: value}, the method's own hyper-parameters
+        for `deltatune tune` (trial.suggest_int / suggest_float / suggest_categorical; the learning
+        rate is searched for every method around compare_defaults["lr"]). None: the rate only.
     resolve_targets: resolve_targets(delta_model, adapter_name, config) -> config, called once the
         adapter is attached: the config with the defaults it resolved written out (target_modules as
         the modules it wrapped), so that its file means the same to every reader (peft reads a
@@ -62,6 +65,7 @@ class MethodInfo:
     run_length_field: str | None = None
     base_quant_field: str | None = None
     resolve_targets: Callable[..., Any] | None = None
+    search_space: Callable[[Any], dict[str, Any]] | None = None
 
 
 _METHODS: dict[str, MethodInfo] = {}

@@ -717,6 +717,7 @@ register_method(MethodInfo(
     name="prompt", config_class=PromptTuningConfig, attach=_attach_prompt, kind="soft-prompt", mergeable=False,
     description="Trainable virtual-token embeddings inserted into the input (Lester et al.)",
     compare_defaults={"num_virtual_tokens": 20, "prompt_tuning_init": "sample_vocab", "lr": 3e-2},
+    search_space=lambda trial: {"num_virtual_tokens": trial.suggest_categorical("num_virtual_tokens", [5, 10, 20, 50])},
 ))
 register_method(MethodInfo(
     name="ptuning", config_class=PTuningConfig, attach=_attach_ptuning, kind="soft-prompt", mergeable=False,

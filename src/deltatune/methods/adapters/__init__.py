@@ -317,6 +317,8 @@ register_method(
         description="Bottleneck adapters (Houlsby, Pfeiffer or parallel placement) with a residual connection",
         mergeable=False,
         compare_defaults={"placement": "houlsby", "reduction_factor": 16, "nonlinearity": "relu", "lr": 1e-3},
+        search_space=lambda trial: {"reduction_factor": trial.suggest_categorical("reduction_factor", [4, 8, 16, 32]),
+                                    "placement": trial.suggest_categorical("placement", list(PLACEMENTS))},
     )
 )
 

@@ -18,6 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from functools import reduce
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -537,6 +538,12 @@ def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
 
 attach_lora = layer_attach(lora_layer_for)
 
+def _lora_space(trial: Any) -> dict[str, Any]:
+    r = trial.suggest_categorical("r", [2, 4, 8, 16])
+    return {"r": r, "lora_alpha": r * trial.suggest_categorical("alpha_over_r", [1, 2, 4]),
+            "lora_dropout": trial.suggest_float("lora_dropout", 0.0, 0.2)}
+
+
 # Weighted combination builds on the classes above (QLoRA, at the end, on LoRA's registration).
 from .combine import add_weighted_adapter  # noqa: E402
 
@@ -552,6 +559,8 @@ register_method(
         fused_kernels=True,
         combine=add_weighted_adapter,
         resolve_targets=written_out_targets,
+        # Rank matters less than the rate (Hu et al.); rsLoRA's scaling from rank 64 up is outside this range.
+        search_space=lambda trial: _lora_space(trial),
         # Rank 4 on every encoder linear keeps LoRA under 1% of MiniLM's parameters (rank 8: 1.4%),
         # at alpha / r = 2; QLoRA trains the same adapter over a 4-bit base.
         compare_defaults={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lr": 1e-3},
