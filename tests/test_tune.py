@@ -9,22 +9,13 @@ import sqlite3
 import time
 
 import pytest
-from test_compare import TinyTask
+from test_cli import tiny_task  # noqa: F401  (the fixture: --task tiny)
 
-import deltatune.train
 from deltatune.cli import main
 
 optuna = pytest.importorskip("optuna")
 
 TRAIN = ["--train-option", "max_steps=4", "--train-option", "batch_size=8", "--eval-limit", "16"]
-
-
-@pytest.fixture
-def tiny_task(monkeypatch):
-    real_get_task = deltatune.train.get_task
-    task = TinyTask()
-    monkeypatch.setattr(deltatune.train, "get_task", lambda name, **options: task if name == "tiny" else real_get_task(name, **options))
-    return task
 
 
 def complete_trials(folder) -> list[tuple[int, str]]:
