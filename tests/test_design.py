@@ -24,7 +24,7 @@ from deltatune.config import AdapterConfig
 from deltatune.registry import available_methods, method_info
 
 PACKAGE = Path(deltatune.__file__).parent
-CORE = {"config", "registry", "inject", "layer", "model", "io", "hf_compat", "mixed_batch"}
+CORE = {"config", "registry", "inject", "layer", "model", "io", "hf_compat", "mixed_batch", "distributed"}
 APPLICATIONS = {"train", "compare", "tune", "serve", "cli", "inspection"}
 
 

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -322,19 +323,46 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- tune
 def _add_tune(parser: argparse.ArgumentParser) -> None:
+    from deltatune.tune import OBJECTIVES
+
     parser.add_argument("--task", default="sentiment", help="task name (default: sentiment)")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task")
-    parser.add_argument("--methods", type=_csv, default=["lora"], help="comma-separated PEFT methods to search (default: lora)")
-    parser.add_argument("--trials", type=int, default=20, help="finished trials the study should hold")
+    parser.add_argument("--methods", type=_csv, help="comma-separated PEFT methods to search (default: lora; "
+                        "with --quick: lora,ia3,bitfit)")
+    parser.add_argument("--quick", action="store_true", help="compare --quick's run length, 12 trials, 2 seeds, a "
+                        "7.5-minute search: under 15 minutes on 2 CPU cores")
+    parser.add_argument("--trials", type=int, help="finished trials the study should hold (default 20; 0: no search)")
+    parser.add_argument("--budget-minutes", type=float, help="start no trial after this many minutes")
+    parser.add_argument("--seeds", type=int, help="runs per configuration when confirming on the test split and "
+                        "in a sweep (default 3; 0: no confirmation)")
+    parser.add_argument("--sweep", metavar="FIELD=V1,V2,...", help="after the search, vary one field of the best "
+                        "configuration (one method), e.g. r=1,2,4,8,16,32 for LoRA's rank")
     parser.add_argument("--objectives", type=_csv, default=["quality"],
-                        help="quality, then optionally params and/or step_time (multi-objective: NSGA-II)")
-    parser.add_argument("--output", default="runs/tune", help="folder for study.db, results.json, best-METHOD.yaml")
+                        help=f"quality, then any of {', '.join(OBJECTIVES[1:])} (multi-objective: NSGA-II)")
+    parser.add_argument("--lr-prior", choices=["range", "registered"], default="range",
+                        help="centre each method's learning-rate range on a range test (default) or its registered rate")
+    parser.add_argument("--validation", type=int, help="training examples held out to score trials (default 400)")
+    parser.add_argument("--no-prune", action="store_true", help="never stop a weak trial early")
+    parser.add_argument("--output", default="runs/tune", help="folder for study.db, results.json, report.md, "
+                        "best-METHOD.yaml, plots")
     parser.add_argument("--storage", help="an Optuna database URL shared by workers (default: sqlite in --output)")
     parser.add_argument("--workers", type=int, default=1, help="processes running trials of the one study")
-    parser.add_argument("--train-option", action="append", metavar="KEY=VALUE", help="a TrainConfig field for every trial")
+    parser.add_argument("--train-option", action="append", metavar="KEY=VALUE", help="a TrainConfig field for every run")
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _sweep_values(text: str | None) -> dict[str, list[Any]] | None:
+    """"r=1,2,4" -> {"r": [1, 2, 4]} (values read as YAML scalars: numbers, booleans, words)."""
+    if not text:
+        return None
+    import yaml
+
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not values.strip():
+        raise ValueError(f"--sweep takes FIELD=V1,V2,... (e.g. r=1,2,4,8), got {text!r}.")
+    return {name.strip(): [yaml.safe_load(v) for v in values.split(",") if v.strip()]}
 
 
 def _run_tune(args: argparse.Namespace) -> int:
@@ -344,10 +372,19 @@ def _run_tune(args: argparse.Namespace) -> int:
         args.task, args.methods, trials=args.trials, objectives=args.objectives, output_dir=args.output,
         storage=args.storage, workers=args.workers, task_options=_key_values(args.task_option, "--task-option"),
         train=_key_values(args.train_option, "--train-option"), train_limit=args.train_limit,
-        eval_limit=args.eval_limit, seed=args.seed,
+        eval_limit=args.eval_limit, seed=args.seed, quick=args.quick, budget_minutes=args.budget_minutes,
+        seeds=args.seeds, validation=args.validation, prune=not args.no_prune, lr_prior=args.lr_prior,
+        sweep=_sweep_values(args.sweep),
     )
-    for method, best in results["best"].items():
-        print(f"{method}: best {results['metric']} {best[results['metric']]:.4g} (trial {best['trial']}) -> {best['config']}")
+    metric = results["metric"]
+    for method, entry in results["confirmed"].items():
+        print(f"{method}: preset {entry['preset']['mean']:.4g} -> tuned {entry['tuned']['mean']:.4g} test {metric} "
+              f"(gain {entry['gain']:+.4f}, seed noise {entry['noise'] or 0:.4f}) -> {results['best'][method]['config']}")
+    for sweep in results["sweeps"]:
+        print(f"{sweep['method']} {sweep['field']} sweep: " + ", ".join(
+            f"{row['value']}: {row['mean']:.4g}" + (f" ± {row['std']:.2g}" if row["std"] is not None else "")
+            for row in sweep["rows"]))
+    print(f"Report: {Path(args.output) / 'report.md'}")
     return EXIT_OK
 
 

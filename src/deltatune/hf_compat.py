@@ -189,6 +189,16 @@ def task_heads(model: nn.Module, task_type: str | None) -> list[str]:
     return [name for name in names if name in children]
 
 
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss predicts labels[t + 1] from position t (a causal LM: the first
+    label of each row is never a target), as the auto class tables of transformers list them."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(type(module).__name__ in names or any(c.__name__ in names for c in type(module).__mro__)
+               for module in model.modules())
+
+
 def has_plain_lm_head(model: nn.Module) -> bool:
     arch = architecture(model)
     return bool(arch and arch.plain_lm_head)
@@ -355,5 +365,5 @@ __all__ = [
     "cache_key_values", "cache_length", "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "linear_out_features", "model_family",
-    "model_type", "new_cache", "role_patterns", "set_cache", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
+    "model_type", "new_cache", "role_patterns", "set_cache", "shifts_labels", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import hf_compat
+from . import distributed, hf_compat
 from .config import AdapterConfig, ConfigError, read_config_dict
 from .kernels.patch import has_fused_path, is_patched, patch_model_for_training, unpatch_model
 from .inject import set_submodule, wrap_modules_to_save
@@ -494,13 +494,15 @@ class DeltaModel(nn.Module):
 
     # -- files ----------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """One adapter's tensors under the keys of the saved file (peft's naming)."""
+        """One adapter's tensors under the keys of the saved file (peft's naming). Sharded (FSDP2)
+        tensors come back whole: under a process group every process must call this."""
         adapter_name = self._one_adapter(adapter_name)
         state: dict[str, torch.Tensor] = {}
         for path, layer in self.delta_layers():
             if adapter_name in layer.adapter_names:
                 for key, tensor in layer.adapter_state_dict(adapter_name).items():
-                    state[f"{KEY_PREFIX}{self._user_path(path)}.{key}"] = tensor
+                    whole = distributed.gather_full(tensor)
+                    state[f"{KEY_PREFIX}{self._user_path(path)}.{key}"] = whole.detach() if whole is not tensor else tensor
         return state
 
     def _user_path(self, path: str) -> str:
@@ -517,13 +519,20 @@ class DeltaModel(nn.Module):
              metrics: dict[str, Any] | None = None) -> Path:
         """Write adapter_config.json + adapter_model.safetensors (the adapter only, never the base),
         and a README.md model card: base model, method, targets, settings, parameter count, and the
-        task and metrics when given."""
+        task and metrics when given. Under a process group (DDP, FSDP2) every process calls it: the
+        adapter is gathered whole, rank 0 writes the files a single process writes, all return after."""
         adapter_name = self._one_adapter(adapter_name)
         config = self.configs[adapter_name].replace(inference_mode=True)
         tensors = self.adapter_state_dict(adapter_name)
+        if not distributed.is_main():
+            distributed.barrier()
+            return Path(directory)
         card = _model_card(adapter_name, config, sum(t.numel() for t in tensors.values()),
                            self.trainable_parameters().total, task, metrics)
-        return save_adapter_files(directory, config, tensors, model_card=card)
+        try:
+            return save_adapter_files(directory, config, tensors, model_card=card)
+        finally:
+            distributed.barrier()
 
     # -- state dict: the delta, not the frozen base ------------------------------------------------
     def _is_delta_key(self) -> Callable[[str], bool]:

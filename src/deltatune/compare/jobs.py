@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -92,8 +92,24 @@ def _train_config(spec: TrainSpec, lr: float) -> Any:
     return TrainConfig(**values)
 
 
-def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Train `spec.method` on `spec.task`, save it to `spec.output`, and return the run summary."""
+def train_method(
+    spec: TrainSpec,
+    *,
+    progress: bool = True,
+    console: Callable[[str], None] | None = print,
+    eval_splits: Sequence[str] | None = None,
+    quality_every: int = 0,
+    on_quality: Callable[[int, dict[str, Any]], None] | None = None,
+    measure_memory: bool = False,
+) -> dict[str, Any]:
+    """Train `spec.method` on `spec.task`, save it to `spec.output`, and return the run summary.
+
+    eval_splits: the splits evaluated (default: all of the task's). With `on_quality`, those splits
+    are also evaluated every `quality_every` optimizer steps before the last and handed to it as
+    (step, results); it may raise to stop the run (a search pruning a weak trial). measure_memory:
+    one accounted training step on the first batch before training (its bytes by kind, as
+    `compare` measures them) goes into the summary as "memory".
+    """
     from deltatune.train import evaluate_task, get_task, train
     from deltatune.train import seed_everything
 
@@ -110,8 +126,14 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
     trainable, total = count_parameters(model)
     if console:
         console(f"Training {method} on {task.name}: {trainable:,} of {total:,} parameters trainable, lr {config.lr:g}")
-    result = train(model, data, config, collate_fn=task.collate)
-    quality = evaluate_task(task, model, tokenizer, limit=spec.eval_limit) if spec.evaluate else None
+    memory = _one_step_memory(model, task, data, config) if measure_memory else None
+
+    def report_quality(step: int, model: nn.Module, optimizer: Any) -> None:
+        if on_quality and quality_every and step % quality_every == 0 and step < config.max_steps:
+            on_quality(step, evaluate_task(task, model, tokenizer, splits=eval_splits, limit=spec.eval_limit))
+
+    result = train(model, data, config, collate_fn=task.collate, step_callbacks=[report_quality])
+    quality = evaluate_task(task, model, tokenizer, splits=eval_splits, limit=spec.eval_limit) if spec.evaluate else None
     saved_bytes = _save_trained(model, method, output, task.name, quality)
     summary: dict[str, Any] = {
         "task": spec.task if isinstance(spec.task, str) else task.name,
@@ -130,10 +152,24 @@ def train_method(spec: TrainSpec, *, progress: bool = True, console: Callable[[s
     }
     if quality is not None:
         summary["quality"] = quality
+    if memory is not None:
+        summary["memory"] = memory
     (output / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))
     if console:
         console(f"Saved to {output} ({saved_bytes:,} bytes)")
     return summary
+
+
+def _one_step_memory(model: nn.Module, task: Any, data: Any, config: Any) -> dict[str, Any]:
+    """One training step's bytes by kind (lr 0: the weights stay as they are; see compare)."""
+    from deltatune.train import seed_everything
+
+    from .measure import measure_training_step
+
+    breakdown = measure_training_step(model, next(_first_batches(task, data, config.batch_size, count=1)),
+                                      device=config.device, mixed_precision=config.mixed_precision)
+    seed_everything(config.seed)  # the probe's dropout draws leave the training run's as they were
+    return breakdown.to_dict()
 
 
 def _first_batches(task: Any, data: Any, batch_size: int, count: int = 16):

@@ -30,6 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deltatune import distributed as dist
+
 LATEST_POINTER = "latest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 FORMAT_VERSION = 1
@@ -53,13 +55,37 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write a checkpoint for ``step`` atomically and make it the latest one; keep the newest `keep`."""
+    """Write a checkpoint for ``step`` atomically and make it the latest one; keep the newest `keep`.
+
+    Under a process group every process calls this: sharded tensors are gathered whole (a
+    collective), rank 0 writes, and all return once the checkpoint is in place. The files are
+    those one process writes, so a run resumes on any number of processes."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tensors = _checkpoint_tensors(model, optimizer)
+    if dist.is_main():
+        _write_checkpoint(output_dir, final, step, tensors, scheduler, trainer_state, keep)
+    dist.barrier()
+    return final
+
+
+def _checkpoint_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    params = {name: dist.gather_full(param.detach()) for name, param in trainable_parameters(model).items()}
+    optimizer_state = optimizer.state_dict()
+    # New dicts: the per-parameter ones of state_dict() are the optimizer's live state.
+    optimizer_state["state"] = {
+        index: {key: dist.gather_full(value) if isinstance(value, torch.Tensor) else value for key, value in values.items()}
+        for index, values in optimizer_state["state"].items()
+    }
+    return {"params": params, "optimizer": optimizer_state}
+
+
+def _write_checkpoint(output_dir: Path, final: Path, step: int, tensors: dict[str, Any], scheduler: Any,
+                      trainer_state: dict[str, Any], keep: int) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=output_dir))
     try:
-        _write_checkpoint_files(temporary, step, model, optimizer, scheduler, trainer_state)
+        _write_checkpoint_files(temporary, step, tensors, scheduler, trainer_state)
         if final.exists():
             # Left by an earlier run that died before pointing at it: not trusted.
             shutil.rmtree(final)
@@ -70,20 +96,18 @@ def save_checkpoint(
     _write_json_atomically(output_dir / LATEST_POINTER, {"checkpoint": final.name, "step": step})
     _fsync_directory(output_dir)
     _remove_old_checkpoints(output_dir, keep)
-    return final
 
 
 def _write_checkpoint_files(
     directory: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, Any],
     scheduler: Any,
     trainer_state: dict[str, Any],
 ) -> None:
-    params = trainable_parameters(model)
-    _save_tensors({name: param.detach() for name, param in params.items()}, directory / "trainable.safetensors")
-    optimizer_tensors, optimizer_meta = _flatten_optimizer_state(optimizer.state_dict())
+    params = tensors["params"]
+    _save_tensors(params, directory / "trainable.safetensors")
+    optimizer_tensors, optimizer_meta = _flatten_optimizer_state(tensors["optimizer"])
     _save_tensors(optimizer_tensors, directory / "optimizer.safetensors")
     _save_tensors(_torch_rng_tensors(), directory / "rng.safetensors")
     state = {
@@ -208,7 +232,8 @@ def load_checkpoint(
     data = data if data is not None else read_checkpoint(checkpoint)
     state = data["state.json"]
     _load_trainable(checkpoint, model, state["trainable_names"], data["trainable.safetensors"])
-    optimizer.load_state_dict(_unflatten_optimizer_state(data["optimizer.safetensors"], state["optimizer"]))
+    optimizer_state = _unflatten_optimizer_state(data["optimizer.safetensors"], state["optimizer"])
+    optimizer.load_state_dict(_sharded_like_params(optimizer_state, optimizer))
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     _restore_torch_rng(data["rng.safetensors"])
@@ -230,7 +255,22 @@ def _load_trainable(checkpoint: Path, model: torch.nn.Module, saved_names: list[
         )
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(saved[name])
+            dist.local_view(param).copy_(dist.shard_like(saved[name], param))
+
+
+def _sharded_like_params(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Whole saved optimizer tensors split like the (FSDP2-sharded) parameters they belong to."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        param = params[int(index)]
+        if not dist.is_sharded(param):
+            continue
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                values[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+    return state
 
 
 # --------------------------------------------------------------------------- optimizer state

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deltatune import distributed as dist
 from deltatune import hf_compat
 from deltatune.config import check_types
 from deltatune.train.checkpoint import (
@@ -77,6 +78,10 @@ class TrainConfig:
     logging_dir: str | None = None  # where they write; default: output_dir/logs
     keep_checkpoints: int = 2  # the newest ones kept: a damaged newest one falls back to the one before
     resume_override: bool = False  # resume even if RESUME_SHOULD_MATCH values changed (recorded in the state)
+    # Under torchrun: "ddp", "fsdp2", "auto" (DDP unless the weights crowd a GPU; see
+    # deltatune.distributed) or "none" (each process trains alone). batch_size is the global batch,
+    # split across the processes, so a run on N processes takes the same steps as one on one.
+    distributed: str = "auto"
 
     def __post_init__(self) -> None:
         check_types(self)  # "false" is no bool, NaN no number: before any comparison below
@@ -108,6 +113,8 @@ class TrainConfig:
         if (self.checkpoint_every or self.resume) and not self.output_dir:
             raise ValueError("TrainConfig.output_dir is required when checkpoint_every > 0 or resume=True")
         self.report_to = check_report_to(self.report_to)
+        if self.distributed not in dist.STRATEGIES:
+            raise ValueError(f"TrainConfig.distributed={self.distributed!r} is not one of {', '.join(dist.STRATEGIES)}")
         if self.report_to and not (self.logging_dir or self.output_dir):
             raise ValueError("TrainConfig.report_to needs logging_dir (or output_dir) to write into")
 
@@ -249,11 +256,17 @@ class BatchStream:
     at the exact batch it would have seen, without replaying earlier ones.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, seed: int, collate_fn: Callable[[list], dict]):
+    def __init__(self, dataset: Any, batch_size: int, seed: int, collate_fn: Callable[[list], dict],
+                 rank: int = 0, world_size: int = 1):
         if len(dataset) == 0:
             raise ValueError("train_data is empty")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (the global batch) must divide evenly across {world_size} "
+                             f"processes; use a multiple of {world_size}")
         self.dataset = dataset
         self.batch_size = batch_size
+        # Every process draws the same global batch and keeps its own contiguous slice of it.
+        self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.collate_fn = collate_fn
         self._epoch = -1
@@ -272,6 +285,8 @@ class BatchStream:
         indices = [
             self._permutation(flat // size)[flat % size] for flat in range(start, start + self.batch_size)
         ]
+        share = self.batch_size // self.world_size
+        indices = indices[self.rank * share : (self.rank + 1) * share]
         return self.collate_fn([self.dataset[index] for index in indices])
 
 
@@ -304,21 +319,26 @@ def train(
     """
     config.validate()
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    params = list(trainable_parameters(model).values())
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no parameters with requires_grad=True: nothing to train")
     if collate_fn is None:
         collate_fn = getattr(train_data, "collate_fn", None) or pad_collate
+    if config.distributed != "none" and dist.launched():
+        dist.init_from_env()
+    strategy = dist.resolve_strategy(config.distributed, model)
+    device = dist.device() if strategy != "none" else resolve_device(config.device)
 
     model.to(device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    forward_model = dist.prepare(model, strategy)  # DDP's wrapper, or the model sharded in place
+    params = list(trainable_parameters(model).values())  # after sharding: FSDP2 makes new ones
     precision = autocast_dtype(config.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
     optimizer = build_optimizer(params, config, device)
     scheduler = build_scheduler(optimizer, config)
-    stream = BatchStream(train_data, config.batch_size, config.seed, collate_fn)
+    parts = (dist.rank(), dist.world_size()) if strategy != "none" else (0, 1)
+    stream = BatchStream(train_data, config.batch_size, config.seed, collate_fn, *parts)
 
     state = _fresh_state(config, len(train_data))
     found = _readable_checkpoint(config.output_dir) if config.resume else None
@@ -329,7 +349,8 @@ def train(
         seed_everything(config.seed)
 
     runner = _Runner(model, config, device, precision, scaler, optimizer, scheduler, stream, eval_fn,
-                     list(step_callbacks), state, str(checkpoint) if checkpoint else None)
+                     list(step_callbacks), state, str(checkpoint) if checkpoint else None,
+                     forward_model if strategy != "none" else None)
     result = runner.run()
     result.total_time = time.perf_counter() - started
     return result
@@ -413,8 +434,13 @@ class _Runner:
     """State of one train() call; split out so each phase stays a short method."""
 
     def __init__(self, model, config, device, precision, scaler, optimizer, scheduler, stream, eval_fn,
-                 callbacks, state, last_checkpoint):
+                 callbacks, state, last_checkpoint, parallel=None):
         self.model, self.config, self.device = model, config, device
+        # Distributed: `parallel` is what runs the forward (DDP's wrapper, or the FSDP2-sharded model);
+        # each process's loss is weighted by its share of the global batch's targets.
+        self.parallel = parallel
+        self.forward_model = parallel if parallel is not None else model
+        self.shifted = parallel is not None and hf_compat.shifts_labels(model)
         self.precision, self.scaler = precision, scaler
         self.optimizer, self.scheduler, self.stream = optimizer, scheduler, stream
         self.eval_fn, self.callbacks, self.state = eval_fn, callbacks, state
@@ -432,7 +458,7 @@ class _Runner:
         bar = _progress_bar(config, initial=state["step"])
         window_tokens, window_time = 0, 0.0
         logging_dir = config.logging_dir or (str(Path(config.output_dir) / "logs") if config.output_dir else None)
-        self.reporters = make_reporters(config.report_to, logging_dir)
+        self.reporters = make_reporters(config.report_to if dist.is_main() else [], logging_dir)
         try:
             while state["step"] < config.max_steps:
                 step_started = time.perf_counter()
@@ -465,30 +491,67 @@ class _Runner:
 
     def _optimizer_step(self) -> tuple[float, int]:
         config, state = self.config, self.state
-        total_loss, tokens = 0.0, 0
-        for _ in range(config.grad_accum):
+        total_loss, tokens, weights, finite = 0.0, 0, 0.0, True
+        for micro in range(config.grad_accum):
             batch = _to_device(self.stream.batch(state["data_position"]), self.device)
             state["data_position"] += 1
             tokens += _count_tokens(batch)
-            with autocast_context(self.device, self.precision):
-                loss = _loss_of(self.model(**batch))
-                if self.auxiliary_loss is not None:
-                    extra = self.auxiliary_loss()
-                    if extra is not None:
-                        loss = loss + extra
-            if not torch.isfinite(loss.detach()):
+            with self._no_sync(micro < config.grad_accum - 1):
+                with autocast_context(self.device, self.precision):
+                    loss = _loss_of(self.forward_model(**batch))
+                    if self.auxiliary_loss is not None:
+                        extra = self.auxiliary_loss()
+                        if extra is not None:
+                            loss = loss + extra
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                # One process alone stops at once; under a process group all must reach the same
+                # decision, so the step completes and the verdict is shared below.
+                if not finite and self.parallel is None:
+                    self._stop(state["step"] + 1, "the training loss")
+                weight = self._batch_weight(batch)
+                scaled = loss * weight / config.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total_loss += loss.item() * weight
+            weights += weight
+        if self.parallel is not None:
+            total_loss, tokens, failed = self._shared_totals(total_loss, tokens, not finite)
+            if failed:
                 self._stop(state["step"] + 1, "the training loss")
-            scaled = loss / config.grad_accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            total_loss += loss.item()
+            return total_loss / config.grad_accum, tokens
         self._clip_and_step()
-        return total_loss / config.grad_accum, tokens
+        return total_loss / weights, tokens
+
+    def _no_sync(self, skip: bool) -> Any:
+        """DDP all-reduces gradients on the last micro-batch only."""
+        if skip and hasattr(self.parallel, "no_sync"):
+            return self.parallel.no_sync()
+        return nullcontext()
+
+    def _batch_weight(self, batch: dict) -> float:
+        """1 alone. Under a process group, world x this process's share of the global batch's
+        targets: DDP and FSDP2 average gradients over processes, and a mean over each process's
+        targets weighted so equals the mean over the whole batch, as one process computes it."""
+        if self.parallel is None:
+            return 1.0
+        mine = _target_count(batch, self.shifted)
+        total = dist.all_sum(mine)
+        return dist.world_size() * mine / total if total else 1.0
+
+    def _shared_totals(self, loss_sum: float, tokens: int, failed: bool) -> tuple[float, int, bool]:
+        """Loss (whole-batch mean), tokens and the non-finite verdict over all processes, then the
+        optimizer step when all is well."""
+        loss_sum = dist.all_sum(loss_sum if math.isfinite(loss_sum) else 0.0) / dist.world_size()
+        tokens = int(dist.all_sum(tokens))
+        failed = dist.all_sum(1.0 if failed else 0.0) > 0
+        if not failed:
+            self._clip_and_step()
+        return loss_sum, tokens, failed
 
     def _clip_and_step(self) -> None:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            norm = dist.gather_full(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
             # With fp16 the scaler skips overflowing steps itself; elsewhere inf grads are fatal.
             if self.scaler is None and not torch.isfinite(norm):
                 self._stop(self.state["step"] + 1, "the gradient norm")
@@ -544,7 +607,7 @@ class _Runner:
         lr = self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}", lr=f"{lr:.2e}", refresh=False)
         self._report(self.state["step"], {"train/loss": loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second})
-        if not self.config.progress:
+        if not self.config.progress and dist.is_main():
             logger.info("step %d/%d loss %.4f %.0f tok/s lr %.2e", self.state["step"],
                         self.config.max_steps, loss, tokens_per_second, lr)
 
@@ -584,7 +647,7 @@ def _optional_method(model: nn.Module, name: str) -> Callable | None:
 def _progress_bar(config: TrainConfig, initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.max_steps, initial=initial, disable=not config.progress, unit="step",
+    return tqdm(total=config.max_steps, initial=initial, disable=not config.progress or not dist.is_main(), unit="step",
                 desc="train", dynamic_ncols=True)
 
 
@@ -599,6 +662,18 @@ def _count_tokens(batch: dict) -> int:
     if "input_ids" in batch:
         return batch["input_ids"].numel()
     return 0
+
+
+def _target_count(batch: dict, shifted: bool) -> int:
+    """How many targets the batch's loss averages over: labelled positions (-100 is ignored; a
+    causal LM never predicts a row's first label), or its rows when it has no labels tensor."""
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return int(first.shape[0]) if first is not None and first.dim() else 1
+    if shifted and labels.dim() >= 2:
+        labels = labels[..., 1:]
+    return int((labels != -100).sum())
 
 
 def _loss_of(output: Any) -> torch.Tensor:

@@ -790,3 +790,53 @@ def evaluate_task(
         result["seconds"] = time.perf_counter() - started
         results[split] = result
     return results
+
+
+VALIDATION = "validation"
+
+
+class ValidationHoldout:
+    """`task` with its last `size` training examples held out as a "validation" split.
+
+    A search must not pick its winner on the test split it then reports, so `deltatune tune`
+    scores trials here: training reads the other examples only; every other split and attribute
+    is the task's own.
+    """
+
+    def __init__(self, task: Task, size: int) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"the validation size must be a positive number of examples, got {size!r}.")
+        self.task, self.size = task, size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+    def _split(self, tokenizer: Any) -> tuple[datalib.TokenizedDataset, list[dict]]:
+        full = self.task.train_data(tokenizer)
+        examples = list(getattr(full, "examples", full))  # a TokenizedDataset, or any list of examples
+        if self.size >= len(examples):
+            raise ValueError(
+                f"task {self.task.name!r} has {len(examples)} training examples: too few to hold out {self.size} for "
+                "validation and train on the rest; lower the validation size."
+            )
+        kept = datalib.TokenizedDataset(examples[: -self.size], getattr(full, "collate_fn", self.task.collate))
+        return kept, examples[-self.size :]
+
+    def train_data(self, tokenizer: Any, limit: int | None = None) -> datalib.TokenizedDataset:
+        return self._split(tokenizer)[0].subset(limit)
+
+    def eval_splits(self) -> dict[str, str]:
+        return {VALIDATION: f"{self.size} training examples held out from training", **self.task.eval_splits()}
+
+    def evaluate(
+        self, model: nn.Module, tokenizer: Any, split: str, limit: int | None = None, batch_size: int = 64
+    ) -> dict:
+        if split != VALIDATION:
+            return self.task.evaluate(model, tokenizer, split, limit=limit, batch_size=batch_size)
+        examples = self._split(tokenizer)[1][:limit]
+        if self.task.kind == "classification":
+            gold = [int(example["labels"]) for example in examples]
+            predicted = predict_labels(model, examples, self.task.collate, batch_size)
+            return {"accuracy": sum(g == p for g, p in zip(gold, predicted)) / len(gold), "n": len(gold)}
+        loss, tokens = token_loss(model, examples, self.task.collate, min(batch_size, 8))
+        return {"perplexity": math.exp(loss), "loss": loss, "n": len(examples), "tokens": tokens}

@@ -539,8 +539,11 @@ def lora_layer_for(module: nn.Module) -> type[DeltaLayer] | None:
 attach_lora = layer_attach(lora_layer_for)
 
 def _lora_space(trial: Any) -> dict[str, Any]:
-    r = trial.suggest_categorical("r", [2, 4, 8, 16])
+    # alpha as a multiple of r keeps the scale comparable across ranks; rsLoRA (alpha / sqrt r)
+    # is what keeps high ranks learning.
+    r = trial.suggest_categorical("r", [2, 4, 8, 16, 32])
     return {"r": r, "lora_alpha": r * trial.suggest_categorical("alpha_over_r", [1, 2, 4]),
+            "use_rslora": trial.suggest_categorical("use_rslora", [False, True]),
             "lora_dropout": trial.suggest_float("lora_dropout", 0.0, 0.2)}
 
 

@@ -1,0 +1,181 @@
+"""Training on several processes with PyTorch's own engine: DDP or FSDP2, launched by torchrun.
+
+    torchrun --nproc_per_node 2 my_script.py            # or: deltatune train --distributed ddp
+    dt.distributed.init_from_env()                      # a process group from torchrun's variables
+    model = dt.distributed.prepare(dt.wrap(base, cfg), "fsdp2")
+    ... train ...
+    model.save("out")                                   # every rank calls it; rank 0 writes
+
+What is special about PEFT here, and handled:
+  * DDP registers only the parameters that train, so a frozen base raises no unused-parameter
+    error and only the adapter's gradients cross the network;
+  * FSDP2 (`fully_shard`) shards each transformer block and the root by parameter, so frozen and
+    trainable tensors may share a block (FSDP1's flat parameters could not mix them);
+  * sharded adapter tensors are DTensors: `gather_full` turns them into whole tensors (a
+    collective every rank must join), so saves and checkpoints hold the whole adapter, written
+    by rank 0 only, in the same files a single process writes;
+  * 4-bit base weights are buffers, which FSDP2 does not shard: they stay whole on every rank
+    (with their quantization state), the adapter over them is sharded like any other.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+STRATEGIES = ("none", "auto", "ddp", "fsdp2")
+
+
+class DistributedError(ValueError):
+    """A distributed setting that cannot work here; the message says which and why."""
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints: rank 0, or the only process."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
+
+
+def launched() -> bool:
+    """Whether torchrun (or accelerate launch) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL on CUDA,
+    gloo on the CPU; each process takes the GPU of its LOCAL_RANK. False when not launched so."""
+    if is_initialized():
+        return True
+    if not launched():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return True
+
+
+def device() -> torch.device:
+    """This process's device: its GPU under torchrun with CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_strategy(strategy: str, model: nn.Module) -> str:
+    """ "auto": FSDP2 when the frozen weights would take more than 40% of one GPU, else DDP (the
+    adapter is small, so DDP's copy of the whole model per GPU is the only cost, and it is the
+    faster of the two); "none" outside a process group."""
+    if strategy not in STRATEGIES:
+        raise DistributedError(f"distributed must be one of {', '.join(STRATEGIES)}, got {strategy!r}.")
+    if strategy == "none" or not is_initialized():
+        if strategy not in ("none", "auto"):
+            raise DistributedError(
+                f"distributed={strategy!r} needs a process group: launch with torchrun (e.g. `torchrun "
+                f"--nproc_per_node 2 -m deltatune.cli train ...`) or call deltatune.distributed.init_from_env().")
+        return "none"
+    if strategy != "auto":
+        return strategy
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if torch.cuda.is_available():
+        return "fsdp2" if weights > 0.4 * torch.cuda.get_device_properties(device()).total_memory else "ddp"
+    return "ddp"
+
+
+def prepare(model: nn.Module, strategy: str = "auto") -> nn.Module:
+    """`model` ready for the process group: wrapped in DDP, or sharded in place with FSDP2 (each
+    transformer block, then the root). Returns the module to call; `unwrap_parallel` gives back
+    the model itself (under FSDP2 that is the same object)."""
+    strategy = resolve_strategy(strategy, model)
+    if strategy == "none":
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
+        raise DistributedError("the model has no parameters that train: nothing to synchronise.")
+    model.to(device())
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device().index] if device().type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    _shard(model)
+    return model
+
+
+def _shard(model: nn.Module) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from deltatune import hf_compat
+
+    mesh = init_device_mesh(device().type, (world_size(),))
+    for block in hf_compat.checkpointable_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (itself otherwise)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_sharded(tensor: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def gather_full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded one (every rank must call this for the same tensors, in
+    the same order); a plain tensor as it is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_view(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor; a plain tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` split the way `like` is (a sharded parameter): the shard this rank holds."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements).to_local()
+
+
+def all_sum(value: float | int) -> float:
+    """The sum of one number over all processes (itself outside a process group)."""
+    if not is_initialized():
+        return float(value)
+    where = device() if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=where)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item())
+
+
+__all__ = [
+    "STRATEGIES", "DistributedError", "all_sum", "barrier", "device", "gather_full", "init_from_env", "is_main",
+    "is_sharded", "launched", "local_view", "prepare", "rank", "resolve_strategy", "shard_like", "unwrap_parallel",
+    "world_size",
+]

@@ -1,0 +1,73 @@
+"""Run under torchrun by tests/test_distributed.py (2 processes, gloo): trains LoRA and QLoRA with
+DDP and FSDP2, resumes a one-process checkpoint, writes a checkpoint for one process to resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import deltatune as dt  # noqa: E402
+from conftest import tiny_llama  # noqa: E402
+from deltatune import distributed  # noqa: E402
+from deltatune.train import TrainConfig, train  # noqa: E402
+
+STEPS = 3
+BATCH = 8
+
+
+def examples() -> list[dict[str, torch.Tensor]]:
+    """16 rows of 12 tokens; the first (i % 5) labels of row i are -100, so the processes' halves
+    of a batch hold different numbers of targets (the mean must still be the whole batch's)."""
+    generator = torch.Generator().manual_seed(7)
+    rows = []
+    for i in range(16):
+        ids = torch.randint(0, 101, (12,), generator=generator)
+        labels = ids.clone()
+        labels[: i % 5] = -100
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(12, dtype=torch.long), "labels": labels})
+    return rows
+
+
+def adapter_config(method: str):
+    return dt.QLoraConfig(r=4, lora_alpha=8) if method == "qlora" else dt.LoraConfig(r=4, lora_alpha=8)
+
+
+def run(strategy: str, method: str, output: Path, steps: int = STEPS, **options) -> list[float]:
+    model = dt.wrap(tiny_llama(seed=0), adapter_config(method))
+    config = TrainConfig(max_steps=steps, batch_size=BATCH, lr=1e-2, warmup_ratio=0.0, mixed_precision="no",
+                         progress=False, log_every=0, device="cpu", distributed=strategy, **options)
+    result = train(model, examples(), config)
+    model.save(output)
+    return result.losses
+
+
+def main(out: Path, single_checkpoint: Path) -> None:
+    import logging
+
+    distributed.init_from_env()
+    out.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("deltatune.train")  # "resumed from ... at step N" goes to a file the test reads
+    log.addHandler(logging.FileHandler(out / f"log-rank{distributed.rank()}.txt"))
+    log.setLevel(logging.INFO)
+    losses = {}
+    for strategy in ("ddp", "fsdp2"):
+        for method in ("lora", "qlora"):
+            losses[f"{strategy}-{method}"] = run(strategy, method, out / f"{strategy}-{method}")
+    # A checkpoint one process wrote, resumed here on two; and one written here for one to resume.
+    # (A constant rate: a linear decay would depend on the first run's shorter max_steps.)
+    losses["resumed-on-2"] = run("fsdp2", "lora", out / "resumed-on-2", steps=4, output_dir=str(single_checkpoint),
+                                 resume=True, schedule="constant")
+    run("fsdp2", "lora", out / "two-steps", steps=2, output_dir=str(out / "checkpoints-of-2"), checkpoint_every=2,
+        schedule="constant")
+    if distributed.is_main():
+        (out / "losses.json").write_text(json.dumps(losses))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
