@@ -106,3 +106,90 @@ def test_strategies_outside_a_process_group():
     with pytest.raises(distributed.DistributedError):
         train(dt.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4)), dt.LoraConfig(r=2, target_modules=["0"])),
               [{"x": torch.ones(4)}] * 4, config)
+
+
+CLI = """
+import sys
+sys.path[:0] = {paths!r}
+import deltatune.train
+from test_compare import TinyTask
+import torch
+task = TinyTask()
+load_model = task.load_model
+
+
+def without_dropout():  # dropout masks are drawn per process: equality needs none
+    model, tokenizer = load_model()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer
+
+
+task.load_model = without_dropout
+deltatune.train.get_task = lambda name, **options: task
+from deltatune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_deltatune_train_under_torchrun_writes_what_one_process_writes(tmp_path):
+    """`torchrun ... deltatune train --distributed fsdp2`: one set of files, printed once, the same adapter."""
+    script = tmp_path / "cli.py"
+    script.write_text(CLI.format(paths=[str(Path(__file__).parent), *sys.path]))
+    argv = ["train", "--task", "tiny", "--method", "lora", "--steps", "3", "--batch-size", "8", "--eval-limit", "16",
+            "--no-progress", "--set", "r=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = subprocess.run([sys.executable, str(script), *argv, "--output", str(tmp_path / "one")],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(script), *argv, "--distributed", "fsdp2", "--output", str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert done.stdout.count("Saved to") == 1 and done.stdout.count('"in_domain"') == 1  # rank 0 prints
+    assert_same_adapter(load_file(tmp_path / "two" / "adapter_model.safetensors"),
+                        load_file(tmp_path / "one" / "adapter_model.safetensors"))
+    one, two = (json.loads((tmp_path / name / "deltatune_run.json").read_text()) for name in ("one", "two"))
+    assert two["quality"]["in_domain"]["accuracy"] == one["quality"]["in_domain"]["accuracy"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+TRAINER = """
+import os, sys
+sys.path[:0] = {paths!r}
+import torch
+import deltatune as dt
+from conftest import tiny_llama
+from test_hf_stack import lm_rows
+from transformers import Trainer, TrainingArguments
+
+torch.manual_seed(0)
+model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
+args = TrainingArguments(sys.argv[1], max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                         save_strategy="no", report_to=[], use_cpu=True)
+trainer = Trainer(model=model, args=args, train_dataset=lm_rows())
+trainer.train()
+trainer.save_model(sys.argv[1] + "/final")
+torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, sys.argv[1] + f"/rank{{os.environ['RANK']}}.pt")
+"""
+
+
+def test_the_hugging_face_trainer_under_torchrun_ddp(tmp_path):
+    """Trainer wraps the DeltaModel in DDP itself: both ranks end on the same adapter, and the
+    saved model.safetensors (the wrapper's state_dict: the delta) loads strictly into a fresh wrapper."""
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER.format(paths=[str(Path(__file__).parent), *sys.path]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(script), str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    from conftest import tiny_llama
+
+    fresh = dt.wrap(tiny_llama(), dt.LoraConfig(r=4))
+    saved = load_file(tmp_path / "out" / "final" / "model.safetensors")
+    fresh.load_state_dict(saved)  # strict over the delta
+    assert all(torch.equal(fresh.state_dict()[k], ranks[0][k]) for k in ranks[0])
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if "lora_B" in k)

@@ -212,6 +212,9 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     parser.add_argument("--output", help="folder for the adapter (default: runs/train)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar; the loss is logged every log_every steps instead")
+    parser.add_argument("--distributed", choices=["auto", "ddp", "fsdp2", "none"],
+                        help="under torchrun: DDP, FSDP2, auto (DDP unless the weights crowd a GPU) or none; "
+                        "--batch-size is the global batch")
     _add_quantize(parser, "the frozen base")
 
 
@@ -221,7 +224,7 @@ def _run_train(args: argparse.Namespace) -> int:
     spec = TrainSpec.from_yaml(args.config) if args.config else TrainSpec()
     train_options = _key_values(args.train_option, "--train-option")
     for key, value in (("max_steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed),
-                       ("report_to", args.report_to)):
+                       ("report_to", args.report_to), ("distributed", args.distributed)):
         if value is not None:
             train_options[key] = value
     spec = spec.merged(
@@ -238,7 +241,9 @@ def _run_train(args: argparse.Namespace) -> int:
         quantize=args.quantize,
     )
     summary = train_method(spec, progress=not args.no_progress)
-    if "quality" in summary:
+    from deltatune import distributed
+
+    if "quality" in summary and distributed.is_main():
         print(json.dumps(summary["quality"], indent=2))
     return EXIT_OK
 
@@ -329,8 +334,8 @@ def _add_tune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task")
     parser.add_argument("--methods", type=_csv, help="comma-separated PEFT methods to search (default: lora; "
                         "with --quick: lora,ia3,bitfit)")
-    parser.add_argument("--quick", action="store_true", help="compare --quick's run length, 12 trials, 2 seeds, a "
-                        "7.5-minute search: under 15 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="compare --quick's run length, 10 trials, 2 seeds, a "
+                        "5.5-minute search: under 15 minutes on 2 CPU cores")
     parser.add_argument("--trials", type=int, help="finished trials the study should hold (default 20; 0: no search)")
     parser.add_argument("--budget-minutes", type=float, help="start no trial after this many minutes")
     parser.add_argument("--seeds", type=int, help="runs per configuration when confirming on the test split and "

@@ -56,8 +56,9 @@ def barrier() -> None:
 
 
 def launched() -> bool:
-    """Whether torchrun (or accelerate launch) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether torchrun (or accelerate launch) started this process (one of one counts: a
+    single-GPU run of a multi-GPU script keeps the same code path)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
 def init_from_env(backend: str | None = None) -> bool:

@@ -113,6 +113,12 @@ def train_method(
     from deltatune.train import evaluate_task, get_task, train
     from deltatune.train import seed_everything
 
+    from deltatune import distributed
+
+    if distributed.launched() and spec.train.get("distributed", "auto") != "none":
+        distributed.init_from_env()  # before anything is written: only rank 0 writes and prints
+    if not distributed.is_main():
+        console = None
     (method,) = validate_methods([spec.method])
     settings = method_settings(method, spec.method_options, spec.lr, quantize=spec.quantize)
     config = _train_config(spec, settings.lr)
@@ -154,7 +160,8 @@ def train_method(
         summary["quality"] = quality
     if memory is not None:
         summary["memory"] = memory
-    (output / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    if distributed.is_main():
+        (output / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str))
     if console:
         console(f"Saved to {output} ({saved_bytes:,} bytes)")
     return summary
@@ -185,12 +192,33 @@ def _absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
 
 def _save_trained(model: nn.Module, method: str, output: Path, task: str, quality: dict[str, Any] | None) -> int:
     if method == FULL:
-        save_full_checkpoint(model, output)
+        _save_full(model, output)
         return directory_bytes(output / "model.safetensors")
     from deltatune.train.reporting import numeric_leaves
 
     model.save(output, task=task, metrics=numeric_leaves(quality or {}, sep="."))
     return sum(directory_bytes(output / name) for name in ("adapter_config.json", "adapter_model.safetensors") if (output / name).exists())
+
+
+def _save_full(model: nn.Module, output: Path) -> None:
+    """The whole fine-tuned model; under a process group gathered whole and written by rank 0."""
+    from deltatune import distributed
+
+    if not distributed.is_initialized():
+        save_full_checkpoint(model, output)
+        return
+    if any(distributed.is_sharded(p) for p in model.parameters()):
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if distributed.is_main():
+            temporary = output / "model.safetensors.tmp"
+            save_file({k: v.contiguous().clone() for k, v in state.items()}, str(temporary))
+            os.replace(temporary, output / "model.safetensors")
+    elif distributed.is_main():
+        save_full_checkpoint(model, output)
+    distributed.barrier()
 
 
 def load_saved(directory: str | os.PathLike, task: Any, quantize: str | None = None) -> tuple[nn.Module, Any]:

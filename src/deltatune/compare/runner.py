@@ -121,7 +121,7 @@ def prepare_output_dir(output_dir: str | os.PathLike | None) -> Path:
     path = Path(output_dir) if output_dir is not None else default_output_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"  # one per process: torchrun starts several
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:

@@ -30,7 +30,8 @@ def seeded_values(settings: TuneSettings, method: str, lr: float, fields: dict[s
         spec = trial_spec(settings, method, lr, fields, output, seed=settings.seed + offset)
         values.append(_run_once(spec)["quality"][TEST_SPLIT][metric])
         LOG.info("tune: %s seed %d (lr %.3g%s): test %s %.4g", method, settings.seed + offset, lr,
-                 "".join(f", {k}={v}" for k, v in fields.items()), metric, values[-1])
+                 "".join(f", {k}={v:.3g}" if isinstance(v, float) else f", {k}={v}" for k, v in fields.items()),
+                 metric, values[-1])
     return {"values": values, "mean": statistics.fmean(values), "std": statistics.stdev(values) if seeds > 1 else None,
             "lr": lr, "fields": fields}
 

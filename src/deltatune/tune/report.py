@@ -134,6 +134,10 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def _mean_std(entry: dict[str, Any]) -> str:
     std = f" ± {_fmt(entry['std'], 2)}" if entry.get("std") is not None else ""
     return f"{_fmt(entry['mean'])}{std}"
@@ -166,7 +170,7 @@ def report_markdown(results: dict[str, Any], plots: list[str]) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, entry in confirmed.items():
-            settings = ", ".join(f"{k}={v}" for k, v in entry["tuned"]["fields"].items()) or "the preset's fields"
+            settings = ", ".join(f"{k}={_value(v)}" for k, v in entry["tuned"]["fields"].items()) or "the preset's fields"
             lines.append(
                 f"| {method} | {_fmt(entry['preset']['lr'], 3)} | {_mean_std(entry['preset'])} | "
                 f"{_fmt(entry['tuned']['lr'], 3)} | {_mean_std(entry['tuned'])} | {entry['gain']:+.4f} | "
