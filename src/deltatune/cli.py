@@ -334,10 +334,11 @@ def _add_tune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option passed to the task")
     parser.add_argument("--methods", type=_csv, help="comma-separated PEFT methods to search (default: lora; "
                         "with --quick: lora,ia3,bitfit)")
-    parser.add_argument("--quick", action="store_true", help="compare --quick's run length, 10 trials, 2 seeds, a "
-                        "5.5-minute search: under 15 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="compare --quick's run length, up to 12 trials, 2 seeds, "
+                        "a 13-minute budget: under 15 minutes on 2 CPU cores")
     parser.add_argument("--trials", type=int, help="finished trials the study should hold (default 20; 0: no search)")
-    parser.add_argument("--budget-minutes", type=float, help="start no trial after this many minutes")
+    parser.add_argument("--budget-minutes", type=float, help="the whole run's time: no trial starts unless it and "
+                        "the confirmation runs still fit (at a typical trial's length)")
     parser.add_argument("--seeds", type=int, help="runs per configuration when confirming on the test split and "
                         "in a sweep (default 3; 0: no confirmation)")
     parser.add_argument("--sweep", metavar="FIELD=V1,V2,...", help="after the search, vary one field of the best "

@@ -69,8 +69,10 @@ def init_from_env(backend: str | None = None) -> bool:
     if not launched():
         return False
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        torch.cuda.set_device(device())
+        torch.distributed.init_process_group(backend or "nccl", device_id=device())
+    else:
+        torch.distributed.init_process_group(backend or "gloo")
     return True
 
 

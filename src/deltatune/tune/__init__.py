@@ -26,9 +26,10 @@ from typing import Any, Sequence
 
 from .search import LR_PRIORS, OBJECTIVES, TuneSettings, open_study, prepare_study, quality_metric, work
 
-# Measured on 2 CPU cores: ~0.6 min of range tests, ~35 s a trial, ~37 s a confirmation run (up to
-# 12 of them): 14.7 min with 12 trials and a 7.5-minute search, so 10 trials and 5.5 minutes.
-QUICK = {"methods": ("lora", "ia3", "bitfit"), "trials": 10, "seeds": 2, "budget_minutes": 5.5, "validation": 320}
+# Measured on 2 CPU cores: ~0.6 min of range tests, ~35 s a trial, ~37 s a confirmation run (12
+# at most): 12 trials and a fixed 7.5-minute search took 14.7 min. The budget covers the whole run:
+# no trial starts unless it and the confirmation runs fit in it.
+QUICK = {"methods": ("lora", "ia3", "bitfit"), "trials": 12, "seeds": 2, "budget_minutes": 13.0, "validation": 320}
 
 
 def tune(
@@ -58,8 +59,9 @@ def tune(
     methods: PEFT methods to search (default lora; with quick: lora, ia3, bitfit). trials: finished
     trials (complete or pruned) the study should hold; 0 skips the search (a sweep at the registered
     or earlier-tuned rate). quick: the compare --quick run (60 steps of 32, 1,920 examples, 400 per
-    evaluation) with 10 trials, 2 seeds, a 5.5-minute search budget. budget_minutes: no trial starts
-    after this. seeds: runs per configuration in confirmation and sweep (0: no confirmation).
+    evaluation) with up to 12 trials, 2 seeds and a 13-minute budget. budget_minutes: the whole
+    run's time; no trial starts unless it and the confirmation and sweep runs still fit (each at a
+    typical trial's length). seeds: runs per configuration in confirmation and sweep (0: none).
     validation: training examples held out to score trials. lr_prior: "range" (a learning-rate range
     test per method centres the search) or "registered" (the method's compare rate). sweep:
     {field: values} for the one method searched, e.g. {"r": [1, 2, 4, 8, 16, 32]}.
@@ -87,6 +89,7 @@ def tune(
         eval_limit if eval_limit is not None else preset.eval_limit,
         seed, validation or (QUICK["validation"] if quick else 400), prune, lr_prior,
         deadline=started + budget_minutes * 60 if budget_minutes else None,
+        reserve_runs=seeds * (2 * len(methods) + sum(len(v) for v in (sweep or {}).values())),
     )
     base_task = get_task(task, **settings.task_options)
     kind = getattr(base_task, "kind", "classification")
@@ -173,12 +176,12 @@ def _finish(settings: TuneSettings, study: Any, kind: str, seeds: int, sweep: di
         "lr_priors": {k.split(".", 1)[1]: v for k, v in study.user_attrs.items() if k.startswith("lr_prior.")},
         "trials": rows, "best": best, "confirmed": confirmed, "sweeps": sweeps,
     }
-    plots = [name for name in (
+    plots = [Path(path).name for path in (
         plot_pareto(rows, metric, direction == "maximize", output / "pareto.png"),
         plot_lr(rows, metric, output / "lr_sensitivity.png"),
         *(plot_sweep(s, confirmed.get(s["method"], {}).get("preset"), output / f"sweep-{s['method']}-{s['field']}.png")
           for s in sweeps),
-    ) if name]
+    ) if path]
     results["plots"] = plots
     (output / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
     (output / "report.md").write_text(report_markdown(results, plots))

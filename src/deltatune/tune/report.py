@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from deltatune.compare.plots import _pyplot, _save
+
 MIB = 2**20
 COSTS = {"memory": ("peak memory of one step (MiB)", MIB), "step_time": ("step time (s)", 1.0),
          "params": ("trainable parameters", 1.0)}
@@ -43,22 +45,6 @@ def pareto_front(points: list[tuple[float, float]], maximize: bool) -> list[int]
             if not any(better_or_equal(q, p) and q != p for j, q in enumerate(points) if j != i)]
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path.name
-
-
 def _by_method(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -67,7 +53,7 @@ def _by_method(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
-def plot_pareto(rows: list[dict[str, Any]], metric: str, maximize: bool, path: Path) -> str | None:
+def plot_pareto(rows: list[dict[str, Any]], metric: str, maximize: bool, path: Path) -> Path | None:
     grouped = _by_method(rows)
     if not grouped:
         return None
@@ -90,7 +76,7 @@ def plot_pareto(rows: list[dict[str, Any]], metric: str, maximize: bool, path: P
     return _save(fig, path)
 
 
-def plot_lr(rows: list[dict[str, Any]], metric: str, path: Path) -> str | None:
+def plot_lr(rows: list[dict[str, Any]], metric: str, path: Path) -> Path | None:
     grouped = _by_method(rows)
     if not grouped:
         return None
@@ -108,7 +94,7 @@ def plot_lr(rows: list[dict[str, Any]], metric: str, path: Path) -> str | None:
     return _save(fig, path)
 
 
-def plot_sweep(result: dict[str, Any], preset: dict[str, Any] | None, path: Path) -> str:
+def plot_sweep(result: dict[str, Any], preset: dict[str, Any] | None, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     rows = result["rows"]

@@ -45,7 +45,8 @@ class TuneSettings:
     prune: bool = True
     lr_prior: str = "registered"
     include_preset: bool = True
-    deadline: float | None = None  # time.time() after which no trial starts
+    deadline: float | None = None  # time.time() by which the whole run (search, confirmation) should end
+    reserve_runs: int = 0  # confirmation and sweep runs to keep time for, at a typical trial's length
 
     @property
     def quality_every(self) -> int:
@@ -250,7 +251,7 @@ def work(settings: TuneSettings, kind: str, worker: int = 0) -> None:
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial: failed, so it is run again
         finished = len(study.get_trials(deepcopy=False, states=finished_states()))
         running = len(study.get_trials(deepcopy=False, states=(_state("RUNNING"),)))
-        if finished >= settings.trials or (settings.deadline and time.time() >= settings.deadline):
+        if finished >= settings.trials or _out_of_time(study, settings):
             return
         if finished + running >= settings.trials:
             time.sleep(0.5)  # the rest of the budget is running elsewhere; it may still fail
@@ -262,6 +263,19 @@ def work(settings: TuneSettings, kind: str, worker: int = 0) -> None:
         if ran:
             _log_progress(study, ran[0], settings, kind, started)
             failures = _count_failure(ran[0], failures)
+
+
+def _out_of_time(study: Any, settings: TuneSettings) -> bool:
+    """Whether one more trial and the runs kept in reserve would end past the deadline (a typical
+    run: the median finished trial of this study)."""
+    import statistics
+
+    if not settings.deadline:
+        return False
+    lengths = [(t.datetime_complete - t.datetime_start).total_seconds()
+               for t in study.get_trials(deepcopy=False, states=(_state("COMPLETE"),))]
+    typical = statistics.median(lengths) if lengths else 0.0
+    return time.time() + typical * (1 + settings.reserve_runs) >= settings.deadline
 
 
 @contextlib.contextmanager
