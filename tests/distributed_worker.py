@@ -64,8 +64,15 @@ def main(out: Path, single_checkpoint: Path) -> None:
                                  resume=True, schedule="constant")
     run("fsdp2", "lora", out / "two-steps", steps=2, output_dir=str(out / "checkpoints-of-2"), checkpoint_every=2,
         schedule="constant")
+    sharded = distributed.prepare(dt.wrap(tiny_llama(seed=0), adapter_config("lora")), "fsdp2")
+    try:
+        sharded.merge_and_unload()
+        merge = "merged"
+    except distributed.DistributedError as err:
+        merge = str(err)
     if distributed.is_main():
         (out / "losses.json").write_text(json.dumps(losses))
+        (out / "merge.txt").write_text(merge)
     torch.distributed.destroy_process_group()
 
 

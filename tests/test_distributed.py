@@ -91,6 +91,10 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(two_processes, tmp_path, c
     assert_same_adapter(resumed, want)
 
 
+def test_merging_a_sharded_model_says_how_to_merge(two_processes):
+    assert "Save the adapter" in (two_processes / "out" / "merge.txt").read_text()
+
+
 def test_strategies_outside_a_process_group():
     model = dt.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4)), dt.LoraConfig(r=2, target_modules=["0"]))
     assert distributed.resolve_strategy("auto", model) == "none"

@@ -437,6 +437,11 @@ class DeltaModel(nn.Module):
         unknown = [n for n in names if n not in self.configs]
         if unknown:
             raise ValueError(f"No adapter named {unknown} to merge; this model has {self.adapter_names}.")
+        if any(distributed.is_sharded(p) for p in self.parameters()):
+            raise distributed.DistributedError(
+                "Merging needs whole weights, and this model is sharded (FSDP2). Save the adapter "
+                "(model.save(dir), every rank), then merge it in one process: "
+                "dt.load(base_model, dir).merge_and_unload().")
         for name in names:
             if not method_for_config(self.configs[name]).mergeable:
                 raise TypeError(
