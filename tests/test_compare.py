@@ -184,6 +184,10 @@ def test_compare_measures_every_method(tiny_run):
     assert lora["storage"]["bytes"] < full["storage"]["bytes"]
     assert Path(lora["storage"]["path"], "adapter_model.safetensors").is_file()
     assert full["storage"]["path"] is None  # the full copy is deleted unless keep_checkpoints
+    # After training, the trained models were timed in interleaved rounds; ratios within rounds.
+    assert results["timing"]["rounds"] == 5 and full["time"]["interleaved"]["ratio"] == 1.0
+    rounds = lora["time"]["interleaved"]
+    assert len(rounds["round_step_s"]) == 5 and rounds["ratio_low"] <= rounds["ratio"] <= rounds["ratio_high"]
 
 
 def test_compare_estimate_agrees_with_measurement(tiny_run):

@@ -213,3 +213,31 @@ def test_two_workers_share_one_study_without_duplicates(tiny_task, tmp_path):
     assert len(numbers) == 4 and len(set(numbers)) == 4
     params = [t.params for t in open_study(settings, "classification").get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
     assert len({json.dumps(p, sort_keys=True) for p in params}) == 4  # four different configurations
+
+
+def test_a_trial_left_running_by_a_dead_worker_is_failed_and_rerun(tiny_task, tmp_path):
+    """A worker killed between creating a trial and its first heartbeat leaves the trial running:
+    Optuna never fails it, and a resumed study would wait for it forever."""
+    import socket
+    import subprocess
+    import sys
+
+    from deltatune.tune import TuneSettings
+    from deltatune.tune.search import open_study, work
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    settings = TuneSettings("tiny", ["lora"], 2, ["quality"], f"sqlite:///{out / 'study.db'}", str(out), {},
+                            {"max_steps": 3, "batch_size": 8}, None, 16, 0, validation=16, prune=False)
+    study = open_study(settings, "classification")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for claimed_by in (f"{socket.gethostname()}:{dead.pid}", None):
+        orphan = study.ask()
+        if claimed_by:
+            orphan.set_user_attr("worker", claimed_by)
+    started = time.monotonic()
+    work(settings, "classification")
+    states = [t.state.name for t in open_study(settings, "classification").trials]
+    assert states[:2] == ["FAIL", "FAIL"] and states.count("COMPLETE") == 2
+    assert time.monotonic() - started < 120

@@ -117,6 +117,16 @@ def _forgetting_text(record: dict[str, Any]) -> str:
     return f"{before:.3f}->{after:.3f} ({change:+.3f})"
 
 
+def step_time(record: dict[str, Any], full_step: float | None) -> tuple[float | None, float | None]:
+    """(seconds per step, ratio to full fine-tuning): from the interleaved rounds when the run has
+    them (load changes cannot bias those), else from the method's own training stretch."""
+    interleaved = _get(record, "time", "interleaved")
+    if interleaved and interleaved.get("ratio") is not None:
+        return interleaved["step_s"], interleaved["ratio"]
+    step = _get(record, "time", "step_s")
+    return step, ratio(step, full_step)
+
+
 def table_rows(results: dict[str, Any]) -> list[list[str]]:
     """One row of text cells per method, in run order (the terminal table and report.md)."""
     full = results.get("methods", {}).get(FULL, {})
@@ -129,7 +139,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             continue
         params = record.get("parameters", {})
         memory = record.get("memory", {})
-        step = _get(record, "time", "step_s")
+        step, step_ratio = step_time(record, full_step)
         stored = _get(record, "storage", "bytes")
         parts = "/".join(_mib(memory.get(p), 0) for p in MEMORY_PARTS[:4])
         rows.append([
@@ -138,7 +148,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             _mib(memory.get("peak")),
             parts,
             _base_storage_text(record),
-            f"{_num(step, '.3f')} ({_num(ratio(step, full_step), '.2f')}x)",
+            f"{_num(step, '.3f')} ({_num(step_ratio, '.2f')}x)",
             _num(_get(record, "time", "train_s"), ".0f"),
             f"{_mib(stored, 2)} ({_num(ratio(stored, reference_bytes), '.4f')}x)",
             _metric_text(in_domain_value(record)),
@@ -261,20 +271,35 @@ def _estimate_section(results: dict[str, Any]) -> str:
 
 def _time_section(results: dict[str, Any]) -> str:
     full_step = _get(results, "methods", FULL, "time", "step_s")
+    timing = results.get("timing") or {}
     rows = []
     for name, record in ok_methods(results).items():
         step = _get(record, "time", "step_s")
+        interleaved = _get(record, "time", "interleaved") or {}
+        spread = (f"{interleaved['ratio_low']:.2f}-{interleaved['ratio_high']:.2f}" + (" (wide)" if interleaved.get("wide") else "")
+                  if "ratio_low" in interleaved else "-")
         rows.append([
-            name, _num(step, ".3f"), _num(ratio(step, full_step), ".2f"), _get(record, "time", "steps"),
+            name, _num(interleaved.get("step_s"), ".3f"), _num(interleaved.get("ratio"), ".2f"), spread,
+            _num(step, ".3f"), _num(ratio(step, full_step), ".2f"), _get(record, "time", "steps"),
             _num(_get(record, "time", "train_s"), ".1f"), _num(record.get("wall_s"), ".1f"),
         ])
+    if timing.get("rounds"):
+        how = (f"After training, every method's step was timed in {timing['rounds']} interleaved rounds ({timing['batches']} "
+               "steps per method per round on the same batches, the order rotated each round, AdamW at learning rate 0 "
+               "so the trained weights stay): a change of load hits every method of a round alike. `x full` is the "
+               "median of the rounds' ratios, `rounds` their range; a range wider than 10% of the ratio is marked "
+               f"wide. Load average {_num(timing.get('load_before'), '.1f')} before the rounds, "
+               f"{_num(timing.get('load_after'), '.1f')} after. ")
+    else:
+        how = f"No interleaved rounds in this run{': ' + timing['error'] if timing.get('error') else ''}. "
     return (
-        "## Time\n\n"
-        "Seconds per optimizer step: the lower quartile of the steps after the first 3 warm-up steps, "
-        "because other programs on the machine only ever add time to a step; train s is the whole training "
-        "call, unfiltered; wall s also holds loading, measuring, evaluating and saving.\n\n"
+        "## Time\n\n" + how +
+        "`during training`: seconds per optimizer step while the method trained (the lower quartile after 3 "
+        "warm-up steps) and its ratio to full fine-tuning's, measured in different stretches of time; train s is "
+        "the whole training call, unfiltered; wall s also holds loading, measuring, evaluating and saving.\n\n"
         + busy_machine_warning(results)
-        + markdown_table(["method", "s/step", "x full", "steps", "train s", "wall s"], rows)
+        + markdown_table(["method", "s/step", "x full", "rounds", "s/step during training", "x full during training",
+                          "steps", "train s", "wall s"], rows)
     )
 
 
@@ -389,10 +414,14 @@ def headline_checks(results: dict[str, Any], method: str = "lora") -> list[tuple
     )
     if state is not None:
         checks.append((f"{method} gradient + optimizer memory < 2% of full", f"{100 * state:.3f}%", state < 0.02))
-    step = ratio(_get(peft, "time", "step_s"), _get(full, "time", "step_s"))
+    _, step = step_time(peft, _get(full, "time", "step_s"))
     if step is not None:
-        busy = " (machine busy: unreliable)" if busy_machine_warning(results) else ""
-        checks.append((f"{method} step time <= 0.8x full", f"{step:.2f}x{busy}", step <= 0.8))
+        interleaved = _get(peft, "time", "interleaved") or {}
+        if "ratio_low" in interleaved:
+            note = f" (rounds {interleaved['ratio_low']:.2f}-{interleaved['ratio_high']:.2f}{', wide' if interleaved['wide'] else ''})"
+        else:
+            note = " (machine busy: unreliable)" if busy_machine_warning(results) else ""
+        checks.append((f"{method} step time <= 0.8x full", f"{step:.2f}x{note}", step <= 0.8))
     peak = ratio(_get(peft, "memory", "peak"), _get(full, "memory", "peak"))
     if peak is not None:
         checks.append((f"{method} peak memory below full", f"{peak:.2f}x", peak < 1.0))

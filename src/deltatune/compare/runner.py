@@ -217,6 +217,7 @@ class _Comparison:
         self.console = console
         self.device = resolve_device(settings.device)
         self.method_settings = methods
+        self.trained: dict[str, nn.Module] = {}  # kept for the interleaved timing rounds at the end
         self.results = ResultsFile(
             output_dir / RESULTS_NAME,
             {
@@ -368,6 +369,32 @@ class _Comparison:
         self.results.save()
 
         record["storage"] = self._store(name, model)
+        self.trained[name] = model
+
+    def time_interleaved(self) -> None:
+        """Every trained method's step time in interleaved rounds (compare/timing.py), so that a
+        change of load during the run hits all methods alike; the ratios' spread is recorded."""
+        from .timing import DEFAULT_ROUNDS, interleaved_step_times, ratios_to
+
+        if len(self.trained) < 2:
+            return
+        _say(self.console, f"Timing the {len(self.trained)} trained methods in {DEFAULT_ROUNDS} interleaved rounds ...")
+        load_before = _load_average()
+        size = self.settings.batch_size
+        batches = [self.task.collate([self.train_data[i] for i in range(start, min(start + size, len(self.train_data)))])
+                   for start in range(0, min(len(self.train_data), 2 * size), size)]
+        try:
+            per_round = interleaved_step_times(self.trained, batches, self.device, rounds=DEFAULT_ROUNDS)
+        except Exception as err:  # the comparison stands without it; say why it is missing
+            self.results.data["timing"] = {"error": _describe_failure(err)}
+            return
+        finally:
+            self.trained.clear()
+        for name, entry in ratios_to(per_round, FULL).items():
+            self.results.data["methods"][name]["time"]["interleaved"] = entry
+        self.results.data["timing"] = {"rounds": DEFAULT_ROUNDS, "batches": len(batches), "load_before": load_before,
+                                       "load_after": _load_average()}
+        self.results.save()
 
     def _calibration_batches(self) -> Iterator[dict[str, Any]]:
         loader = torch.utils.data.DataLoader(self.train_data, batch_size=self.settings.batch_size, shuffle=False, collate_fn=self.task.collate)
@@ -555,6 +582,7 @@ def compare(
         comparison.load_task()
         for index, name in enumerate(settings.methods, start=1):
             comparison.run_method(index, name)
+        comparison.time_interleaved()
         status = "completed"
     except Exception as err:
         comparison.results.data["error"] = _describe_failure(err)

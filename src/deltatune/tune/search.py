@@ -128,6 +128,7 @@ def _objective(settings: TuneSettings, kind: str, task: Any) -> Callable[[Any], 
                    if t.number < trial.number]
         if len(earlier) >= settings.trials:
             raise OverBudget("the study's trial budget is taken by earlier trials")
+        trial.set_user_attr("worker", _worker_id())
         method = trial.suggest_categorical("method", settings.methods)
         low, high = lr_bounds(settings, trial.study, method)
         lr = trial.suggest_float(f"{method}.lr", low, high, log=True)
@@ -249,6 +250,7 @@ def work(settings: TuneSettings, kind: str, worker: int = 0) -> None:
     started, failures = time.time(), 0
     while True:
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial: failed, so it is run again
+        _fail_orphans(study)
         finished = len(study.get_trials(deepcopy=False, states=finished_states()))
         running = len(study.get_trials(deepcopy=False, states=(_state("RUNNING"),)))
         if finished >= settings.trials or _out_of_time(study, settings):
@@ -263,6 +265,49 @@ def work(settings: TuneSettings, kind: str, worker: int = 0) -> None:
         if ran:
             _log_progress(study, ran[0], settings, kind, started)
             failures = _count_failure(ran[0], failures)
+
+
+def _worker_id() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _fail_orphans(study: Any, unclaimed_after_s: float = 20.0) -> None:
+    """Fail running trials whose worker is gone, which Optuna's heartbeats miss: a worker killed
+    between creating a trial and its first heartbeat leaves it running forever. A trial whose worker
+    on this host is no longer a process, or that no worker claimed within `unclaimed_after_s`
+    (claiming takes milliseconds), is failed so that its place in the budget is run again."""
+    import datetime
+    import os
+    import socket
+
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(_state("RUNNING"),)):
+        worker = trial.user_attrs.get("worker")
+        if worker is None:
+            orphaned = trial.datetime_start is not None and (now - trial.datetime_start).total_seconds() > unclaimed_after_s
+        else:
+            host, _, pid = worker.rpartition(":")
+            orphaned = host == socket.gethostname() and not _alive(int(pid)) and int(pid) != os.getpid()
+        if orphaned:
+            try:
+                study.tell(trial.number, state=_state("FAIL"))
+            except (ValueError, RuntimeError):  # another worker got there first
+                pass
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _out_of_time(study: Any, settings: TuneSettings) -> bool:
