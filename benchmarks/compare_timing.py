@@ -43,7 +43,7 @@ def run(hog: bool, args: argparse.Namespace, folder: str) -> dict[str, Any]:
     finally:
         for process in hogs:
             process.terminate()
-    methods = result.data["methods"]
+    methods = result.methods
     full = methods["full"]["time"]
     out = {}
     for name, record in methods.items():

@@ -188,7 +188,7 @@ def test_the_hugging_face_trainer_under_torchrun_ddp(tmp_path):
                str(script), str(tmp_path / "out")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     from conftest import tiny_llama
 
@@ -197,3 +197,17 @@ def test_the_hugging_face_trainer_under_torchrun_ddp(tmp_path):
     fresh.load_state_dict(saved)  # strict over the delta
     assert all(torch.equal(fresh.state_dict()[k], ranks[0][k]) for k in ranks[0])
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in saved.items() if "lora_B" in k)
+
+
+def test_auto_picks_fsdp2_when_the_weights_would_crowd_a_gpu(monkeypatch):
+    """"auto": DDP while the weights take at most 40% of one GPU, FSDP2 beyond (no GPU needed here)."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(1000, 1000)  # 4 MB of float32 weights
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed, "device", lambda: torch.device("cpu"))
+    for memory, expected in ((100_000_000, "ddp"), (8_000_000, "fsdp2")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=memory))
+        assert distributed.resolve_strategy("auto", model) == expected
+    assert distributed.resolve_strategy("ddp", model) == "ddp"
