@@ -6,6 +6,7 @@ interleaved rounds, in both runs, and how far each moved.
 
     PYTHONPATH=src python3 benchmarks/compare_timing.py                  # compare --quick: full, lora, bitfit
     PYTHONPATH=src python3 benchmarks/compare_timing.py --max-steps 30   # shorter
+    PYTHONPATH=src python3 benchmarks/compare_timing.py --default        # the README's main command (2 x ~12 min)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _burn(stop_at: float) -> None:
 
 def run(hog: bool, args: argparse.Namespace, folder: str) -> dict[str, Any]:
     from deltatune.compare import compare
-    from deltatune.compare.report import ratio
+    from deltatune.compare.report import busy_machine_warning, ratio
 
     hogs: list[multiprocessing.Process] = []
 
@@ -38,13 +39,15 @@ def run(hog: bool, args: argparse.Namespace, folder: str) -> dict[str, Any]:
                 hogs.append(process)
 
     try:
-        result = compare(args.task, args.methods, quick=True, max_steps=args.max_steps, output_dir=folder,
+        result = compare(args.task, args.methods, quick=not args.default, max_steps=args.max_steps, output_dir=folder,
                          progress=False, console=console, report=False)
     finally:
         for process in hogs:
             process.terminate()
     methods = result.methods
     full = methods["full"]["time"]
+    print(f"  clock of the rounds: {result.results['timing'].get('clock')}; warning: "
+          f"{busy_machine_warning(result.results).strip() or 'none'}", flush=True)
     out = {}
     for name, record in methods.items():
         if name == "full" or record.get("status") != "ok":
@@ -58,7 +61,8 @@ def run(hog: bool, args: argparse.Namespace, folder: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="sentiment")
-    parser.add_argument("--methods", default="full,lora,bitfit")
+    parser.add_argument("--methods", help="default: the preset's (quick: full,lora,bitfit)")
+    parser.add_argument("--default", action="store_true", help="the default preset (`deltatune compare`), not --quick")
     parser.add_argument("--max-steps", type=int)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:

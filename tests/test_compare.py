@@ -353,6 +353,15 @@ def test_busy_machine_makes_the_report_warn_about_timings():
     busy = {"environment": {"cpu_count": 2, "load_average_start": 0.3, "load_average_end": 7.5}}
     assert busy_machine_warning(quiet) == ""
     assert "load average up to 7.5 on 2 CPUs" in busy_machine_warning(busy)
+    # A neighbour arrived while the second method trained: the load changed, the report says so
+    # and points at the interleaved ratios.
+    changed = {"environment": {"cpu_count": 2, "load_average_start": 1.9, "load_average_end": 2.2},
+               "methods": {"full": {"time": {"load_average": [1.9, 1.8]}},
+                           "lora": {"time": {"load_average": [1.8, 2.6], "interleaved": {"ratio": 0.6}}}},
+               "timing": {"load_before": 2.8, "load_after": 2.9}}
+    warning = busy_machine_warning(changed)
+    assert "load changed during the run (from 1.8 to 2.9)" in warning and "interleaved ratios" in warning
+    assert "busy" not in warning
 
 
 def test_quantize_puts_peft_bases_in_4_bits_and_keeps_the_full_baseline(tmp_path):
@@ -380,3 +389,43 @@ def test_method_settings_check_the_quantize_option():
         method_settings("lora", quantize="nf3")
     assert method_settings("qlora", quantize="int4").config_fields["quant_type"] == "int4"
     assert method_settings("qlora").quantize == "nf4"  # qlora's own default type
+
+
+def test_seeds_report_mean_and_std_and_each_seed_is_the_run_of_that_seed(tmp_path):
+    import statistics
+
+    from deltatune.compare.report import render_markdown, render_table, split_metric
+
+    run = run_tiny(tmp_path / "three", seeds=3)
+    assert run.results["settings"]["seeds"] == 3
+    for name in ("full", "lora"):
+        record = run.methods[name]
+        assert [r["seed"] for r in record["seed_runs"]] == [0, 1, 2]
+        accuracies = [r["quality"]["in_domain"]["accuracy"] for r in record["seed_runs"]]
+        assert record["seed_runs"][0]["quality"] == record["quality"]  # the first seed is the measured model
+        metric, mean, std = split_metric(record, "in_domain")
+        assert metric == "accuracy" and mean == statistics.fmean(accuracies) and std == statistics.stdev(accuracies)
+        changes = [r["forgetting"]["change"] for r in record["seed_runs"]]
+        assert len(changes) == 3 and all(c is not None for c in changes)
+    # Seed 1 inside the three-seed run is exactly what a run with --seed 1 gets.
+    alone = run_tiny(tmp_path / "seed1", seed=1)
+
+    def scores(quality):  # everything but the evaluation's own wall time
+        return {split: {k: v for k, v in metrics.items() if k != "seconds"} for split, metrics in quality.items()}
+
+    for name in ("full", "lora"):
+        assert scores(run.methods[name]["seed_runs"][1]["quality"]) == scores(alone.methods[name]["quality"])
+        assert run.methods[name]["seed_runs"][1]["losses"] == alone.methods[name]["losses"]
+    lora_losses = [r["losses"] for r in run.methods["lora"]["seed_runs"]]
+    assert lora_losses[0] != lora_losses[1]  # the seed changes the run
+    table = render_table(run.results)
+    assert "seeds 0-2 (quality: mean ± std)" in table and "±" in table
+    assert "mean ± sample std over the seeds" in render_markdown(run.results)
+    assert (run.output_dir / "quality_vs_params.png").stat().st_size > 0
+
+
+def test_seeds_must_be_a_positive_whole_number(tmp_path):
+    for bad in (0, -1, 2.5, "3", True):
+        with pytest.raises(ValueError, match="seeds"):
+            run_tiny(tmp_path, seeds=bad)
+    assert not (tmp_path / "run").exists()  # refused before anything is written

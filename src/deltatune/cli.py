@@ -89,6 +89,8 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-limit", type=int, help="training examples to read")
     parser.add_argument("--eval-limit", type=int, help="examples per evaluation split")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train every method N times (seeds SEED..SEED+N-1): quality as mean ± std, error bars")
     parser.add_argument("--lr", action="append", metavar="METHOD=LR",
                         help="learning rate of one method (repeatable); METHOD=auto or plain 'auto' (every method): "
                              "from a learning-rate range test just before training")
@@ -124,6 +126,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         train_limit=args.train_limit,
         eval_limit=args.eval_limit,
         seed=args.seed,
+        seeds=args.seeds,
         lrs=lrs,
         method_options=_method_values(args.set, "--set"),
         task_options=_key_values(args.task_option, "--task-option"),

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from .measure import MIB
-from .report import MEMORY_PARTS, as_percent, in_domain_value, ok_methods, storage_for_tasks
+from .presets import FULL
+from .report import MEMORY_PARTS, ok_methods, split_metric, storage_for_tasks
 
 PLOT_FILES = {
     "memory_breakdown.png": "Memory breakdown per method",
@@ -84,25 +85,35 @@ def plot_storage(results: dict[str, Any], path: Path) -> Path | None:
 
 
 def plot_quality(results: dict[str, Any], path: Path) -> Path | None:
+    """In-domain quality against trainable parameters; with several seeds the points are means with
+    +- std error bars; full fine-tuning's level is drawn across as the reference line."""
     points = []
     for name, record in ok_methods(results).items():
-        metric = in_domain_value(record)
+        metric = split_metric(record, "in_domain")
         trainable = record.get("parameters", {}).get("trainable")
         if metric and trainable:
-            value = metric[1] if metric[0] == "perplexity" else as_percent(metric[1])
-            points.append((name, trainable, value, metric[0]))
+            scale = 1.0 if metric[0] == "perplexity" or abs(metric[1]) > 1.0 else 100.0
+            std = None if metric[2] is None else scale * metric[2]
+            points.append((name, trainable, scale * metric[1], std, metric[0]))
     if not points:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, trainable, value, _ in points:
-        ax.scatter(trainable, value)
+    for name, trainable, value, std, _ in points:
+        ax.errorbar(trainable, value, yerr=std, fmt="o", capsize=4)
         ax.annotate(name, (trainable, value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    full = next((p for p in points if p[0] == FULL), None)
+    if full is not None:
+        ax.axhline(full[2], color="grey", linestyle="--", linewidth=1, label="full fine-tuning")
+        if full[3]:
+            ax.axhspan(full[2] - full[3], full[2] + full[3], color="grey", alpha=0.15)
+        ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    metric = points[0][3]
+    metric = points[0][4]
     ax.set_ylabel("in-domain perplexity (lower is better)" if metric == "perplexity" else f"in-domain {metric} (%)")
-    ax.set_title("Quality against trainable parameters")
+    seeds = results.get("settings", {}).get("seeds") or 1
+    ax.set_title("Quality against trainable parameters" + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""))
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, path)
 

@@ -7,6 +7,7 @@ missing (the cell shows "-" and failed methods show their error).
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -55,6 +56,36 @@ def in_domain_value(record: dict[str, Any]) -> tuple[str, float] | None:
     return primary_metric(_get(record, "quality", "in_domain"))
 
 
+def seed_values(record: dict[str, Any], *path: str) -> list[float]:
+    """One number per seed run (`compare(seeds=N)`), read at `path` inside each run; a split name
+    as the last key reads its primary metric. Empty without seed runs."""
+    values = []
+    for run in record.get("seed_runs") or []:
+        value = _get(run, *path)
+        if isinstance(value, dict):
+            value = (primary_metric(value) or (None, None))[1]
+        if isinstance(value, (int, float)):
+            values.append(float(value))
+    return values
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def split_metric(record: dict[str, Any], split: str) -> tuple[str, float, float | None] | None:
+    """(metric, value, std) of a split: the mean and std over seeds when the run has several,
+    else the one run's value and no std."""
+    single = primary_metric(_get(record, "quality", split))
+    if single is None:
+        return None
+    values = seed_values(record, "quality", split)
+    if len(values) > 1:
+        return (single[0], *mean_std(values))
+    return single[0], single[1], None
+
+
 def storage_for_tasks(results: dict[str, Any], name: str, tasks: int) -> int | None:
     """Bytes to serve `tasks` tasks: N full copies, or the base once plus N adapters."""
     stored = _get(results, "methods", name, "storage", "bytes")
@@ -85,20 +116,23 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _metric_text(metric: tuple[str, float] | None) -> str:
+def _metric_text(metric: tuple[str, float] | tuple[str, float, float | None] | None) -> str:
+    """A metric as shown; with a std (several seeds) as mean +- std."""
     if metric is None:
         return "-"
-    name, value = metric
+    name, value = metric[0], metric[1]
+    std = metric[2] if len(metric) > 2 else None
     if name == "perplexity":
-        return f"ppl {value:.2f}"
+        return f"ppl {value:.2f}" + (f" ± {std:.2f}" if std is not None else "")
     if name in PERCENT_METRICS:
-        return f"{as_percent(value):.1f}%"
-    return f"{value:.3f}"
+        scale = 100.0 if abs(value) <= 1.0 else 1.0
+        return f"{scale * value:.1f}" + (f" ± {scale * std:.1f}" if std is not None else "") + "%"
+    return f"{value:.3f}" + (f" ± {std:.3f}" if std is not None else "")
 
 
 def _ood_text(record: dict[str, Any]) -> str:
     metrics = _get(record, "quality", "out_of_domain")
-    text = _metric_text(primary_metric(metrics))
+    text = _metric_text(split_metric(record, "out_of_domain"))
     majority = (metrics or {}).get("majority_baseline")
     return text if majority is None else f"{text} (maj {as_percent(majority):.1f}%)"
 
@@ -109,12 +143,18 @@ def _forgetting_text(record: dict[str, Any]) -> str:
         return "-"
     metric = forgetting["metric"]
     before, after, change = forgetting["before"], forgetting["after"], forgetting["change"]
+    changes = seed_values(record, "forgetting", "change")
+    std = None
+    if len(changes) > 1:  # several seeds: the mean after and change, the std of the change
+        change, std = mean_std(changes)
+        after = before + change
     if metric in PERCENT_METRICS:
         scale = 100.0 if max(abs(before), abs(after)) <= 1.0 else 1.0  # fractions shown as percents
-        return f"{scale * before:.1f}->{scale * after:.1f}% ({scale * change:+.1f})"
+        spread = f" ± {scale * std:.1f}" if std is not None else ""
+        return f"{scale * before:.1f}->{scale * after:.1f}% ({scale * change:+.1f}{spread})"
     if metric == "perplexity":
-        return f"ppl {before:.2f}->{after:.2f} ({change:+.2f})"
-    return f"{before:.3f}->{after:.3f} ({change:+.3f})"
+        return f"ppl {before:.2f}->{after:.2f} ({change:+.2f}{f' ± {std:.2f}' if std is not None else ''})"
+    return f"{before:.3f}->{after:.3f} ({change:+.3f}{f' ± {std:.3f}' if std is not None else ''})"
 
 
 def step_time(record: dict[str, Any], full_step: float | None) -> tuple[float | None, float | None]:
@@ -151,7 +191,7 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
             f"{_num(step, '.3f')} ({_num(step_ratio, '.2f')}x)",
             _num(_get(record, "time", "train_s"), ".0f"),
             f"{_mib(stored, 2)} ({_num(ratio(stored, reference_bytes), '.4f')}x)",
-            _metric_text(in_domain_value(record)),
+            _metric_text(split_metric(record, "in_domain")),
             _macro_f1_text(record),
             _ood_text(record),
             _forgetting_text(record),
@@ -204,9 +244,16 @@ def _title(results: dict[str, Any]) -> str:
     return (
         f"deltatune compare: task {settings.get('task')} ({task.get('train_examples', '?')} training examples, "
         f"{task.get('sequence_length', '?')} tokens), {settings.get('max_steps')} steps x batch "
-        f"{settings.get('batch_size')}, seed {settings.get('seed')}, preset {settings.get('preset')}"
+        f"{settings.get('batch_size')}, {_seeds_text(settings)}, preset {settings.get('preset')}"
         + (f", PEFT bases in {settings['quantize']} (full FT in full precision)" if settings.get("quantize") else "")
     )
+
+
+def _seeds_text(settings: dict[str, Any]) -> str:
+    seed, seeds = settings.get("seed"), settings.get("seeds") or 1
+    if seeds > 1 and isinstance(seed, int):
+        return f"seeds {seed}-{seed + seeds - 1} (quality: mean ± std)"
+    return f"seed {seed}"
 
 
 def markdown_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
@@ -284,9 +331,11 @@ def _time_section(results: dict[str, Any]) -> str:
             _num(_get(record, "time", "train_s"), ".1f"), _num(record.get("wall_s"), ".1f"),
         ])
     if timing.get("rounds"):
+        clock = timing.get("clock", "wall time")
         how = (f"After training, every method's step was timed in {timing['rounds']} interleaved rounds ({timing['batches']} "
                "steps per method per round on the same batches, the order rotated each round, AdamW at learning rate 0 "
-               "so the trained weights stay): a change of load hits every method of a round alike. `x full` is the "
+               f"so the trained weights stay; clock: {clock}): a change of load hits every method of a round alike"
+               + (" and a neighbour cannot stretch one thread's CPU time" if "CPU time" in clock else "") + ". `x full` is the "
                "median of the rounds' ratios, `rounds` their range; a range wider than 10% of the ratio is marked "
                f"wide. Load average {_num(timing.get('load_before'), '.1f')} before the rounds, "
                f"{_num(timing.get('load_after'), '.1f')} after. ")
@@ -303,17 +352,41 @@ def _time_section(results: dict[str, Any]) -> str:
     )
 
 
-def busy_machine_warning(results: dict[str, Any]) -> str:
-    """A warning when other programs shared the CPUs during the run, which makes timings unreliable."""
+def load_samples(results: dict[str, Any], *, running_only: bool = False) -> list[float]:
+    """The 1-minute load averages the run took: at its start and end, around each method's training
+    and around the interleaved rounds. running_only: those taken after a method's training, when the
+    run's own load has built up (the first samples read the machine before the run)."""
     env = results.get("environment", {})
-    loads = [v for v in (env.get("load_average_start"), env.get("load_average_end")) if v is not None]
+    samples = [] if running_only else [env.get("load_average_start")]
+    for record in results.get("methods", {}).values():
+        loads = list(_get(record, "time", "load_average") or [])
+        samples += loads[1:] if running_only else loads
+    timing = results.get("timing") or {}
+    samples += [timing.get("load_before"), timing.get("load_after")]
+    return [float(v) for v in samples if v is not None]
+
+
+def busy_machine_warning(results: dict[str, Any]) -> str:
+    """A warning when other programs shared the CPUs during the run or its load changed: the step
+    times measured during training are then not comparable across methods."""
+    env = results.get("environment", {})
+    loads = load_samples(results) + [v for v in (env.get("load_average_end"),) if v is not None]
+    running = load_samples(results, running_only=True)
     cpus = env.get("cpu_count") or 0
-    if not loads or not cpus or max(loads) <= cpus + 1.0:  # the run itself keeps about cpus busy
+    busy = bool(loads) and cpus and max(loads) > cpus + 1.0  # the run itself keeps about cpus busy
+    changed = len(running) > 1 and cpus and max(running) - min(running) > max(1.0, cpus / 2)
+    if not busy and not changed:
         return ""
-    return (
-        f"**Warning:** the machine was busy (load average up to {max(loads):.1f} on {cpus} CPUs), so other "
-        "programs shared the cores: step times and their ratios are not reliable in this run.\n\n"
-    )
+    what = []
+    if busy:
+        what.append(f"busy (load average up to {max(loads):.1f} on {cpus} CPUs)")
+    if changed:
+        what.append(f"its load changed during the run (from {min(running):.1f} to {max(running):.1f})")
+    rounds = any(_get(r, "time", "interleaved", "ratio") is not None for r in results.get("methods", {}).values())
+    reading = ("the step times measured during training are not comparable across methods; the interleaved ratios, "
+               "which every method measured under the same load, are the ones to read." if rounds else
+               "step times and their ratios are not reliable in this run.")
+    return f"**Warning:** the machine was {' and '.join(what)}: other programs shared the cores, so {reading}\n\n"
 
 
 def _storage_section(results: dict[str, Any]) -> str:
@@ -344,7 +417,7 @@ def _quality_section(results: dict[str, Any]) -> str:
         cells = [name]
         for split in names:
             metrics = _get(record, "quality", split) or {}
-            text = _metric_text(primary_metric(metrics))
+            text = _metric_text(split_metric(record, split))
             if metrics.get("macro_f1") is not None:
                 text += f", F1 {as_percent(metrics['macro_f1']):.1f}%"
             if metrics.get("majority_baseline") is not None:
@@ -358,7 +431,9 @@ def _quality_section(results: dict[str, Any]) -> str:
     return (
         "## Quality\n\n" + described + "\n" + base_line + "\n"
         "Out-of-domain scores are a robustness readout: read them beside the majority-class baseline, "
-        "which a model can fall below on a shifted domain.\n\n"
+        "which a model can fall below on a shifted domain."
+        + (" Each score is the mean ± sample std over the seeds; F1 and the majority baseline are the first seed's."
+           if (results.get("settings", {}).get("seeds") or 1) > 1 else "") + "\n\n"
         + markdown_table(["method", *names, "forgetting (before->after)"], rows)
     )
 
@@ -373,7 +448,7 @@ def _settings_section(results: dict[str, Any]) -> str:
     return (
         "## Settings\n\n"
         f"All methods: task `{settings.get('task')}`, {settings.get('max_steps')} steps, batch {settings.get('batch_size')}, "
-        f"seed {settings.get('seed')}, the same data order, AdamW, linear schedule with warm-up; "
+        f"{_seeds_text(settings)}, the same data order per seed, AdamW, linear schedule with warm-up; "
         f"train limit {settings.get('train_limit')}, eval limit {settings.get('eval_limit')} per split. "
         f"Environment: torch {env.get('torch')}, transformers {env.get('transformers')}, "
         f"{env.get('cpu_count')} CPUs, {env.get('torch_threads')} torch threads, CUDA: {env.get('cuda') or 'none'}.\n\n"
@@ -399,7 +474,7 @@ def headline_checks(results: dict[str, Any], method: str = "lora") -> list[tuple
     if not full or not peft:
         return []
     checks: list[tuple[str, str, bool | None]] = []
-    full_q, peft_q = in_domain_value(full), in_domain_value(peft)
+    full_q, peft_q = split_metric(full, "in_domain"), split_metric(peft, "in_domain")  # means over seeds
     if full_q and peft_q and full_q[0] == "accuracy":
         gap = as_percent(full_q[1]) - as_percent(peft_q[1])
         checks.append((f"{method} in-domain accuracy within 2 points of full", f"gap {gap:+.2f} points", gap <= 2.0))

@@ -65,6 +65,7 @@ class CompareSettings:
     task_options: dict[str, Any] = field(default_factory=dict)
     quantize: str | None = None  # 4-bit base under every PEFT method; full FT stays the baseline
     report_to: list[str] = field(default_factory=list)  # "tensorboard" / "csv": per-method logs under logs/
+    seeds: int = 1  # training runs per method (seed, seed+1, ...): quality reported as mean +- std
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -145,6 +146,7 @@ def resolve_settings(
     storage_tasks: int,
     keep_checkpoints: bool,
     task_options: dict[str, Any] | None,
+    seeds: int = 1,
 ) -> CompareSettings:
     if preset not in RUN_PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}.")
@@ -157,7 +159,9 @@ def resolve_settings(
         methods = [m for m in chosen.methods if m in registered]
     elif [m.strip().lower() for m in methods] == [ALL_METHODS]:
         methods = registered
-    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("storage_tasks", storage_tasks)):
+    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("storage_tasks", storage_tasks), ("seeds", seeds)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be a whole number, got {value!r}.")
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}.")
     return CompareSettings(
@@ -173,6 +177,7 @@ def resolve_settings(
         storage_tasks=storage_tasks,
         keep_checkpoints=keep_checkpoints,
         task_options=dict(task_options or {}),
+        seeds=seeds,
     )
 
 
@@ -271,10 +276,10 @@ class _Comparison:
         longest = sorted(range(len(data)), key=length, reverse=True)[: self.settings.batch_size]
         return self.task.collate([data[i] for i in sorted(longest)])
 
-    def _seed(self) -> None:
+    def _seed(self, seed: int | None = None) -> None:
         from deltatune.train import seed_everything
 
-        seed_everything(self.settings.seed)
+        seed_everything(self.settings.seed if seed is None else seed)
 
     def _checkpoint_bytes_of(self, model: nn.Module) -> int:
         with tempfile.TemporaryDirectory(dir=self.output_dir) as tmp:
@@ -370,11 +375,33 @@ class _Comparison:
 
         record["storage"] = self._store(name, model)
         self.trained[name] = model
+        if self.settings.seeds > 1:
+            self._other_seeds(name, record)
+
+    def _other_seeds(self, name: str, record: dict[str, Any]) -> None:
+        """Train and evaluate the method again with seeds seed+1 ... (initialisation and data order
+        change; steps, batch and learning rate stay): quality and forgetting per seed, so the report
+        can give mean +- std. Memory, storage and step time do not depend on the seed."""
+        first = self.settings.seed
+        record["seed_runs"] = [_seed_run(first, record)]
+        for seed in range(first + 1, first + self.settings.seeds):
+            _say(self.console, f"    {name}: seed {seed} ({seed - first + 1}/{self.settings.seeds})")
+            self._seed(seed)
+            base, _ = self.task.load_model()
+            model = apply_method(base, self.method_settings[name], self.task.head_modules, self._calibration_batches())
+            run: dict[str, Any] = {"time": {}}
+            self._train(model, self.method_settings[name], run, seed=seed, find_lr=False)
+            run["quality"] = self._evaluate(model, self.eval_splits)
+            self._record_forgetting(run)
+            record["seed_runs"].append(_seed_run(seed, run))
+            self.results.save()
+            del model, base
+            gc.collect()
 
     def time_interleaved(self) -> None:
         """Every trained method's step time in interleaved rounds (compare/timing.py), so that a
         change of load during the run hits all methods alike; the ratios' spread is recorded."""
-        from .timing import DEFAULT_ROUNDS, interleaved_step_times, ratios_to
+        from .timing import DEFAULT_ROUNDS, clock_name, interleaved_step_times, ratios_to
 
         if len(self.trained) < 2:
             return
@@ -392,8 +419,8 @@ class _Comparison:
             self.trained.clear()
         for name, entry in ratios_to(per_round, FULL).items():
             self.results.data["methods"][name]["time"]["interleaved"] = entry
-        self.results.data["timing"] = {"rounds": DEFAULT_ROUNDS, "batches": len(batches), "load_before": load_before,
-                                       "load_after": _load_average()}
+        self.results.data["timing"] = {"rounds": DEFAULT_ROUNDS, "batches": len(batches), "clock": clock_name(self.device),
+                                       "load_before": load_before, "load_after": _load_average()}
         self.results.save()
 
     def _calibration_batches(self) -> Iterator[dict[str, Any]]:
@@ -409,26 +436,29 @@ class _Comparison:
             predicted = MemoryBreakdown.from_dict(estimate["memory"])
             record["estimate_error_percent"] = estimate_error(predicted, measured)
 
-    def _train(self, model: nn.Module, settings: MethodSettings, record: dict[str, Any]) -> tuple[Any, int | None]:
+    def _train(self, model: nn.Module, settings: MethodSettings, record: dict[str, Any], *, seed: int | None = None,
+               find_lr: bool = True) -> tuple[Any, int | None]:
         from deltatune.train import TrainConfig, train
 
-        if settings.lr_auto:
+        if settings.lr_auto and find_lr:
             self._find_learning_rate(model, settings, record)
+        self._seed(seed)  # dropout draws from here on: the same whatever was measured before
         config = TrainConfig(
             max_steps=self.settings.max_steps,
             batch_size=self.settings.batch_size,
             lr=settings.lr,
-            seed=self.settings.seed,
+            seed=self.settings.seed if seed is None else seed,
             progress=self.progress,
             device=self.settings.device,
             report_to=self.settings.report_to,
-            logging_dir=str(self.output_dir / "logs" / settings.name),
+            logging_dir=str(self.output_dir / "logs" / (settings.name if seed is None else f"{settings.name}-seed{seed}")),
         )
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        load_before = _load_average()
         with PeakRssSampler() as rss:
             result = train(model, self.train_data, config, collate_fn=self.task.collate)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and "memory" in record:
             record["memory"]["device_peak_training"] = torch.cuda.max_memory_allocated(self.device)
         record["losses"] = list(result.losses)
         record["time"] = {
@@ -437,6 +467,7 @@ class _Comparison:
             "train_s": result.total_time,
             "tokens_seen": result.tokens_seen,
             "step_times": list(result.step_times),
+            "load_average": [load_before, _load_average()],  # a change between methods flags the report
         }
         return result, rss.peak
 
@@ -488,6 +519,16 @@ class _Comparison:
         self.results.save()
 
 
+def _seed_run(seed: int, record: dict[str, Any]) -> dict[str, Any]:
+    """What one seed's run keeps in results.json: its quality, forgetting, losses and times."""
+    return {"seed": seed, "quality": record.get("quality"), "forgetting": record.get("forgetting"),
+            "losses": record.get("losses"), "train_s": _get_time(record, "train_s"), "step_s": _get_time(record, "step_s")}
+
+
+def _get_time(record: dict[str, Any], key: str) -> Any:
+    return (record.get("time") or {}).get(key)
+
+
 def _describe_failure(err: BaseException) -> str:
     message = str(err) or type(err).__name__
     return message if type(err).__name__ in message else f"{type(err).__name__}: {message}"
@@ -528,6 +569,7 @@ def compare(
     console: Callable[[str], None] | None = print,
     report: bool = True,
     report_to: Sequence[str] | str | None = None,
+    seeds: int = 1,
 ) -> CompareRun:
     """Train full fine-tuning and PEFT methods on one task alike and report how they compare.
 
@@ -541,11 +583,14 @@ def compare(
     quantize: "nf4", "fp4" or "int4" stores the frozen base of every PEFT method in 4 bits (the
         qlora method takes it as its quant_type); full fine-tuning stays in full precision.
     report_to: "tensorboard" and/or "csv": each method's training scalars under output_dir/logs/<method>.
+    seeds: train every method this many times (seeds seed, seed+1, ...); quality and forgetting are
+        reported as mean +- sample std, the plots get error bars. Memory, storage and the interleaved
+        step times come from the first seed's model.
     Writes results.json (after every phase), report.md and PNG plots into `output_dir`.
     """
     settings = resolve_settings(
         task, methods, "quick" if quick else "default", max_steps, batch_size, train_limit, eval_limit,
-        seed, device, storage_tasks, keep_checkpoints, task_options,
+        seed, device, storage_tasks, keep_checkpoints, task_options, seeds,
     )
     lrs = dict(lrs or {})
     every = lrs.pop("*", None)
