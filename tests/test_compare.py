@@ -429,3 +429,22 @@ def test_seeds_must_be_a_positive_whole_number(tmp_path):
         with pytest.raises(ValueError, match="seeds"):
             run_tiny(tmp_path, seeds=bad)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_forgetting_curves_are_measured_during_training_and_read_at_matched_quality(tmp_path):
+    run = run_tiny(tmp_path / "curves", max_steps=9, curve_points=2)
+    for name in ("full", "lora"):
+        record = run.methods[name]
+        curve = record["forgetting_curve"]
+        assert [point["step"] for point in curve] == [0, 3, 6, 9]
+        assert curve[0]["forgetting"]["value"] == run.results["base_quality"]["forgetting"]["accuracy"]
+        assert curve[-1]["in_domain"]["value"] == record["quality"]["in_domain"]["accuracy"]
+        assert curve[-1]["forgetting"]["value"] == record["quality"]["forgetting"]["accuracy"]
+        assert record["time"]["curve_eval_s"] > 0  # measured, and kept out of train s
+    report = (run.output_dir / "report.md").read_text()
+    assert "## Forgetting at matched quality" in report
+    assert (run.output_dir / "forgetting_curve.png").stat().st_size > 0
+    none = run_tiny(tmp_path / "none", curve_points=0)
+    assert "forgetting_curve" not in none.methods["lora"] and not (none.output_dir / "forgetting_curve.png").exists()
+    with pytest.raises(ValueError, match="curve_points must be at least 0"):
+        run_tiny(tmp_path / "bad", curve_points=-1)

@@ -214,7 +214,13 @@ def test_sentiment_task_on_the_real_encoder():
     results = evaluate_task(task, model, tokenizer, limit=64)
     assert results["in_domain"]["n"] == 64 and results["out_of_domain"]["n"] == 64
     assert 0.0 <= results["in_domain"]["macro_f1"] <= 1.0
-    assert results["forgetting"]["similarity_spearman"] == pytest.approx(1.0)
+    forgetting = results["forgetting"]
+    assert forgetting["similarity_spearman"] == pytest.approx(1.0)
+    # The grounded measure: QA retrieval over labelled chatbot pairs, which the base model does
+    # far above chance (1 in `candidates`) - there is an ability to lose.
+    assert forgetting["metric"] == "qa_retrieval_top1" and forgetting["n"] == 64
+    assert forgetting["qa_retrieval_top1"] > 10 / forgetting["candidates"]
+    assert forgetting["qa_retrieval_top1"] <= forgetting["qa_retrieval_mrr"] <= 1.0
     assert len(task.train_data(tokenizer)) == 6000
 
 
@@ -291,3 +297,16 @@ def test_eval_finds_a_relative_model_folder_from_another_working_directory(tmp_p
     monkeypatch.chdir(tmp_path)  # elsewhere: the recorded paths are absolute
     assert main(["eval", str(work / "adapter"), "--splits", "in_domain"]) == 0
     assert json.loads(capsys.readouterr().out)["in_domain"]["perplexity"] > 1
+
+
+def test_retrieval_scores_count_ranks_and_ties_against_the_question():
+    from deltatune.train.tasks import _retrieval_items, retrieval_scores
+
+    questions, answers, gold = _retrieval_items([("q1", "b"), ("q2", "a"), ("q3", "b")])
+    assert answers == ["a", "b"] and gold == [1, 0, 1]  # a shared answer is one candidate
+    exact = retrieval_scores(torch.eye(2)[gold], torch.eye(2), gold)
+    assert exact == {"qa_retrieval_top1": 1.0, "qa_retrieval_mrr": 1.0, "candidates": 2}
+    swapped = retrieval_scores(torch.eye(2)[[0, 1, 0]], torch.eye(2), gold)  # every right answer ranked second
+    assert swapped["qa_retrieval_top1"] == 0.0 and swapped["qa_retrieval_mrr"] == 0.5
+    collapsed = retrieval_scores(torch.ones(3, 4), torch.ones(2, 4), gold)  # all similarities tie
+    assert collapsed["qa_retrieval_top1"] == 0.0

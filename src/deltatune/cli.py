@@ -91,6 +91,9 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=1,
                         help="train every method N times (seeds SEED..SEED+N-1): quality as mean ± std, error bars")
+    parser.add_argument("--curve-points", type=int, default=2,
+                        help="in-domain quality and forgetting evaluated N times during training, for forgetting at "
+                             "matched quality (0: none)")
     parser.add_argument("--lr", action="append", metavar="METHOD=LR",
                         help="learning rate of one method (repeatable); METHOD=auto or plain 'auto' (every method): "
                              "from a learning-rate range test just before training")
@@ -127,6 +130,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit,
         seed=args.seed,
         seeds=args.seeds,
+        curve_points=args.curve_points,
         lrs=lrs,
         method_options=_method_values(args.set, "--set"),
         task_options=_key_values(args.task_option, "--task-option"),

@@ -14,6 +14,7 @@ PLOT_FILES = {
     "storage_tasks.png": "Storage for 1..N tasks",
     "quality_vs_params.png": "Quality against trainable parameters",
     "loss_curves.png": "Training loss",
+    "forgetting_curve.png": "Forgetting against in-domain quality during training",
 }
 PART_LABELS = {
     "weights": "weights",
@@ -145,10 +146,36 @@ def plot_losses(results: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_forgetting_curves(results: dict[str, Any], path: Path) -> Path | None:
+    """Each method's path from the base (in-domain quality at chance) to its end, as forgetting
+    against in-domain quality; the matched level is the vertical line the report reads at."""
+    from .forgetting import curve_pairs, matched_forgetting
+
+    matched = matched_forgetting(results)
+    if matched is None:
+        return None
+    percent = lambda metric, v: v if metric == "perplexity" or abs(v) > 1.0 else 100 * v  # noqa: E731
+    qm, fm = matched["quality_metric"], matched["forgetting_metric"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, record in ok_methods(results).items():
+        pairs = curve_pairs(record)
+        if len(pairs) >= 2:
+            ax.plot([percent(qm, q) for _, q, _ in pairs], [percent(fm, f) for _, _, f in pairs], marker="o", label=name)
+    ax.axvline(percent(qm, matched["level"]), color="grey", linestyle="--", linewidth=1, label="matched level")
+    ax.axhline(percent(fm, matched["base"]), color="black", linestyle=":", linewidth=1, label="base model")
+    ax.set_xlabel(f"in-domain {qm}" + ("" if qm == "perplexity" else " (%)"))
+    ax.set_ylabel(fm.replace("_", " ") + ("" if fm in ("perplexity", "similarity_spearman") else " (%)"))
+    ax.set_title("Forgetting along training (points: evaluations during the run)")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
 def write_plots(results: dict[str, Any], output_dir: str | Path) -> list[Path]:
     """Write every plot the results have data for; returns the files written."""
     output_dir = Path(output_dir)
-    makers = [plot_memory, plot_storage, plot_quality, plot_losses]
+    makers = [plot_memory, plot_storage, plot_quality, plot_losses, plot_forgetting_curves]
     written = []
     for maker, name in zip(makers, PLOT_FILES):
         path = maker(results, output_dir / name)

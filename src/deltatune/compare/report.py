@@ -11,10 +11,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
+from .forgetting import section as forgetting_section
 from .measure import MIB
 from .presets import FULL
 
-PERCENT_METRICS = {"accuracy", "macro_f1"}
+PERCENT_METRICS = {"accuracy", "macro_f1", "qa_retrieval_top1"}
 MEMORY_PARTS = ("weights", "gradients", "optimizer_states", "activations", "outputs")
 
 
@@ -537,6 +538,7 @@ def render_markdown(results: dict[str, Any], output_dir: Path | None = None) -> 
         _time_section(results),
         _storage_section(results),
         _quality_section(results),
+        forgetting_section(results),
         _settings_section(results),
         _failures_section(results),
         _plots_section(output_dir) if output_dir else "",

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import platform
+import random
 import shutil
 import tempfile
 import time
@@ -66,6 +67,7 @@ class CompareSettings:
     quantize: str | None = None  # 4-bit base under every PEFT method; full FT stays the baseline
     report_to: list[str] = field(default_factory=list)  # "tensorboard" / "csv": per-method logs under logs/
     seeds: int = 1  # training runs per method (seed, seed+1, ...): quality reported as mean +- std
+    curve_points: int = 2  # in-domain quality and forgetting evaluated this many times during training
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -147,6 +149,7 @@ def resolve_settings(
     keep_checkpoints: bool,
     task_options: dict[str, Any] | None,
     seeds: int = 1,
+    curve_points: int = 2,
 ) -> CompareSettings:
     if preset not in RUN_PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(RUN_PRESETS)}.")
@@ -160,10 +163,8 @@ def resolve_settings(
     elif [m.strip().lower() for m in methods] == [ALL_METHODS]:
         methods = registered
     for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("storage_tasks", storage_tasks), ("seeds", seeds)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{name} must be a whole number, got {value!r}.")
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}.")
+        _check_whole(name, value, 1)
+    _check_whole("curve_points", curve_points, 0)
     return CompareSettings(
         task=task if isinstance(task, str) else getattr(task, "name", type(task).__name__),
         methods=validate_methods(methods),
@@ -178,7 +179,17 @@ def resolve_settings(
         keep_checkpoints=keep_checkpoints,
         task_options=dict(task_options or {}),
         seeds=seeds,
+        curve_points=curve_points,
     )
+
+
+def _check_whole(name: str, value: Any, least: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}.")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, got {value}.")
 
 
 def environment() -> dict[str, Any]:
@@ -313,11 +324,43 @@ class _Comparison:
         return {k: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) else v for k, v in self.probe_batch.items()}
 
     def _evaluate_base(self, model: nn.Module) -> None:
-        """Quality of the untouched base on the forgetting split: the 'before' of forgetting."""
+        """Quality of the untouched base on the forgetting split: the 'before' of forgetting, and
+        (for the forgetting curves) in domain, where its fresh head stands at chance."""
         if "forgetting" not in self.eval_splits:
             return
         _say(self.console, "Evaluating the base model on the forgetting split ...")
-        self.results.data["base_quality"] = self._evaluate(model, ["forgetting"])
+        self.results.data["base_quality"] = self._evaluate(model, self._curve_splits() or ["forgetting"])
+
+    def _curve_splits(self) -> list[str]:
+        """The splits of a forgetting curve, or none when the run has no curves."""
+        wanted = ["in_domain", "forgetting"]
+        return wanted if self.settings.curve_points and all(s in self.eval_splits for s in wanted) else []
+
+    def _curve_callback(self, record: dict[str, Any]) -> Callable[[int, nn.Module, Any], None] | None:
+        """A step callback that evaluates in-domain quality and forgetting at `curve_points` evenly
+        spaced steps, so the report can compare forgetting where methods reach the same quality."""
+        splits, points, steps = self._curve_splits(), self.settings.curve_points, self.settings.max_steps
+        if not splits:
+            return None
+        at = {round(steps * k / (points + 1)) for k in range(1, points + 1)} - {0, steps}
+        base = self.results.data.get("base_quality", {})
+        record["forgetting_curve"] = [_curve_point(0, base)]
+        record["time"]["curve_eval_s"] = 0.0
+
+        def evaluate(step: int, model: nn.Module, optimizer: Any) -> None:
+            if step not in at:
+                return
+            started = time.perf_counter()
+            # Evaluating may build a reference model (which draws random numbers) or leave the model
+            # in eval mode: both are put back, so a run with curves trains exactly as one without.
+            python_state, training = random.getstate(), model.training
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                record["forgetting_curve"].append(_curve_point(step, self._evaluate(model, splits)))
+            random.setstate(python_state)
+            model.train(training)
+            record["time"]["curve_eval_s"] += time.perf_counter() - started
+
+        return evaluate
 
     def _evaluate(self, model: nn.Module, splits: list[str]) -> dict[str, Any]:
         from deltatune.train import evaluate_task
@@ -371,6 +414,8 @@ class _Comparison:
 
         record["quality"] = self._evaluate(model, self.eval_splits)
         self._record_forgetting(record)
+        if "forgetting_curve" in record:
+            record["forgetting_curve"].append(_curve_point(self.settings.max_steps, record["quality"]))
         self.results.save()
 
         record["storage"] = self._store(name, model)
@@ -456,19 +501,23 @@ class _Comparison:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         load_before = _load_average()
+        record.setdefault("time", {})
+        curve = self._curve_callback(record) if seed is None else None  # the first seed's curve only
         with PeakRssSampler() as rss:
-            result = train(model, self.train_data, config, collate_fn=self.task.collate)
+            result = train(model, self.train_data, config, collate_fn=self.task.collate,
+                           step_callbacks=[curve] if curve else ())
         if self.device.type == "cuda" and "memory" in record:
             record["memory"]["device_peak_training"] = torch.cuda.max_memory_allocated(self.device)
         record["losses"] = list(result.losses)
-        record["time"] = {
+        curve_s = record["time"].get("curve_eval_s", 0.0)
+        record["time"].update({
             "steps": result.steps,
             "step_s": steady_step_time(result.step_times, WARMUP_STEPS),
-            "train_s": result.total_time,
+            "train_s": result.total_time - curve_s,  # the curve's evaluations are not training
             "tokens_seen": result.tokens_seen,
             "step_times": list(result.step_times),
             "load_average": [load_before, _load_average()],  # a change between methods flags the report
-        }
+        })
         return result, rss.peak
 
     def _find_learning_rate(self, model: nn.Module, settings: MethodSettings, record: dict[str, Any]) -> None:
@@ -517,6 +566,17 @@ class _Comparison:
         self.results.data["finished"] = datetime.now().isoformat(timespec="seconds")
         self.results.data["environment"]["load_average_end"] = _load_average()
         self.results.save()
+
+
+def _curve_point(step: int, quality: dict[str, Any]) -> dict[str, Any]:
+    """One point of a forgetting curve: the step and the primary numbers of both splits."""
+    from .report import primary_metric
+
+    point: dict[str, Any] = {"step": step}
+    for split in ("in_domain", "forgetting"):
+        metric = primary_metric(quality.get(split))
+        point[split] = None if metric is None else {"metric": metric[0], "value": metric[1]}
+    return point
 
 
 def _seed_run(seed: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -570,6 +630,7 @@ def compare(
     report: bool = True,
     report_to: Sequence[str] | str | None = None,
     seeds: int = 1,
+    curve_points: int = 2,
 ) -> CompareRun:
     """Train full fine-tuning and PEFT methods on one task alike and report how they compare.
 
@@ -586,11 +647,14 @@ def compare(
     seeds: train every method this many times (seeds seed, seed+1, ...); quality and forgetting are
         reported as mean +- sample std, the plots get error bars. Memory, storage and the interleaved
         step times come from the first seed's model.
+    curve_points: times in-domain quality and forgetting are evaluated during training (evenly
+        spaced; the first seed): the report compares forgetting where the methods reach the same
+        in-domain quality. 0: no curves.
     Writes results.json (after every phase), report.md and PNG plots into `output_dir`.
     """
     settings = resolve_settings(
         task, methods, "quick" if quick else "default", max_steps, batch_size, train_limit, eval_limit,
-        seed, device, storage_tasks, keep_checkpoints, task_options, seeds,
+        seed, device, storage_tasks, keep_checkpoints, task_options, seeds, curve_points,
     )
     lrs = dict(lrs or {})
     every = lrs.pop("*", None)
