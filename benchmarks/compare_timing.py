@@ -40,7 +40,7 @@ def run(hog: bool, args: argparse.Namespace, folder: str) -> dict[str, Any]:
 
     try:
         result = compare(args.task, args.methods, quick=not args.default, max_steps=args.max_steps, output_dir=folder,
-                         progress=False, console=console, report=False)
+                         progress=False, console=console, report=bool(args.output))
     finally:
         for process in hogs:
             process.terminate()
@@ -63,10 +63,14 @@ def main() -> None:
     parser.add_argument("--task", default="sentiment")
     parser.add_argument("--methods", help="default: the preset's (quick: full,lora,bitfit)")
     parser.add_argument("--default", action="store_true", help="the default preset (`deltatune compare`), not --quick")
+    parser.add_argument("--output", help="keep both runs (results, report.md, plots) under OUTPUT/idle and OUTPUT/hog")
     parser.add_argument("--max-steps", type=int)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.output or scratch
+        started = time.perf_counter()
         idle = run(False, args, os.path.join(folder, "idle"))
+        print(f"  [idle] the whole run: {time.perf_counter() - started:.0f} s", flush=True)
         busy = run(True, args, os.path.join(folder, "hog"))
     print(f"\nstep time / full fine-tuning's ({os.cpu_count()} CPUs; hog: {os.cpu_count()} busy processes from the "
           "second method on)")

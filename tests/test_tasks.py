@@ -23,7 +23,7 @@ torch.set_num_threads(2)
 
 
 def test_registry_lists_tasks_and_rejects_unknown_names():
-    assert {"sentiment", "shakespeare", "classification", "instruction", "text"} <= set(available_tasks())
+    assert {"sentiment", "shakespeare", "qa", "classification", "instruction", "text"} <= set(available_tasks())
     with pytest.raises(ValueError, match="available tasks: sentiment, shakespeare"):
         get_task("sentimnet")
     with pytest.raises(TypeError, match="bad options for task 'classification'"):
@@ -137,6 +137,51 @@ def tiny_causal_lm_folder(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def test_qa_task_holds_out_answers_scores_exact_match_and_learns(tiny_causal_lm_folder):
+    from deltatune.train.tasks import greedy_answers, normalise_answer
+
+    task = get_task("qa", model=tiny_causal_lm_folder, block_size=48, test_pairs=24, exact_match_pairs=8,
+                    forgetting_blocks=4)
+    train_pairs, held = task.split_pairs()
+    assert len(held) == 24 and not {a for _, a in held} & {a for _, a in train_pairs}  # no answer seen in training
+    assert all(len(answer.split()) <= 4 for _, answer in held[:8])  # the exact-match questions have short answers
+    model, tokenizer = task.load_model()
+    before = evaluate_task(task, model, tokenizer)
+    assert before["forgetting"]["perplexity_ratio"] == pytest.approx(1.0)
+    assert before["in_domain"]["exact_match_n"] == 8 and 0.0 <= before["in_domain"]["exact_match"] <= 1.0
+    # Left padding does not change a greedy answer: batched equals one at a time.
+    questions = [q for q, _ in held[:4]]
+    assert greedy_answers(model, tokenizer, questions, 5) == [greedy_answers(model, tokenizer, [q], 5)[0] for q in questions]
+    assert normalise_answer("The Andromeda Galaxy.\nMore text") == normalise_answer("andromeda  galaxy") == "andromeda galaxy"
+
+    # Loss on the answers only, and the answers are learnable: held-out response perplexity falls
+    # (the tiny random model learns at least the answers' word statistics).
+    data = task.train_data(tokenizer)
+    first = data.examples[0]
+    assert (first["labels"] == -100).any() and (first["labels"] != -100).any()
+    train(model, data, TrainConfig(max_steps=30, batch_size=16, lr=1e-2, progress=False, device="cpu"), collate_fn=task.collate)
+    after = evaluate_task(task, model, tokenizer)
+    assert after["in_domain"]["perplexity"] < 0.1 * before["in_domain"]["perplexity"]
+    assert after["forgetting"]["perplexity_ratio"] != pytest.approx(1.0)  # and moved away from the original
+
+
+def test_compare_runs_the_qa_task_with_curves_and_exact_match(tmp_path, tiny_causal_lm_folder):
+    from deltatune.compare import compare
+
+    task = get_task("qa", model=tiny_causal_lm_folder, block_size=48, test_pairs=16, exact_match_pairs=4,
+                    forgetting_blocks=4)
+    run = compare(task, "full,lora", max_steps=6, batch_size=8, train_limit=64, progress=False, console=None,
+                  output_dir=tmp_path, lrs={"full": 1e-3, "lora": 1e-2}, method_options={"lora": {"target_modules": ["q_proj", "v_proj"]}})
+    for name in ("full", "lora"):
+        record = run.methods[name]
+        assert record["status"] == "ok", record.get("error")
+        assert record["quality"]["in_domain"]["exact_match_n"] == 4
+        assert [p["in_domain"]["metric"] for p in record["forgetting_curve"]] == ["perplexity"] * 4
+        assert record["forgetting_curve"][-1]["forgetting"]["metric"] == "perplexity_ratio"
+    report = (tmp_path / "report.md").read_text()
+    assert "exact match" in report and "## Forgetting at matched quality" in report
 
 
 def test_text_task_reports_perplexity_and_forgetting_ratio(tmp_path, tiny_causal_lm_folder):

@@ -19,7 +19,8 @@ from typing import Any
 
 from .presets import FULL
 
-LOWER_IS_BETTER = {"perplexity"}
+LOWER_IS_BETTER = {"perplexity", "perplexity_ratio"}
+PROPORTIONS = {"accuracy", "macro_f1", "qa_retrieval_top1", "exact_match"}  # shown as percents; binomial noise
 
 
 def _higher_is_better(metric: str) -> bool:
@@ -97,7 +98,7 @@ def _noise(results: dict[str, Any], metric: str, base: float, records: dict[str,
         return {"kind": "seeds", "threshold": 2 * max(spreads),
                 "how": f"a difference counts beyond twice the largest seed std of the change ({len(spreads)} methods)"}
     n = (results.get("base_quality", {}).get("forgetting") or {}).get("n")
-    if 0.0 <= base <= 1.0 and metric != "similarity_spearman" and n:
+    if metric in PROPORTIONS and n:
         return {"kind": "binomial", "n": int(n),
                 "how": f"a difference counts beyond twice the binomial standard error of a difference of two "
                        f"proportions measured on {n} items"}
@@ -114,15 +115,15 @@ def threshold(noise: dict[str, Any], a: float, b: float) -> float:
 
 
 def _text(metric: str, value: float) -> str:
-    if metric == "perplexity":
-        return f"{value:.2f}"
-    return f"{100 * value:.1f}%" if abs(value) <= 1.0 and metric != "similarity_spearman" else f"{value:.3f}"
+    if metric in PROPORTIONS:
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}" if metric == "perplexity" else f"{value:.3f}"
 
 
 def _change_text(metric: str, change: float) -> str:
-    if metric == "perplexity" or metric == "similarity_spearman" or abs(change) > 1.0:
-        return f"{change:+.3f}" if metric != "perplexity" else f"{change:+.2f}"
-    return f"{100 * change:+.1f} points"
+    if metric in PROPORTIONS:
+        return f"{100 * change:+.1f} points"
+    return f"{change:+.2f}" if metric == "perplexity" else f"{change:+.3f}"
 
 
 def reading(matched: dict[str, Any]) -> str:

@@ -421,6 +421,8 @@ def _quality_section(results: dict[str, Any]) -> str:
             text = _metric_text(split_metric(record, split))
             if metrics.get("macro_f1") is not None:
                 text += f", F1 {as_percent(metrics['macro_f1']):.1f}%"
+            if metrics.get("exact_match") is not None:
+                text += f", exact match {as_percent(metrics['exact_match']):.1f}% of {metrics.get('exact_match_n')}"
             if metrics.get("majority_baseline") is not None:
                 text += f" (majority {as_percent(metrics['majority_baseline']):.1f}%)"
             cells.append(text)

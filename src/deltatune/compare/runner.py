@@ -574,7 +574,9 @@ def _curve_point(step: int, quality: dict[str, Any]) -> dict[str, Any]:
 
     point: dict[str, Any] = {"step": step}
     for split in ("in_domain", "forgetting"):
-        metric = primary_metric(quality.get(split))
+        metrics = quality.get(split) or {}
+        declared = metrics.get("metric")  # forgetting's own measure (e.g. perplexity_ratio), as _record_forgetting reads it
+        metric = (declared, metrics[declared]) if declared in metrics else primary_metric(metrics)
         point[split] = None if metric is None else {"metric": metric[0], "value": metric[1]}
     return point
 

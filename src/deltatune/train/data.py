@@ -328,6 +328,12 @@ def encode_instruction(tokenizer: Any, prompt: str, response: str, max_length: i
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
+def instruction_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids a model sees before it answers `prompt` (chat template with the assistant
+    marker, or ``prompt\n``): what generation starts from, as in training."""
+    return _instruction_parts(tokenizer, prompt, "")[0]
+
+
 def _instruction_parts(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]

@@ -642,6 +642,107 @@ class ShakespeareTask(CausalLMTask):
         return datalib.instruction_dataset(tokenizer, pairs, max_length=self.block_size).examples
 
 
+class QATask(CausalLMTask):
+    """SmolLM2-135M-Instruct instruction-tuned on the chatbot corpus's question/answer pairs.
+
+    Loss on the responses only (the chat template's prompt is masked). Held out by question:
+    `test_pairs` pairs whose answers training never shows, scored by response perplexity, and
+    among them `exact_match_pairs` short-answer questions (at most 4 words: "Canberra", "5"),
+    answered greedily and scored by normalised exact match - whether the model now answers in
+    the corpus's short style *and* knows the answer. Forgetting: perplexity on Shakespeare blocks,
+    general text from before this training, as a ratio to the original model's.
+    """
+
+    name = "qa"
+    SHORT_ANSWER_WORDS = 4
+    MAX_NEW_TOKENS = 12  # short answers are at most 4 words
+
+    def __init__(self, *, block_size: int = 96, test_pairs: int = 96, exact_match_pairs: int = 32,
+                 forgetting_blocks: int = 32, seed: int = 0, model: str | Path | None = None):
+        super().__init__(model or models.smollm2_gguf(), block_size=block_size, seed=seed)
+        if not 0 <= exact_match_pairs <= test_pairs:
+            raise ValueError(f"exact_match_pairs must be between 0 and test_pairs ({test_pairs}), got {exact_match_pairs}")
+        self.test_pairs, self.exact_match_pairs = test_pairs, exact_match_pairs
+        self.eval_limits = {"in_domain": test_pairs, "forgetting": forgetting_blocks}
+        self.description = (f"SmolLM2-135M-Instruct instruction-tuned on chatbot Q/A (loss on answers); "
+                            f"{test_pairs} held-out questions")
+
+    @property
+    def cache_key(self) -> tuple:
+        return (self.name, str(self.model_path), self.block_size, self.test_pairs, self.exact_match_pairs,
+                self.seed, tuple(sorted(self.eval_limits.items())))
+
+    def eval_splits(self) -> dict[str, str]:
+        return {
+            "in_domain": f"response perplexity on {self.test_pairs} held-out questions (answers never trained on); "
+                         f"exact match of greedy answers to {self.exact_match_pairs} short-answer ones",
+            "forgetting": f"perplexity on {self.eval_limits['forgetting']} blocks of Shakespeare (general text), "
+                          f"as a ratio to the original model's (1.0 = nothing forgotten)",
+        }
+
+    def split_pairs(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(training pairs, held-out pairs): one answer per question; the held-out ones start with
+        the short-answer questions for exact match. No held-out answer text is trained on."""
+        first: dict[str, str] = {}
+        for question, answer in chatbot_pairs(seed=self.seed):
+            first.setdefault(question, answer)
+        pairs = list(first.items())
+        short = [p for p in pairs if len(p[1].split()) <= self.SHORT_ANSWER_WORDS and len(p[0].split()) >= 3]
+        held = short[: self.exact_match_pairs]
+        chosen = set(held)
+        held += [p for p in pairs if p not in chosen][: self.test_pairs - len(held)]
+        answers = {answer for _, answer in held}
+        return [p for p in pairs if p[1] not in answers], held
+
+    def _build_train_examples(self, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+        return datalib.instruction_dataset(tokenizer, self.split_pairs()[0], max_length=self.block_size).examples
+
+    def _build_eval_examples(self, tokenizer: Any, split: str) -> list[dict[str, torch.Tensor]]:
+        if split == "in_domain":
+            return datalib.instruction_dataset(tokenizer, self.split_pairs()[1], max_length=self.block_size).examples
+        files = shakespeare_play_files()
+        names = sorted(files)[: 4]  # a few plays are plenty for `forgetting_blocks` blocks
+        texts = [_strip_markdown(files[name].read_text(encoding="utf-8")) for name in names]
+        blocks = datalib.pack_token_blocks(tokenizer, texts, self.block_size)
+        random.Random(self.seed).shuffle(blocks)
+        return datalib.causal_lm_dataset(blocks, datalib.pad_token_id_of(tokenizer)).examples
+
+    def evaluate(self, model: nn.Module, tokenizer: Any, split: str, limit: int | None = None, batch_size: int = 64) -> dict:
+        result = super().evaluate(model, tokenizer, split, limit=limit, batch_size=batch_size)
+        if split == "in_domain" and self.exact_match_pairs:
+            short = self.split_pairs()[1][: min(self.exact_match_pairs, self._limit(split, limit) or self.exact_match_pairs)]
+            answers = greedy_answers(model, tokenizer, [q for q, _ in short], self.MAX_NEW_TOKENS)
+            hits = [normalise_answer(got) == normalise_answer(gold) for got, (_, gold) in zip(answers, short)]
+            result.update(exact_match=sum(hits) / len(hits), exact_match_n=len(hits),
+                          answers=[{"question": q, "gold": a, "answer": got} for (q, a), got in zip(short[:8], answers)])
+        return result
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, the first line only, no punctuation, articles or extra spaces (SQuAD-style)."""
+    import string
+
+    line = text.strip().split("\n")[0].lower()
+    line = "".join(ch for ch in line if ch not in set(string.punctuation))
+    return " ".join(word for word in line.split() if word not in ("a", "an", "the"))
+
+
+def greedy_answers(model: nn.Module, tokenizer: Any, questions: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers to `questions` through the chat template, batched with left padding."""
+    prompts = [torch.tensor(datalib.instruction_prompt_ids(tokenizer, q), dtype=torch.long) for q in questions]
+    pad = datalib.pad_token_id_of(tokenizer)
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):], mask[row, width - len(ids):] = ids, 1
+    device = model_device(model)
+    with evaluation_mode(model), _autocast(device):
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
+
+
 class FileLanguageModelTask(CausalLMTask):
     """Causal LM on local files: ``text`` (packed blocks) or ``instruction`` (prompt/response pairs)."""
 
@@ -789,6 +890,7 @@ def _strip_markdown(text: str) -> str:
 _BUILDERS: dict[str, Callable[..., Task]] = {
     "sentiment": SentimentTask,
     "shakespeare": ShakespeareTask,
+    "qa": QATask,
     "classification": FileClassificationTask,
     "instruction": lambda **options: FileLanguageModelTask("instruction", **options),
     "text": lambda **options: FileLanguageModelTask("text", **options),
