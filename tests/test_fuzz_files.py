@@ -98,3 +98,12 @@ def _without_embedded_config(data: bytes) -> bytes:
     text = json.dumps(header).encode()
     text += b" " * ((8 - len(text) % 8) % 8)
     return struct.pack("<Q", len(text)) + text + data[8 + length :]
+
+
+def test_pattern_keys_that_are_not_regular_expressions_are_refused_by_name():
+    # Found by the fuzz test above: a saved alpha_pattern key "[" reached re.match.
+    from deltatune.config import ConfigError
+
+    for field_name, value in (("alpha_pattern", {"[": 2}), ("rank_pattern", {"(q": 2}), ("alpha_pattern", {"q": "8"})):
+        with pytest.raises(ConfigError, match=field_name):
+            dt.LoraConfig(r=2, **{field_name: value})

@@ -427,3 +427,79 @@ def test_patched_model_with_lora_linears_trains_like_reference():
     for g, rg in zip(grads, ref_grads):
         assert_same(g, rg, torch.float32, "grad")
     unpatch_model(fast_model)
+
+
+# ----------------------------------------------------------------------------- labels= through the chunked loss
+def tiny_causal_lm(family: str, tied: bool = False):
+    """A 2-layer model of each family the compatibility table marks as having a plain head."""
+    import transformers
+
+    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    configs = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+        # Softcapped logits (and attention), GeGLU, extra norms: the loss must apply the cap.
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "final_logit_softcapping": 5.0,
+                                                        "query_pre_attn_scalar": 16}),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),  # fused qkv_proj / gate_up_proj
+    }
+    config_name, model_name, extra = configs[family]
+    config = getattr(transformers, config_name)(**shape, **extra)
+    config._attn_implementation = "eager"
+    return getattr(transformers, model_name)(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_labels_forward_gives_the_models_own_loss_and_gradients(family, tied):
+    import deltatune as dt
+
+    torch.manual_seed(7)
+    model = tiny_causal_lm(family, tied)
+    wrapped = dt.wrap(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], init_lora_weights=False))
+    wrapped.train()
+    input_ids = torch.randint(0, 97, (2, 11))
+    labels = input_ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+
+    fast = wrapped(input_ids=input_ids, labels=labels)
+    assert fast.logits is None  # no float32 logits were made
+    fast_grads = torch.autograd.grad(fast.loss, trainable)
+    reference = wrapped.model(input_ids=input_ids, labels=labels)  # the model's own forward and loss
+    assert reference.logits is not None
+    ref_grads = torch.autograd.grad(reference.loss, trainable)
+    assert_same(fast.loss, reference.loss, torch.float32, "loss")
+    for g, rg in zip(fast_grads, ref_grads):
+        assert_same(g, rg, torch.float32, "grad")
+
+    # Trainer's num_items_in_batch (gradient accumulation) divides the summed loss, as the model's does.
+    fast = wrapped(input_ids=input_ids, labels=labels, num_items_in_batch=40)
+    reference = wrapped.model(input_ids=input_ids, labels=labels, num_items_in_batch=40)
+    assert_same(fast.loss, reference.loss, torch.float32, "loss / num_items_in_batch")
+
+
+def test_labels_forward_steps_aside_where_the_models_forward_is_needed():
+    import deltatune as dt
+
+    torch.manual_seed(8)
+    input_ids = torch.randint(0, 97, (2, 9))
+    wrapped = dt.wrap(tiny_causal_lm("llama"), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    wrapped.eval()  # evaluation wants logits (metrics, generation)
+    assert wrapped(input_ids=input_ids, labels=input_ids).logits is not None
+    wrapped.train()
+    with torch.no_grad():
+        assert wrapped(input_ids=input_ids, labels=input_ids).logits is not None
+    assert wrapped(input_ids=input_ids).logits is not None  # no labels: the caller wants logits
+    unfused = dt.wrap(tiny_causal_lm("llama"), dt.LoraConfig(r=4, target_modules=["q_proj"]), fused=False)
+    unfused.train()
+    assert unfused(input_ids=input_ids, labels=input_ids).logits is not None  # fused=False: the plain path
+    # Soft prompts rewrite inputs and labels in hooks on the model: its own forward runs them.
+    prompted = dt.wrap(tiny_causal_lm("llama"), dt.PromptTuningConfig(num_virtual_tokens=3))
+    prompted.train()
+    out = prompted(input_ids=input_ids, labels=input_ids)
+    assert out.logits is not None and out.logits.shape[1] == 9 and torch.isfinite(out.loss)

@@ -204,6 +204,22 @@ def has_plain_lm_head(model: nn.Module) -> bool:
     return bool(arch and arch.plain_lm_head)
 
 
+def final_logit_softcap(model: nn.Module) -> float | None:
+    """Gemma-2's `final_logit_softcapping` (logits -> cap * tanh(logits / cap)), None without one."""
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def loss_is_plain_cross_entropy(model: nn.Module) -> bool:
+    """Whether the causal LM's training loss is the mean token cross-entropy alone: not with MoE
+    router losses added (`output_router_logits`) nor logits rescaled (`logit_scale`,
+    `logits_scaling`), which a loss computed outside the model would miss."""
+    config = getattr(model, "config", None)
+    if getattr(config, "output_router_logits", False):
+        return False
+    return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in ("logit_scale", "logits_scaling"))
+
+
 # -- module kinds --------------------------------------------------------------------------------
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 `Conv1D`: a linear layer whose weight is stored (in, out)."""
@@ -281,6 +297,20 @@ def set_cache(kwargs: dict, model: nn.Module, cache: Any) -> None:
     for name in CACHE_NAMES:
         kwargs.pop(name, None)
     kwargs[cache_argument(model)] = cache
+
+
+def causal_lm_output(loss: Any, decoder_output: Any) -> Any:
+    """A causal LM's output object holding `loss` and no logits, with the decoder's cache, hidden
+    states and attentions under the names this transformers version's output class declares."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    declared = set(getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}))
+    extra = {"hidden_states": getattr(decoder_output, "hidden_states", None),
+             "attentions": getattr(decoder_output, "attentions", None)}
+    cache = get_cache(decoder_output)
+    if cache is not None:
+        extra[next(name for name in CACHE_NAMES if name in declared)] = cache
+    return CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in extra.items() if k in declared})
 
 
 def clear_output_cache(output: Any, cache: Any) -> None:
@@ -363,7 +393,7 @@ def checkpointing_enabled(model: nn.Module) -> bool:
 __all__ = [
     "ARCHITECTURES", "Architecture", "BLOCK_CONTAINERS", "CACHE_NAMES", "FusedBlock", "architecture", "cache_argument",
     "cache_key_values", "cache_length", "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
-    "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "is_conv1d", "is_encoder_only",
+    "causal_lm_output", "final_logit_softcap", "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "loss_is_plain_cross_entropy", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "linear_out_features", "model_family",
     "model_type", "new_cache", "role_patterns", "set_cache", "shifts_labels", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
 ]

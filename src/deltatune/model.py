@@ -161,8 +161,18 @@ class DeltaModel(nn.Module):
     # -- forwarding -----------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward. adapter_names (one per batch row: an adapter name, or
-        None / "__base__" for the base alone) runs each row with its own adapter in one pass."""
+        None / "__base__" for the base alone) runs each row with its own adapter in one pass.
+
+        A causal LM in training with `labels=` (unless fused=False) gets its loss from the chunked
+        cross-entropy (deltatune.kernels.labels_forward): the same loss and gradients without the
+        float32 logits, and `logits` is None in the output."""
         if adapter_names is None:
+            if self.fused is not False:
+                from .kernels.cross_entropy import labels_forward
+
+                output = labels_forward(self.model, args, kwargs)
+                if output is not None:
+                    return output
             return self.model(*args, **kwargs)
         _check_row_count(adapter_names, args, kwargs)
         with self.mixed_batch(adapter_names):

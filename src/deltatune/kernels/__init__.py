@@ -6,7 +6,7 @@ CPU the same autograd functions run PyTorch ops.
 """
 
 from .cuda_graph import GraphedTrainStep
-from .cross_entropy import causal_lm_loss, chunked_cross_entropy, cross_entropy_reference
+from .cross_entropy import causal_lm_loss, chunked_cross_entropy, cross_entropy_reference, labels_forward
 from .fused_ops import (
     rms_norm,
     rms_norm_reference,
@@ -31,6 +31,7 @@ __all__ = [
     "chunked_cross_entropy",
     "cross_entropy_reference",
     "causal_lm_loss",
+    "labels_forward",
     "patch_model_for_training",
     "unpatch_model",
     "is_patched",

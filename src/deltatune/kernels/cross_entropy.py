@@ -7,6 +7,14 @@ turned into (loss, d loss/d logits) in one pass that overwrites the logits buffe
 back through the head right away. Since the loss is a scalar, the gradient with respect to hidden
 (and W, when it trains) is complete at the end of forward; backward only scales it by the incoming
 gradient. Peak extra memory is one chunk of bf16 logits.
+
+`labels_forward` puts this under the ordinary `model(input_ids, labels=...)` of a wrapped causal
+LM in training, so Trainer, TRL and plain loops get it without calling anything: the decoder runs,
+the loss comes from its last hidden state here, and the output carries no logits (as Liger's and
+unsloth's training forwards do). It applies only where the head is known to be a plain projection
+(hf_compat's table), with Gemma-2's final-logit softcapping applied in the loss and Trainer's
+`num_items_in_batch` as the divisor; anything else (hooks on the model such as soft prompts, MoE
+router losses, logits asked for) takes the model's own forward.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import torch
 from .. import hf_compat
 from ._backend import use_triton
 
-__all__ = ["chunked_cross_entropy", "causal_lm_loss", "cross_entropy_reference"]
+__all__ = ["chunked_cross_entropy", "causal_lm_loss", "cross_entropy_reference", "labels_forward"]
 
 _CHUNK_LOGIT_ELEMENTS = 2**27  # 256 MiB of bf16 logits per chunk
 
@@ -40,7 +48,19 @@ def _loss_and_grad_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
     return loss
 
 
-def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _softcapped_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, cap: float) -> torch.Tensor:
+    """As _loss_and_grad_torch on cap * tanh(logits / cap) (Gemma-2's final-logit softcapping);
+    ``logits`` gets the gradient with respect to the raw logits (chain rule through the tanh)."""
+    squashed = torch.tanh(logits.float() / cap)
+    capped = squashed * cap
+    loss = _loss_and_grad_torch(capped, labels, ignore_index)  # capped now holds d loss / d capped
+    logits.copy_(capped.mul_(1.0 - squashed * squashed))
+    return loss
+
+
+def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None = None) -> torch.Tensor:
+    if softcap is not None:
+        return _softcapped_loss_and_grad(logits, labels, ignore_index, softcap)
     if use_triton(logits) and logits.is_contiguous():
         from ._triton_kernels import cross_entropy_rows
 
@@ -50,7 +70,7 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, softcap, divisor):
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         labels1d = labels.reshape(-1)
         rows = hidden2d.shape[0]
@@ -65,15 +85,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             stop = min(start + chunk_rows, rows)
             h = hidden2d[start:stop]
             logits = h @ weight_c.t()
-            losses[start:stop] = _loss_and_grad(logits, labels1d[start:stop], ignore_index)
+            losses[start:stop] = _loss_and_grad(logits, labels1d[start:stop], ignore_index, softcap)
             if grad_hidden is not None:
                 torch.mm(logits, weight_c, out=grad_hidden[start:stop])
             if grad_weight is not None:
                 grad_weight += (logits.t() @ h).float()
             del logits
 
-        valid_count = (labels1d != ignore_index).sum()
-        # a batch with every label ignored gives 0/0 = nan, exactly like torch's mean cross-entropy
+        # a batch with every label ignored gives 0/0 = nan, exactly like torch's mean cross-entropy;
+        # a divisor (Trainer's num_items_in_batch over accumulated micro-batches) replaces the count
+        valid_count = (labels1d != ignore_index).sum() if divisor is None else torch.as_tensor(divisor, device=losses.device)
         loss = losses.sum() / valid_count
         ctx.save_for_backward(grad_hidden, grad_weight, valid_count)
         ctx.hidden_shape = hidden.shape
@@ -89,7 +110,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             out_hidden = (grad_hidden * scale.to(grad_hidden.dtype)).view(ctx.hidden_shape)
         if grad_weight is not None:
             out_weight = (grad_weight * scale).to(ctx.weight_dtype)
-        return out_hidden, out_weight, None, None, None
+        return out_hidden, out_weight, None, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -98,25 +119,38 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    softcap: float | None = None,
+    divisor: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ lm_head_weight^T`` against ``labels`` over non-ignored rows.
 
     ``labels`` are aligned with ``hidden`` (row i of hidden predicts labels[i]): NO shift happens
     here; :func:`causal_lm_loss` does the causal shift. ``hidden`` is (..., H), ``labels`` (...).
     ``chunk_size`` rows go through at a time (default: 256 MiB of bf16 logits).
+    ``softcap``: logits become softcap * tanh(logits / softcap) first (Gemma-2). ``divisor``: the
+    summed loss is divided by it instead of by the count of labelled rows.
     Gradients flow to ``hidden`` and, if it requires grad, to ``lm_head_weight``.
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
     chunk_rows = chunk_size or _default_chunk_rows(lm_head_weight.shape[0])
-    return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, labels, ignore_index, chunk_rows)
+    device_type = hidden.device.type
+    if device_type == "meta":  # memory estimates run here; autocast has no meta device
+        return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, labels, ignore_index, chunk_rows, softcap, divisor)
+    if torch.is_autocast_enabled(device_type):  # the head's matmul in autocast's dtype, as the model's would be
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
+    with torch.autocast(device_type, enabled=False):  # one dtype inside: the buffers are written in place
+        return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, labels, ignore_index, chunk_rows, softcap, divisor)
 
 
 def cross_entropy_reference(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """What HF computes: full logits in the activations' dtype, upcast to float32, mean CE."""
     logits = (hidden @ lm_head_weight.to(hidden.dtype).t()).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index
     )
@@ -157,13 +191,43 @@ def causal_lm_loss(
     """HF causal-LM loss (labels shifted by one inside, as HF does) through :func:`chunked_cross_entropy`.
 
     Works on an HF *ForCausalLM or any wrapper exposing it as ``.model``. Models whose head is not a
-    plain bias-free ``nn.Linear`` of a Llama-family decoder fall back to ``model(..., labels=labels).loss``.
+    plain bias-free ``nn.Linear`` of a known decoder fall back to ``model(..., labels=labels).loss``.
     """
     causal_lm = _find_causal_lm(model)
-    head_weight = _plain_head_weight(causal_lm)
-    if head_weight is None:
+    if _plain_head_weight(causal_lm) is None:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_kwargs).loss
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
+    decoder_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    return _decoder_loss(causal_lm, decoder_kwargs, labels, ignore_index)[0]
+
+
+def _decoder_loss(causal_lm: torch.nn.Module, decoder_kwargs: dict, labels: torch.Tensor, ignore_index: int = -100,
+                  divisor: int | float | torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+    """(loss, decoder output): the decoder's last hidden state through the chunked loss."""
+    out = causal_lm.get_decoder()(**decoder_kwargs)
+    hidden = out.last_hidden_state
     # HF's shift: position t predicts token t+1; the last position predicts nothing
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return chunked_cross_entropy(hidden, head_weight, shifted, ignore_index=ignore_index)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:].to(hidden.device)
+    loss = chunked_cross_entropy(hidden, _plain_head_weight(causal_lm), shifted, ignore_index=ignore_index,
+                                 softcap=hf_compat.final_logit_softcap(causal_lm), divisor=divisor)
+    return loss, out
+
+
+# Keywords of a causal LM's forward that its decoder does not take.
+_HEAD_ONLY_KEYWORDS = ("labels", "num_items_in_batch", "logits_to_keep", "return_dict")
+
+
+def labels_forward(model: torch.nn.Module, args: tuple, kwargs: dict) -> object | None:
+    """`model(**kwargs)` of a causal LM in training with labels, computed with the chunked loss and
+    no logits; None where that would not be exactly the model's own loss (see the module docstring)."""
+    if args or kwargs.get("labels") is None or not torch.is_grad_enabled() or not model.training:
+        return None
+    if kwargs.get("return_dict") is False or kwargs.get("logits_to_keep") or kwargs.get("output_router_logits"):
+        return None
+    causal_lm = _find_causal_lm(model)
+    if _plain_head_weight(causal_lm) is None or not hf_compat.loss_is_plain_cross_entropy(causal_lm):
+        return None
+    if causal_lm._forward_hooks or causal_lm._forward_pre_hooks:  # e.g. soft prompts rewrite inputs and labels
+        return None
+    decoder_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ONLY_KEYWORDS}
+    loss, out = _decoder_loss(causal_lm, decoder_kwargs, kwargs["labels"], divisor=kwargs.get("num_items_in_batch"))
+    return hf_compat.causal_lm_output(loss, out)

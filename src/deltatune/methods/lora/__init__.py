@@ -74,6 +74,16 @@ class LoraConfig(AdapterConfig):
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
         if bad:
             raise ConfigError(f"rank_pattern ranks must be positive integers, got {bad}.")
+        bad = {k: v for k, v in self.alpha_pattern.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+        if bad:
+            raise ConfigError(f"alpha_pattern values must be finite numbers, got {bad}.")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field_name):
+                try:
+                    re.compile(key)
+                except (re.error, TypeError) as err:
+                    raise ConfigError(f"{field_name} key {key!r} is not a valid regular expression ({err}).") from None
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         return _pattern_value(self.rank_pattern, module_name, self.r), _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
