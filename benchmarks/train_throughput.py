@@ -2,6 +2,20 @@
 
     PYTHONPATH=src python3 benchmarks/train_throughput.py                 # 1.1B with/without checkpointing, 7B with
     PYTHONPATH=src python3 benchmarks/train_throughput.py --runs 1b --modes peft,deltatune
+    PYTHONPATH=src python3 benchmarks/train_throughput.py --runs 1b,gemma2-2b,qwen2-1.5b --modes peft,deltatune,deltatune-labels
+
+Modes: "deltatune" calls deltatune.kernels.causal_lm_loss; "deltatune-labels" is the ordinary
+`model(input_ids, labels=...)` a Trainer or TRL user runs (the wrapped model takes the chunked
+loss itself since the labels= path landed); the other families' shapes (Gemma-2 2B, Qwen2.5-1.5B)
+have no fused block path, only the fused LoRA layers and the loss.
+
+Peers a user would pick instead, each alone in its own process (both patch transformers for the
+whole process), from the wheels ../shared/peer-wheels/fetch.sh unpacks into .peers:
+    PYTHONPATH=$PWD/.peers:$PWD/src python3 benchmarks/train_throughput.py --runs 1b --modes peft-liger
+    PYTHONPATH=$PWD/.peers:$PWD/src python3 benchmarks/train_throughput.py --runs 1b --modes unsloth
+"peft-liger" is peft over a model whose classes Liger patched (RoPE, RMSNorm, SwiGLU/GeGLU, fused
+linear cross-entropy); "unsloth" is FastLanguageModel.get_peft_model over the same random-init
+model saved to a folder first (its loader reads folders), with its own checkpointing when on.
 
 Random-init Llama-shaped models in bf16 with sdpa attention, fused AdamW (states in bf16, like the
 parameters), a fixed batch of random tokens, LoRA r=16 / alpha=32 on all seven projections. Each
@@ -49,14 +63,22 @@ class Shape:
     heads: int = 32
     kv_heads: int = 8
     vocab: int = 32000
+    family: str = "llama"  # transformers model type
+    extra: tuple = ()  # further config fields, (name, value) pairs
 
 
 SHAPES = {
     "1b": Shape("1.1B", hidden=2048, layers=16, intermediate=8192, batch=4),
     "7b": Shape("7B", hidden=4096, layers=32, intermediate=14336, batch=2),
+    # Gemma-2 2B: GeGLU, 4 norms per block, softcapped attention and final logits, 256k vocabulary.
+    "gemma2-2b": Shape("Gemma-2 2B", hidden=2304, layers=26, intermediate=9216, batch=4, heads=8, kv_heads=4,
+                       vocab=256000, family="gemma2", extra=(("head_dim", 256),)),
+    "qwen2-1.5b": Shape("Qwen2.5-1.5B", hidden=1536, layers=28, intermediate=8960, batch=4, heads=12, kv_heads=2,
+                        vocab=151936, family="qwen2"),
 }
 # (shape, gradient checkpointing)
-RUNS = {"1b": ("1b", False), "1b-ckpt": ("1b", True), "7b-ckpt": ("7b", True)}
+RUNS = {"1b": ("1b", False), "1b-ckpt": ("1b", True), "7b-ckpt": ("7b", True), "gemma2-2b": ("gemma2-2b", False),
+        "qwen2-1.5b": ("qwen2-1.5b", False)}
 
 
 @dataclass
@@ -72,12 +94,12 @@ class Result:
 
 # ----------------------------------------------------------------------------- model and data
 def build_model(shape: Shape, seed: int) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+    config = AutoConfig.for_model(
+        shape.family, vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.seq, attn_implementation="sdpa", use_cache=False,
+        max_position_embeddings=shape.seq, attn_implementation="sdpa", use_cache=False, **dict(shape.extra),
     )
     torch.manual_seed(seed)
     with torch.device("cuda"):
@@ -127,6 +149,53 @@ def setup_peft(model, checkpointing, seed):
     return wrapped, hf_loss, optimizer, f"peft {peft.__version__}"
 
 
+PROCESS_ALONE = ("peft-liger", "unsloth")  # modes that patch transformers for the whole process
+
+
+def apply_liger(family: str) -> str:
+    """Patch transformers' classes of `family` with Liger's kernels (before the model is built)."""
+    import inspect
+
+    import liger_kernel
+    from liger_kernel import transformers as liger
+
+    patch = getattr(liger, f"apply_liger_kernel_to_{family}")
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, fused_linear_cross_entropy=True, cross_entropy=False)
+    accepted = inspect.signature(patch).parameters
+    patch(**{k: v for k, v in wanted.items() if k in accepted})
+    return f"peft + liger-kernel {getattr(liger_kernel, '__version__', '')}".strip()
+
+
+def setup_unsloth(shape: Shape, checkpointing: bool, seed: int):
+    """unsloth's LoRA over the random-init model, loaded by its own loader from a saved folder."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from unsloth import FastLanguageModel
+
+    folder = tempfile.mkdtemp(prefix="unsloth-model-")
+    model = build_model(shape, seed)
+    model.save_pretrained(folder)
+    del model
+    free_cuda()
+    vocab = {f"t{i}": i for i in range(shape.vocab)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3")
+    tokenizer.save_pretrained(folder)
+    model, _ = FastLanguageModel.from_pretrained(model_name=folder, dtype=torch.bfloat16, load_in_4bit=False,
+                                                 max_seq_length=shape.seq, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(model, r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0,
+                                             target_modules=TARGET_MODULES, bias="none",
+                                             use_gradient_checkpointing="unsloth" if checkpointing else False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True)
+    import unsloth
+
+    return model, hf_loss, optimizer, f"unsloth {unsloth.__version__}"
+
+
 def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, capturable=False):
     import deltatune as dt
     from deltatune.kernels import causal_lm_loss
@@ -136,7 +205,8 @@ def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, cap
     # without the fused block ops.
     config = dt.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES)
     wrapped = dt.wrap(model, config, fused="auto" if patch else False)
-    assert wrapped.is_fused == patch, "fused='auto' should patch a CUDA Llama model"
+    if model.config.model_type == "llama":
+        assert wrapped.is_fused == patch, "fused='auto' should patch a CUDA Llama model"
     if checkpointing:
         wrapped.gradient_checkpointing_enable()
     set_same_lora_init(wrapped, seed)
@@ -205,8 +275,18 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
     result = Result(mode)
     model = wrapped = optimizer = None
     try:
-        model = build_model(shape, args.seed)
-        if mode == "full":
+        if mode == "unsloth":
+            wrapped, loss_fn, optimizer, result.note = setup_unsloth(shape, checkpointing, args.seed)
+        else:
+            if mode == "peft-liger":
+                liger_note = apply_liger(shape.family)
+            model = build_model(shape, args.seed)
+        if mode == "unsloth":
+            pass
+        elif mode == "peft-liger":
+            wrapped, loss_fn, optimizer, _ = setup_peft(model, checkpointing, args.seed)
+            result.note = liger_note
+        elif mode == "full":
             wrapped, loss_fn, optimizer, result.note = setup_full(model, checkpointing)
         elif mode == "floor":
             wrapped, loss_fn, optimizer, result.note = setup_floor(model, checkpointing)
@@ -216,7 +296,8 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             os.environ["DELTATUNE_DISABLE_TRITON"] = "1" if mode == "deltatune-no-triton" else "0"
             patch = mode not in ("deltatune-lora-only",)
             wrapped, loss_fn, optimizer, result.note = setup_deltatune(
-                model, checkpointing, args.seed, patch=patch, fused_loss=patch, capturable=mode == "deltatune-graphed"
+                model, checkpointing, args.seed, patch=patch, fused_loss=patch and mode != "deltatune-labels",
+                capturable=mode == "deltatune-graphed"
             )
         else:
             raise ValueError(f"unknown mode {mode!r}")
@@ -237,7 +318,7 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
     except torch.cuda.OutOfMemoryError:
         result.note = "does not fit (CUDA out of memory)"
     except Exception as error:  # a diagnostic mode failing must not cost the other measurements
-        if mode in ("full", "peft", "deltatune"):
+        if mode in ("full", "peft", "deltatune", "deltatune-labels"):
             raise
         result.note = f"failed: {type(error).__name__}: {str(error)[:120]}"
     finally:
@@ -322,6 +403,15 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
+    all_modes = set(args.modes.split(",")) | set(args.big_modes.split(","))
+    alone = all_modes & set(PROCESS_ALONE)
+    if alone and len(set(args.modes.split(","))) > 1:
+        print(f"{', '.join(sorted(alone))} patch transformers for the whole process: run each alone (--modes {min(alone)})",
+              file=sys.stderr)
+        return 2
+    if "unsloth" in all_modes:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import unsloth  # noqa: F401  - before transformers, as unsloth requires
 
     print(environment_line(), flush=True)
 
