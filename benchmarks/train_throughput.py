@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
 import json
 import os
 import statistics
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "unsloth" in all_modes:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import unsloth  # noqa: F401  - before transformers, as unsloth requires
+        importlib.import_module("unsloth")  # before transformers, as unsloth requires
 
     print(environment_line(), flush=True)
 
