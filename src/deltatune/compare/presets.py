@@ -36,7 +36,7 @@ RUN_PRESETS: dict[str, RunPreset] = {
         train_limit=1920,
         eval_limit=400,
         methods=(FULL, "lora", "bitfit"),
-        description="about 4 minutes on 2 CPU cores: 60 steps, 3 methods, 400 examples per eval split",
+        description="about 3 minutes on 2 CPU cores: 60 steps, 3 methods, 400 examples per eval split",
     ),
     "default": RunPreset(
         name="default",
@@ -45,10 +45,10 @@ RUN_PRESETS: dict[str, RunPreset] = {
         train_limit=None,
         eval_limit=None,
         # One method of each main kind (reparameterized, selective, additive) beside full
-        # fine-tuning: 11 minutes measured on 2 idle CPU cores (each method trains ~2.5 minutes).
+        # fine-tuning: 10 minutes measured on 2 CPU cores (each method trains about 2 minutes).
         # `--methods all` runs every registered method (about 45 minutes there).
         methods=(FULL, "lora", "bitfit", "adapter"),
-        description="one epoch of 6,000 examples, 4 methods; about 11 minutes on 2 CPU cores",
+        description="one epoch of 6,000 examples, 4 methods; about 10 minutes on 2 CPU cores",
     ),
 }
 ALL_METHODS = "all"  # in a method list: full fine-tuning and every registered method

@@ -639,7 +639,7 @@ def compare(
     task: a task name (see `deltatune.train.available_tasks()`) or a Task object.
     methods: names or a comma-separated string ("full,lora,bitfit"), or "all" for full
         fine-tuning and every registered method; default: the preset's list (see RUN_PRESETS).
-    quick: the short preset (about 4 minutes on 2 CPU cores) instead of the default one.
+    quick: the short preset (about 3 minutes on 2 CPU cores) instead of the default one.
     lrs / method_options: per-method learning rates and config fields over the defaults; a rate of
         "auto" (key "*" for every method) runs a learning-rate range test on the prepared model
         just before training it and trains at its suggestion (recorded as lr_range in results.json).
