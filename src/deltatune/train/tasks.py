@@ -626,11 +626,7 @@ class ShakespeareTask(CausalLMTask):
         return [n for n in names if n not in heldout], sorted(heldout)
 
     def _blocks(self, tokenizer: Any, play_names: list[str], shuffle_seed: int) -> list[dict[str, torch.Tensor]]:
-        files = shakespeare_play_files()
-        texts = [_strip_markdown(files[name].read_text(encoding="utf-8")) for name in play_names]
-        blocks = datalib.pack_token_blocks(tokenizer, texts, self.block_size)
-        random.Random(shuffle_seed).shuffle(blocks)  # so a `limit` still spans many plays
-        return datalib.causal_lm_dataset(blocks, datalib.pad_token_id_of(tokenizer)).examples
+        return shakespeare_blocks(tokenizer, play_names, self.block_size, shuffle_seed)
 
     def _build_train_examples(self, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
         return self._blocks(tokenizer, self._play_split()[0], self.seed)
@@ -700,12 +696,8 @@ class QATask(CausalLMTask):
     def _build_eval_examples(self, tokenizer: Any, split: str) -> list[dict[str, torch.Tensor]]:
         if split == "in_domain":
             return datalib.instruction_dataset(tokenizer, self.split_pairs()[1], max_length=self.block_size).examples
-        files = shakespeare_play_files()
-        names = sorted(files)[: 4]  # a few plays are plenty for `forgetting_blocks` blocks
-        texts = [_strip_markdown(files[name].read_text(encoding="utf-8")) for name in names]
-        blocks = datalib.pack_token_blocks(tokenizer, texts, self.block_size)
-        random.Random(self.seed).shuffle(blocks)
-        return datalib.causal_lm_dataset(blocks, datalib.pad_token_id_of(tokenizer)).examples
+        plays = sorted(shakespeare_play_files())[:4]  # a few plays are plenty for `forgetting_blocks` blocks
+        return shakespeare_blocks(tokenizer, plays, self.block_size, self.seed)
 
     def evaluate(self, model: nn.Module, tokenizer: Any, split: str, limit: int | None = None, batch_size: int = 64) -> dict:
         result = super().evaluate(model, tokenizer, split, limit=limit, batch_size=batch_size)
@@ -866,6 +858,15 @@ def chatbot_sentences(count: int, seed: int = 0) -> list[str]:
         seen.setdefault(question, None)
         seen.setdefault(answer, None)
     return list(seen)[:count]
+
+
+def shakespeare_blocks(tokenizer: Any, play_names: Sequence[str], block_size: int, shuffle_seed: int) -> list[dict[str, torch.Tensor]]:
+    """The named plays as packed causal-LM blocks, shuffled so that a `limit` still spans many plays."""
+    files = shakespeare_play_files()
+    texts = [_strip_markdown(files[name].read_text(encoding="utf-8")) for name in play_names]
+    blocks = datalib.pack_token_blocks(tokenizer, texts, block_size)
+    random.Random(shuffle_seed).shuffle(blocks)
+    return datalib.causal_lm_dataset(blocks, datalib.pad_token_id_of(tokenizer)).examples
 
 
 def shakespeare_play_files() -> dict[str, Path]:
