@@ -67,6 +67,21 @@ class Shape:
     family: str = "llama"  # transformers model type
     extra: tuple = ()  # further config fields, (name, value) pairs
 
+    def matmul_params(self) -> int:
+        """Weights that multiply every token: the blocks' projections and the LM head (the input
+        embedding is a lookup)."""
+        head_dim = dict(self.extra).get("head_dim", self.hidden // self.heads)
+        attention = self.hidden * head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return self.layers * (attention + 3 * self.hidden * self.intermediate) + self.vocab * self.hidden
+
+    def train_flops_per_token(self, frozen_base: bool) -> float:
+        """Model FLOPs of one training token: 2N forward, 2N for the input gradients, 2N more for the
+        weight gradients unless the base is frozen (LoRA's rank-r products are under 1%), plus causal
+        attention (QK^T and AV, half the square) three times over; recomputation is not counted."""
+        head_dim = dict(self.extra).get("head_dim", self.hidden // self.heads)
+        attention = 3 * 2 * self.seq * self.heads * head_dim * self.layers
+        return (4 if frozen_base else 6) * self.matmul_params() + attention
+
 
 SHAPES = {
     "1b": Shape("1.1B", hidden=2048, layers=16, intermediate=8192, batch=4),
@@ -335,15 +350,33 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b is not None and b > 0 else "-"
 
 
-def format_table(title: str, results: dict[str, Result]) -> str:
+# Dense bf16 tensor-core peak per GPU (NVIDIA's data sheets), for the MFU column.
+PEAK_BF16_FLOPS = {"H200": 989.5e12, "H100": 989.5e12, "A100": 312e12}
+
+
+def peak_flops() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu(result: Result, shape: Shape, peak: float | None) -> str:
+    """Model FLOPs utilisation: the step's model FLOPs (Shape.train_flops_per_token) over the peak."""
+    if peak is None or result.tokens_per_s is None:
+        return "-"
+    flops = result.tokens_per_s * shape.train_flops_per_token(frozen_base=result.mode != "full")
+    return f"{100 * flops / peak:.1f}%"
+
+
+def format_table(title: str, results: dict[str, Result], shape: Shape | None = None) -> str:
     full, peft_ = results.get("full"), results.get("peft")
-    lines = [title, f"{'mode':<22}{'tokens/s':>10}{'step ms':>10}{'peak GiB':>10}{'tok/s vs peft':>15}{'step vs full':>14}{'mem vs full':>13}{'mem vs peft':>13}{'host ms':>9}  note"]
+    peak = peak_flops() if shape is not None else None
+    lines = [title, f"{'mode':<22}{'tokens/s':>10}{'step ms':>10}{'peak GiB':>10}{'MFU':>7}{'tok/s vs peft':>15}{'step vs full':>14}{'mem vs full':>13}{'mem vs peft':>13}{'host ms':>9}  note"]
     for mode, r in results.items():
         if r.step_ms is None:
-            lines.append(f"{mode:<22}{'-':>10}{'-':>10}{'-':>10}{'-':>15}{'-':>14}{'-':>13}{'-':>13}{'-':>9}  {r.note}")
+            lines.append(f"{mode:<22}{'-':>10}{'-':>10}{'-':>10}{'-':>7}{'-':>15}{'-':>14}{'-':>13}{'-':>13}{'-':>9}  {r.note}")
             continue
         lines.append(
-            f"{mode:<22}{r.tokens_per_s:>10,.0f}{r.step_ms:>10.1f}{r.peak_gib:>10.1f}"
+            f"{mode:<22}{r.tokens_per_s:>10,.0f}{r.step_ms:>10.1f}{r.peak_gib:>10.1f}{mfu(r, shape, peak) if shape else '-':>7}"
             f"{ratio(r.tokens_per_s, peft_ and peft_.tokens_per_s):>15}{ratio(r.step_ms, full and full.step_ms):>14}"
             f"{ratio(r.peak_gib, full and full.peak_gib):>13}{ratio(r.peak_gib, peft_ and peft_.peak_gib):>13}{r.host_ms:>9.1f}  {r.note}"
         )
@@ -430,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.note} ({time.time() - started:.0f} s)", flush=True)
         title = (f"{shape.name}: hidden {shape.hidden}, {shape.layers} layers, MLP {shape.intermediate}, "
                  f"batch {shape.batch} x {shape.seq} tokens, checkpointing {'on' if checkpointing else 'off'}")
-        table = format_table(title, results)
+        table = format_table(title, results, shape)
         agreement = loss_agreement(results)
         tables.append(table + ("\n" + agreement if agreement else ""))
         report[run_name] = {mode: r.__dict__ for mode, r in results.items()}
