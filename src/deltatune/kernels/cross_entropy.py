@@ -19,6 +19,8 @@ router losses, logits asked for) takes the model's own forward.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import hf_compat
@@ -136,10 +138,12 @@ def chunked_cross_entropy(
     chunk_rows = chunk_size or _default_chunk_rows(lm_head_weight.shape[0])
     device_type = hidden.device.type
     if device_type == "meta":  # memory estimates run here; autocast has no meta device
-        return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, labels, ignore_index, chunk_rows, softcap, divisor)
-    if torch.is_autocast_enabled(device_type):  # the head's matmul in autocast's dtype, as the model's would be
-        hidden = hidden.to(torch.get_autocast_dtype(device_type))
-    with torch.autocast(device_type, enabled=False):  # one dtype inside: the buffers are written in place
+        no_autocast = contextlib.nullcontext()
+    else:
+        if torch.is_autocast_enabled(device_type):  # the head's matmul in autocast's dtype, as the model's would be
+            hidden = hidden.to(torch.get_autocast_dtype(device_type))
+        no_autocast = torch.autocast(device_type, enabled=False)  # one dtype inside: buffers are written in place
+    with no_autocast:
         return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, labels, ignore_index, chunk_rows, softcap, divisor)
 
 
