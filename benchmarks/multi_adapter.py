@@ -80,6 +80,9 @@ class Timing:
     prefill_tokens_per_s: float
     generate_tokens_per_s: float
     logits: torch.Tensor
+    tokens: torch.Tensor  # the generated tokens (batch, new tokens)
+    prefill_spread: float  # (slowest - fastest) / median over the repeats
+    generate_spread: float
 
 
 # ----------------------------------------------------------------------------- model and adapters
@@ -154,33 +157,46 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(runs: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each run, the runs taking turns so that a busy machine slows all alike."""
-    for _ in range(warmup):
+def interleaved_medians(runs: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                        repeats_of: dict[str, int | None] | None = None) -> dict[str, tuple[float, float]]:
+    """(median seconds, spread) of each run, the runs taking turns so that a busy machine slows all
+    alike; spread = (slowest - fastest) / median. repeats_of caps the repeats of slow runs."""
+    for _ in range(warmup):  # compile, autotune, capture and allocator growth happen here
         for run in runs.values():
             run()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for index in range(repeats):
         for name, run in runs.items():
+            if index >= ((repeats_of or {}).get(name) or repeats):
+                continue
             synchronize(device)
             started = time.perf_counter()
             run()
             synchronize(device)
             times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: (statistics.median(values), (max(values) - min(values)) / statistics.median(values))
+            for name, values in times.items()}
 
 
 @dataclass
 class Mode:
-    """One way of serving the batch: a model and the routing arguments its calls take."""
+    """One way of serving the batch: a model, the routing arguments its calls take, and how it
+    decodes ("hf": the model's generate(); "graph": deltatune.generation.greedy_generate, a static
+    cache with the step replayed as a CUDA graph on CUDA)."""
 
     model: nn.Module
     routing: dict
+    decode: str = "hf"
+    repeats: int | None = None  # fewer repeats for a slow mode (peft with many adapters)
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, **self.routing).logits
 
     def generate(self, prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        if self.decode == "graph":
+            from deltatune.generation import greedy_generate
+
+            return greedy_generate(self.model, prompt_ids, new_tokens, **self.routing)
         return self.model.generate(
             input_ids=prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             pad_token_id=0, use_cache=True, **self.routing,
@@ -193,19 +209,28 @@ def measure(modes: dict[str, Mode], args, device: torch.device) -> dict[str, Tim
     vocab = next(iter(modes.values())).model.config.vocab_size
     prefill_ids = torch.randint(0, vocab, (args.batch, args.prefill_len), generator=generator).to(device)
     prompt_ids = prefill_ids[:, : args.prompt_len]
+    prefill_modes = {name: mode for name, mode in modes.items() if mode.decode == "hf"}  # graph modes: same prefill
     with torch.inference_mode():
-        logits = {name: mode.prefill(prefill_ids).float() for name, mode in modes.items()}
+        logits = {name: mode.prefill(prefill_ids).float() for name, mode in prefill_modes.items()}
         prefill = interleaved_medians(
-            {name: (lambda m=mode: m.prefill(prefill_ids)) for name, mode in modes.items()}, device, args.warmup, args.repeats
+            {name: (lambda m=mode: m.prefill(prefill_ids)) for name, mode in prefill_modes.items()},
+            device, args.warmup, args.repeats, {name: mode.repeats for name, mode in prefill_modes.items()},
         )
         generate = interleaved_medians(
             {name: (lambda m=mode: m.generate(prompt_ids, args.new_tokens)) for name, mode in modes.items()},
-            device, args.warmup, args.repeats,
+            device, args.warmup, args.repeats, {name: mode.repeats for name, mode in modes.items()},
         )
-    return {
-        name: Timing(args.batch * args.prefill_len / prefill[name], args.batch * args.new_tokens / generate[name], logits[name])
-        for name in modes
-    }
+        tokens = {name: mode.generate(prompt_ids, args.new_tokens)[:, args.prompt_len:] for name, mode in modes.items()}
+    timings = {}
+    for name, mode in modes.items():
+        prefill_name = name.removesuffix("+graph")
+        seconds, spread = prefill[prefill_name]
+        generate_seconds, generate_spread = generate[name]
+        timings[name] = Timing(
+            args.batch * args.prefill_len / seconds, args.batch * args.new_tokens / generate_seconds,
+            logits[prefill_name], tokens[name], spread if mode.decode == "hf" else 0.0, generate_spread,
+        )
+    return timings
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -213,23 +238,48 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- report
+def token_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a == b).float().mean().item()
+
+
+SPREAD_LIMIT = 0.05
+
+
 def format_table(title: str, results: dict[int, dict[str, Timing]]) -> str:
-    header = (f"{'adapters':>8}{'mode':>11}{'prefill tok/s':>15}{'generate tok/s':>16}"
-              f"{'prefill ours/merged':>21}{'generate ours/merged':>22}{'prefill ours/peft':>19}{'generate ours/peft':>20}  check")
-    lines = [title, header]
+    """Throughput per mode, then ours against the merged adapter and against peft."""
+    lines = [title, f"{'adapters':>8}{'mode':>18}{'prefill tok/s':>15}{'generate tok/s':>16}{'spread p/g':>12}"]
+    flagged = []
     for count, modes in results.items():
-        ours, merged, peft_ = modes["deltatune"], modes["merged"], modes["peft"]
         for mode, timing in modes.items():
-            ratios = ""
-            if mode == "deltatune":
-                check = f"vs peft {relative_difference(ours.logits, peft_.logits):.1e}"
-                if count == 1:  # every row on the merged adapter: the same model
-                    check += f", vs merged {relative_difference(ours.logits, merged.logits):.1e}"
-                ratios = (f"{ours.prefill_tokens_per_s / merged.prefill_tokens_per_s:>20.2f}x"
-                          f"{ours.generate_tokens_per_s / merged.generate_tokens_per_s:>21.2f}x"
-                          f"{ours.prefill_tokens_per_s / peft_.prefill_tokens_per_s:>18.2f}x"
-                          f"{ours.generate_tokens_per_s / peft_.generate_tokens_per_s:>19.2f}x  {check}")
-            lines.append(f"{count:>8}{mode:>11}{timing.prefill_tokens_per_s:>15,.0f}{timing.generate_tokens_per_s:>16,.0f}{ratios}")
+            graph = mode.endswith("+graph")
+            prefill = "(as above)" if graph else f"{timing.prefill_tokens_per_s:,.0f}"
+            spread = f"{'-' if graph else f'{timing.prefill_spread:.0%}'}/{timing.generate_spread:.0%}"
+            lines.append(f"{count:>8}{mode:>18}{prefill:>15}{timing.generate_tokens_per_s:>16,.0f}{spread:>12}")
+            if max(timing.prefill_spread, timing.generate_spread) > SPREAD_LIMIT:
+                flagged.append(f"{count} adapters {mode}")
+    lines += ["", f"{'adapters':>8}{'prefill':>9}{'generate':>10}{'generate':>10}{'generate':>10}"
+                  f"{'prefill':>9}{'generate':>10}  check",
+              f"{'':>8}{'/merged':>9}{'/merged':>10}{'graph/gr':>10}{'graph/hf':>10}{'/peft':>9}{'gr/peft':>10}"]
+    for count, modes in results.items():
+        ours, graphed, merged, merged_graphed = modes["deltatune"], modes["deltatune+graph"], modes["merged"], modes["merged+graph"]
+        peft_ = modes.get("peft")
+        check = f"graph tokens = generate()'s: {token_agreement(graphed.tokens, ours.tokens):.0%}"
+        if count == 1:  # every row on the merged adapter: the same model
+            check += f"; logits vs merged {relative_difference(ours.logits, merged.logits):.1e}"
+        peft_cols = f"{'-':>9}{'-':>10}"
+        if peft_ is not None:
+            check += f"; logits vs peft {relative_difference(ours.logits, peft_.logits):.1e}"
+            peft_cols = (f"{ours.prefill_tokens_per_s / peft_.prefill_tokens_per_s:>8.2f}x"
+                         f"{graphed.generate_tokens_per_s / peft_.generate_tokens_per_s:>9.2f}x")
+        lines.append(
+            f"{count:>8}{ours.prefill_tokens_per_s / merged.prefill_tokens_per_s:>8.2f}x"
+            f"{ours.generate_tokens_per_s / merged.generate_tokens_per_s:>9.2f}x"
+            f"{graphed.generate_tokens_per_s / merged_graphed.generate_tokens_per_s:>9.2f}x"
+            f"{graphed.generate_tokens_per_s / merged.generate_tokens_per_s:>9.2f}x{peft_cols}  {check}"
+        )
+    lines.append("(generate /merged: both through generate(); graph/gr: both graph-decoded; graph/hf: ours graph-decoded "
+                 "over the merged model's generate(); gr/peft: ours graph-decoded over peft's generate())")
+    lines.append(f"rows whose spread over the repeats exceeds {SPREAD_LIMIT:.0%}: {', '.join(flagged) or 'none'}")
     return "\n".join(lines)
 
 
@@ -253,10 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-len", type=int, default=None, help="tokens per row of the prefill forward (default: 32 CPU, 256 CUDA)")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per row before decoding")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens per row (default: 8 CPU, 64 CUDA)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None, help="default: 3 CPU, 10 CUDA")
     parser.add_argument("--b-std", type=float, default=None, help="std of the random LoRA B (default: 0.05 / sqrt(r * hidden / 256))")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peft-max-adapters", type=int, default=8,
+                        help="run peft only for batches over at most this many adapters (its generate slows with the count)")
+    parser.add_argument("--peft-repeats", type=int, default=3, help="timed repeats of peft (slow)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -282,12 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         paths = save_adapters(base, max(counts), Path(folder), args.seed, b_std)
         merged = Mode(load_merged(base, paths[0], dtype), {})
-        ours, peft_ = load_deltatune(base, paths, dtype), load_peft(base, paths, dtype)
+        ours = load_deltatune(base, paths, dtype)
+        peft_ = load_peft(base, paths[: max(1, min(max(counts), args.peft_max_adapters))], dtype)
     for count in counts:
         rows = [f"a{i % count}" for i in range(args.batch)]
         started = time.time()
-        results[count] = measure({"merged": merged, "deltatune": Mode(ours, {"adapter_names": rows}),
-                                  "peft": Mode(peft_, {"adapter_names": rows})}, args, device)
+        modes = {"merged": merged, "merged+graph": Mode(merged.model, {}, "graph"),
+                 "deltatune": Mode(ours, {"adapter_names": rows}), "deltatune+graph": Mode(ours, {"adapter_names": rows}, "graph")}
+        if count <= args.peft_max_adapters:
+            modes["peft"] = Mode(peft_, {"adapter_names": rows}, repeats=args.peft_repeats)
+        results[count] = measure(modes, args, device)
         summary = ", ".join(f"{name} {t.prefill_tokens_per_s:,.0f} / {t.generate_tokens_per_s:,.0f}" for name, t in results[count].items())
         print(f"{count} adapters, prefill / generate tok/s: {summary} ({time.time() - started:.0f} s)", flush=True)
 

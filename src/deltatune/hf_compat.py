@@ -337,6 +337,39 @@ def new_cache(config: Any) -> Any:
     return DynamicCache(config=config)
 
 
+def new_static_cache(config: Any, max_length: int) -> Any:
+    """A StaticCache of `max_length` positions: fixed-address key/value buffers (allocated on the
+    first forward) that a CUDA graph can replay into."""
+    from transformers import StaticCache
+
+    return StaticCache(config=config, max_cache_len=max_length)
+
+
+def static_decode_kwargs(model: nn.Module, cache: Any, cache_position: Any) -> dict:
+    """The keyword arguments of a forward over a static cache beyond input ids, mask and positions.
+
+    transformers < 5.24 is told where to write in the cache (`cache_position`); from 5.24 a static
+    cache counts its own writes on the device and the argument is gone."""
+    kwargs: dict = {"use_cache": True}
+    set_cache(kwargs, model, cache)
+    if _takes_argument("cache_position", type(model), type(getattr(model, "base_model", None))):
+        kwargs["cache_position"] = cache_position
+    if _takes_argument("logits_to_keep", type(model)):
+        kwargs["logits_to_keep"] = 1  # only the last position's logits: no (batch, prompt, vocab) tensor
+    return kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_argument(name: str, *classes: type) -> bool:
+    for cls in classes:
+        try:
+            if name in inspect.signature(cls.forward).parameters:
+                return True
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def cache_length(cache: Any) -> int:
     """Tokens held by a cache (0 for None)."""
     return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0

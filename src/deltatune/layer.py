@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ class RowAdapters:
         """The rows' slots as a LongTensor on `device` (made once per device)."""
         key = ("slots", str(device))
         if key not in self._cache:
-            self._cache[key] = torch.tensor(self.slots, dtype=torch.long, device=device)
+            self._cache[key] = index_tensor(self.slots, device)
         return self._cache[key]
 
     def groups(self, device: torch.device) -> list[tuple[str | None, torch.Tensor]]:
@@ -62,16 +62,32 @@ class RowAdapters:
             for slot, name in enumerate([*self.names, None]):
                 rows = [i for i, s in enumerate(self.slots) if s == slot]
                 if rows:
-                    found.append((name, torch.tensor(rows, dtype=torch.long, device=device)))
+                    found.append((name, index_tensor(rows, device)))
             self._cache[key] = found
         return self._cache[key]
 
-    def check_batch(self, x: torch.Tensor, layer: str) -> None:
+    def check_batch(self, x: torch.Tensor, layer: str | Callable[[], str]) -> None:
+        """Refuse a batch whose row count is not the routing's; `layer` names the layer (a callable
+        is only called to build the error: layers run this on every forward)."""
         if x.shape[0] != len(self.slots):
+            layer = layer if isinstance(layer, str) else layer()
             raise ValueError(
                 f"adapter_names has {len(self.slots)} entries but {layer} got a batch of {x.shape[0]} rows; "
                 f"give one adapter name (or None) per row of the input."
             )
+
+
+def index_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A LongTensor of `values` on `device`, copied without waiting for the device.
+
+    torch.tensor(..., device="cuda") copies from pageable memory, which blocks the host until
+    every queued kernel has run: once per mixed-batch forward, that drains the queue the host had
+    built ahead and leaves the GPU idle while the next layers are launched. A pinned source copies
+    asynchronously in stream order."""
+    source = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return source.to(device)
+    return source.pin_memory().to(device, non_blocking=True)
 
 
 def autocast_enabled() -> bool:
@@ -105,6 +121,9 @@ class DeltaLayer(nn.Module):
     adapter_attributes: tuple[str, ...] = ()
     # Layers that read `row_adapters` in forward (one adapter per batch row) say so here.
     supports_mixed_batch: bool = False
+    # Layers that add positions or key/value entries of their own (soft prompts) say so here: a
+    # decode loop that keeps its own positions over a static cache cannot run them.
+    extends_sequence: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

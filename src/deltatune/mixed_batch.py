@@ -14,7 +14,7 @@ from typing import Callable, Container, Generic, Iterable, Sequence, TypeVar
 
 import torch
 
-from .layer import RowAdapters
+from .layer import RowAdapters, index_tensor
 
 Stacks = TypeVar("Stacks")
 
@@ -59,7 +59,7 @@ def plan_slots(rows: RowAdapters, held: Container[str], device: torch.device) ->
         # what is derived from them is shared by every such layer: the plan caches into the batch's.
         return SlotPlan(names, rows.slot_index(device), rows._cache)
     local = [names.index(n) if n in names else len(names) for n in rows.names] + [len(names)]
-    return SlotPlan(names, torch.tensor(local, dtype=torch.long, device=device)[rows.slot_index(device)])
+    return SlotPlan(names, index_tensor(local, device)[rows.slot_index(device)])
 
 
 def tensor_versions(tensors: Iterable[torch.Tensor]) -> tuple:
@@ -87,6 +87,11 @@ class StackCache(Generic[Stacks]):
         self.clear()
 
     def clear(self) -> None:
+        # What describe(names) said, per set of names: looking tensors up through ModuleDicts costs
+        # more than checking their versions, and the layer clears this whenever its adapters change
+        # (add, delete, merge, unmerge). A Parameter object replaced behind the layer's back
+        # (rather than written into) needs clear() too.
+        self._described: dict[tuple[str, ...], tuple[tuple, Sequence[torch.Tensor]]] = {}
         self._rows: RowAdapters | None = None
         self._entry: tuple[Stacks, SlotPlan] | None = None
         self._key: tuple | None = None
@@ -111,7 +116,9 @@ class StackCache(Generic[Stacks]):
         if plan is None:
             self._rows, self._entry = rows, None
             return None
-        key, tensors = describe(plan.names)
+        if plan.names not in self._described:
+            self._described[plan.names] = describe(plan.names)
+        key, tensors = self._described[plan.names]
         if needs_autograd(tensors):
             self.clear()
             return build(plan.names), plan

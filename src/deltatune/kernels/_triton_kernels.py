@@ -205,3 +205,99 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
         HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), BACKWARD=backward, num_warps=4,
     )
     return out
+
+
+# ----------------------------------------------------------------------------- per-row LoRA (mixed batches)
+# Punica/S-LoRA's SGMV split in two: "shrink" x·Aᵀ to a rank-wide h, "expand" y += h·(sB)ᵀ in place.
+# Tokens are (rows × tokens_per_row); each row reads its own slot of the stacked adapters, and a
+# row on the base slot (an all-zero adapter) is skipped. The rank is a power of two >= 16 (tl.dot).
+@triton.jit
+def _row_lora_shrink_kernel(x_ptr, down_ptr, h_ptr, slot_ptr, tokens_per_row, n_tokens, n_in, cols_per_split, base_slot,
+                            RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_IN: tl.constexpr):
+    # Every tensor is contiguous (few arguments: on the host, a launch costs per argument).
+    # Split over the input features (program axis 2): a row holds too few tokens to fill the GPU
+    # otherwise (decoding: one), and each split writes its own float32 partial of h.
+    row = tl.program_id(0)
+    slot = tl.load(slot_ptr + row)
+    if slot == base_slot:
+        return
+    in_row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = (row * tokens_per_row + in_row).to(tl.int64)
+    token_ok = in_row < tokens_per_row
+    ranks = tl.arange(0, RANK)
+    split = tl.program_id(2)
+    first = split * cols_per_split
+    last = tl.minimum(first + cols_per_split, n_in)
+    acc = tl.zeros((BLOCK_T, RANK), dtype=tl.float32)
+    down = down_ptr + slot.to(tl.int64) * RANK * n_in
+    for start in range(first, last, BLOCK_IN):
+        cols = start + tl.arange(0, BLOCK_IN)
+        col_ok = cols < last
+        x = tl.load(x_ptr + tokens[:, None] * n_in + cols[None, :], mask=token_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(down + ranks[None, :] * n_in + cols[:, None], mask=col_ok[:, None], other=0.0)  # (BLOCK_IN, RANK)
+        acc += tl.dot(x, a)
+    tl.store(h_ptr + (split * n_tokens + tokens[:, None]) * RANK + ranks[None, :], acc, mask=token_ok[:, None])
+
+
+@triton.jit
+def _row_lora_expand_kernel(h_ptr, up_ptr, y_ptr, slot_ptr, tokens_per_row, n_tokens, n_splits, n_out, base_slot,
+                            RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    row = tl.program_id(0)
+    slot = tl.load(slot_ptr + row)
+    if slot == base_slot:
+        return
+    in_row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = (row * tokens_per_row + in_row).to(tl.int64)
+    token_ok = in_row < tokens_per_row
+    outs = tl.program_id(2) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    out_ok = outs < n_out
+    ranks = tl.arange(0, RANK)
+    h = tl.zeros((BLOCK_T, RANK), dtype=tl.float32)
+    for split in range(0, n_splits):
+        h += tl.load(h_ptr + (split * n_tokens + tokens[:, None]) * RANK + ranks[None, :], mask=token_ok[:, None], other=0.0)
+    up = tl.load(up_ptr + slot.to(tl.int64) * RANK * n_out + ranks[:, None] * n_out + outs[None, :],
+                 mask=out_ok[None, :], other=0.0)  # (RANK, BLOCK_OUT)
+    # h and the product are rounded to the storage dtype where torch's x·Aᵀ, then ·B, would round them
+    delta = tl.dot(h.to(up_ptr.dtype.element_ty), up)
+    y_at = y_ptr + tokens[:, None] * n_out + outs[None, :]
+    both_ok = token_ok[:, None] & out_ok[None, :]
+    y = tl.load(y_at, mask=both_ok, other=0.0).to(tl.float32)
+    delta = delta.to(y_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_at, (y + delta).to(y_ptr.dtype.element_ty), mask=both_ok)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs_to_fill(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 * _SM_COUNT[index]
+
+
+def row_lora_add_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, row_slot: torch.Tensor,
+                  base_slot: int) -> None:
+    """y (rows·T, out) += per row (x·downᵀ)·up, in place. x (rows·T, in); down (slots, R, in);
+    up (slots, R, out); row_slot (rows,). All contiguous; R a power of two >= 16."""
+    rows, (n_tokens, n_in) = row_slot.shape[0], x.shape
+    tokens_per_row = n_tokens // rows
+    rank = down.shape[1]
+    decoding = tokens_per_row <= 16
+    block_t, block_in = (16, 128) if decoding else (64, 64)
+    t_blocks = triton.cdiv(tokens_per_row, block_t)
+    chunks = triton.cdiv(n_in, block_in)
+    if decoding:  # few programs per split, few partials for the expand to add: 512 features each
+        chunks_per_split = 4
+    else:
+        chunks_per_split = triton.cdiv(chunks, max(1, triton.cdiv(_programs_to_fill(x.device), rows * t_blocks)))
+    cols_per_split = chunks_per_split * block_in
+    splits = triton.cdiv(n_in, cols_per_split)
+    partial_h = torch.empty((splits, n_tokens, rank), dtype=torch.float32, device=x.device)
+    _row_lora_shrink_kernel[(rows, t_blocks, splits)](
+        x, down, partial_h, row_slot, tokens_per_row, n_tokens, n_in, cols_per_split, base_slot, RANK=rank, BLOCK_T=block_t, BLOCK_IN=block_in, num_warps=4,
+    )
+    block_out = 256 if decoding else 128
+    _row_lora_expand_kernel[(rows, t_blocks, triton.cdiv(y.shape[1], block_out))](
+        partial_h, up, y, row_slot, tokens_per_row, n_tokens, splits, y.shape[1], base_slot, RANK=rank, BLOCK_T=block_t, BLOCK_OUT=block_out, num_warps=4,
+    )

@@ -204,6 +204,7 @@ class _TokenTables(DeltaLayer):
     """Per-adapter tables (`prompt_embeddings`), optionally produced by a `prompt_encoder`."""
 
     adapter_attributes = ("prompt_embeddings", "prompt_encoder")
+    extends_sequence = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..generation import greedy_generate, supports_static_decode
 from ..model import DeltaModel
 from .adapters import AdapterPool
 from .metrics import Metrics
@@ -266,10 +267,15 @@ class MixedBatchGenerator:
         input_ids, attention_mask = left_pad([job.prompt_ids for job in jobs], self.pad_id, device)
         # Every row runs as long as the longest request; each is cut to its own limit after.
         longest = max(job.max_new_tokens for job in jobs)
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, adapter_names=adapter_names,
-                max_new_tokens=longest, do_sample=False, num_beams=1, num_return_sequences=1, pad_token_id=self.pad_id,
-            )
+        if supports_static_decode(self.model) is None:
+            # A static cache and, on CUDA, each decode step replayed as a CUDA graph.
+            output = greedy_generate(self.model, input_ids, longest, attention_mask=attention_mask, adapter_names=adapter_names,
+                                     eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id)
+        else:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, adapter_names=adapter_names,
+                    max_new_tokens=longest, do_sample=False, num_beams=1, num_return_sequences=1, pad_token_id=self.pad_id,
+                )
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return [trim_at_eos(tokens[: job.max_new_tokens], self.eos_ids) for tokens, job in zip(new_tokens, jobs)]

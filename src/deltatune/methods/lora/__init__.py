@@ -28,6 +28,8 @@ from ...config import AdapterConfig, ConfigError
 from ...hf_compat import is_conv1d, is_quantized_linear
 from ...inject import layer_attach
 from ...kernels import LoraParams, lora_linear
+from ...kernels.row_lora import kernel_applies as row_lora_kernel_applies
+from ...kernels.row_lora import kernel_rank, row_lora_add_
 from ...layer import DeltaLayer, RowAdapters, adapter_dtype, autocast_enabled
 from ...mixed_batch import SlotPlan, StackCache, rows_by_tokens
 from ...model import written_out_targets
@@ -389,7 +391,7 @@ class LoraLinear(_LoraBase):
 
     # -- mixed batches: one adapter per row ------------------------------------------------
     def _mixed_forward(self, rows: RowAdapters, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        rows.check_batch(x, f"LoRA layer {type(self.get_base_layer()).__name__}({self.in_features} -> {self.out_features})")
+        rows.check_batch(x, lambda: f"LoRA layer {type(self.get_base_layer()).__name__}({self.in_features} -> {self.out_features})")
         result = self.base_layer(x, *args, **kwargs)
         found = self._mixed_stacks.get(rows, self.lora_A, x.device, self._stack_key, self._build_stacks)
         if found is None:  # no row's adapter is on this layer
@@ -397,6 +399,11 @@ class LoraLinear(_LoraBase):
         stacks, plan = found
         self._refuse_row_dropout(plan.names)
         x_rows = rows_by_tokens(x).to(stacks.down.dtype)
+        result_rows = rows_by_tokens(result)
+        if stacks.dora_scale is None and row_lora_kernel_applies(result_rows, x_rows, stacks.down, stacks.up):
+            # CUDA inference: two kernels add every row's product into the base output in place.
+            added = row_lora_add_(result_rows, x_rows, stacks.down, stacks.up, plan.row_slot, len(plan.names))
+            return added.view(result.shape)
         product = _masked_lora if _masked_form_pays(x_rows.shape[1], len(plan.names), x.device) else _gathered_lora
         lora_out = product(x_rows, stacks, plan)
         if stacks.dora_scale is not None:
@@ -427,7 +434,7 @@ class LoraLinear(_LoraBase):
     def _build_stacks(self, names: tuple[str, ...]) -> _LoraStacks:
         pairs = [(self.lora_A[n].weight, self.lora_B[n].weight * self.scaling[n]) for n in names]
         dtype = reduce(torch.promote_types, [A.dtype for A, _ in pairs])
-        rank = max(A.shape[0] for A, _ in pairs)
+        rank = kernel_rank(max(A.shape[0] for A, _ in pairs), pairs[0][0].device)
         down = pairs[0][0].new_zeros((len(names) + 1, rank, self.in_features), dtype=dtype)
         up = pairs[0][0].new_zeros((len(names) + 1, rank, self.out_features), dtype=dtype)
         for slot, (A, scaled_B) in enumerate(pairs):

@@ -1,0 +1,61 @@
+"""Per-row LoRA for mixed batches (one adapter per batch row), added into the base output in place.
+
+    y[b, t] += (x[b, t] · A_sᵀ) · (s·B_s)ᵀ        with s = row_slot[b]
+
+The adapters are stacked along a leading slot dimension (`methods/lora`'s mixed-batch stacks;
+the last slot is all zeros and marks rows that keep the base output). On CUDA in bf16/fp16 this
+is two Triton kernels in the way of Punica's SGMV: shrink to the rank-wide h, expand into y in
+place. Neither copies a row's adapter nor computes another adapter's product, and a CUDA graph
+captures them as two launches per layer. Elsewhere the same sum runs as batched matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import use_triton
+
+__all__ = ["row_lora_add_", "row_lora_reference", "kernel_rank"]
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def kernel_rank(rank: int, device: torch.device) -> int:
+    """The rank the stacks are padded to on `device`: a power of two >= 16 where the kernel runs."""
+    if device.type != "cuda":
+        return rank
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def row_lora_reference(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, row_slot: torch.Tensor) -> torch.Tensor:
+    """The per-row products alone: x (rows, T, in) -> (rows, T, out), each row through its slot."""
+    hidden = torch.bmm(x, down.index_select(0, row_slot).transpose(1, 2))
+    return torch.bmm(hidden, up.index_select(0, row_slot))
+
+
+def kernel_applies(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether row_lora_add_ runs the Triton kernels for these tensors (else the reference)."""
+    return (
+        use_triton(y, x, down)
+        and y.dtype == x.dtype == down.dtype == up.dtype
+        and x.dtype in _KERNEL_DTYPES
+        and down.shape[1] == kernel_rank(down.shape[1], x.device)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (y, x, down, up)))
+    )
+
+
+def row_lora_add_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, row_slot: torch.Tensor,
+                  base_slot: int) -> torch.Tensor:
+    """y (rows, T, out) += each row's LoRA product of x (rows, T, in), in place where the kernel
+    runs (inference); otherwise returns y + product as a new tensor (autograd-safe). Use the result.
+
+    down: (slots, R, in) A stacked; up: (slots, R, out) (s·B)ᵀ stacked; row_slot: (rows,) long;
+    base_slot: the all-zero slot (rows on it are left as they are)."""
+    if kernel_applies(y, x, down, up):
+        from ._triton_kernels import row_lora_add_ as triton_add
+
+        y2d, x2d = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
+        if y2d.is_contiguous() and x2d.is_contiguous() and down.is_contiguous() and up.is_contiguous():
+            triton_add(y2d, x2d, down, up, row_slot, base_slot)
+            return y
+    return y + row_lora_reference(x, down, up, row_slot).to(y.dtype)

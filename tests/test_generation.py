@@ -1,0 +1,157 @@
+"""deltatune.generation.greedy_generate (static cache, graph-replayable step) and the per-row LoRA
+kernel's reference path: the tokens are generate()'s, row for row, adapters and padding included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_adapters, tiny_llama, token_batch
+
+import deltatune as dt
+from deltatune.generation import GenerationError, greedy_generate
+from deltatune.kernels.row_lora import kernel_rank, row_lora_add_, row_lora_reference
+
+NEW = 6
+
+
+def hf_greedy(model, prompts, mask=None, **options) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                              do_sample=False, pad_token_id=0, **options)
+
+
+def left_padded(batch: int = 4, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths, left-padded with 0 as a server pads them."""
+    prompts = token_batch(batch=batch, length=length, seed=4).clamp_min(3)
+    mask = torch.ones_like(prompts)
+    for row, pad in enumerate([3, 0, 1, 0][:batch]):
+        mask[row, :pad] = 0
+    return prompts.masked_fill(mask == 0, 0), mask
+
+
+def two_adapters(**lora) -> dt.DeltaModel:
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"], **lora), adapter_name="a")
+    model.add_adapter("b", dt.LoraConfig(r=8, target_modules=["q_proj", "down_proj"], **lora))
+    randomize_adapters(model, seed=5, scale=0.5)
+    return model.eval()
+
+
+def test_plain_model_with_left_padding_generates_what_generate_does():
+    model = tiny_llama().eval()
+    prompts, mask = left_padded()
+    ours = greedy_generate(model, prompts, NEW, attention_mask=mask)
+    assert torch.equal(ours, hf_greedy(model, prompts, mask))
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_dora": True}], ids=["lora", "dora"])
+def test_mixed_batch_rows_generate_what_generate_does(lora):
+    model = two_adapters(**lora)
+    prompts, mask = left_padded()
+    rows = ["a", "b", None, "a"]
+    ours = greedy_generate(model, prompts, NEW, attention_mask=mask, adapter_names=rows)
+    assert torch.equal(ours, hf_greedy(model, prompts, mask, adapter_names=rows))
+    # the adapters matter here: the base alone continues differently
+    assert not torch.equal(ours, greedy_generate(model, prompts, NEW, attention_mask=mask, adapter_names=[None] * 4))
+    assert all(layer.row_adapters is None for _, layer in model.delta_layers())  # routing ends with the call
+
+
+def test_active_adapter_without_routing_and_other_methods():
+    model = two_adapters()
+    model.set_adapter("b")
+    prompts = token_batch(batch=3, length=5)
+    assert torch.equal(greedy_generate(model, prompts, NEW), hf_greedy(model, prompts))
+    ia3 = dt.wrap(tiny_llama(), dt.make_config("ia3"))
+    randomize_adapters(ia3, seed=2, scale=0.5)
+    ia3.eval()
+    assert torch.equal(greedy_generate(ia3, prompts, NEW), hf_greedy(ia3, prompts))
+
+
+def test_rows_after_their_end_token_are_padding_and_all_ended_stops_early(monkeypatch):
+    model = tiny_llama().eval()
+    prompts = token_batch(batch=3, length=5)
+    free = greedy_generate(model, prompts, 12)[:, 5:]
+    eos = int(free[0, 1])  # row 0 ends at its second new token
+    ours = greedy_generate(model, prompts, 12, eos_token_id=[eos], pad_token_id=0)[:, 5:]
+    for row in range(3):
+        hits = (free[row] == eos).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else 12
+        assert torch.equal(ours[row, :end], free[row, :end])
+        assert ours[row, end:].eq(0).all()
+    # once every row has ended the loop stops: a model whose every token is the end token runs
+    # the prefill and the steps up to the first check only
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    always_eos = int(free[0, 0])
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[always_eos] = 1e4
+    out = greedy_generate(model, prompts, 40, eos_token_id=always_eos, pad_token_id=0)[:, 5:]
+    assert out[:, 0].eq(always_eos).all() and out[:, 1:].eq(0).all()
+    from deltatune.generation import EOS_CHECK_EVERY
+
+    assert len(calls) == EOS_CHECK_EVERY  # prefill + steps 1..EOS_CHECK_EVERY-1, not 40
+
+
+def test_bad_inputs_are_clear_errors():
+    model = two_adapters()
+    prompts = token_batch(batch=2, length=4)
+    for bad in (0, True, 2.5):
+        with pytest.raises(GenerationError, match="max_new_tokens"):
+            greedy_generate(model, prompts, bad)
+    with pytest.raises(GenerationError, match="attention_mask"):
+        greedy_generate(model, prompts, 3, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(GenerationError, match="cuda_graph"):
+        greedy_generate(model, prompts, 3, cuda_graph=True)
+    with pytest.raises(GenerationError, match="DeltaModel"):
+        greedy_generate(tiny_llama(), prompts, 3, adapter_names=["a", "b"])
+    with pytest.raises(ValueError, match="unknown adapters"):
+        greedy_generate(model, prompts, 3, adapter_names=["a", "nope"])
+    prompt_tuned = dt.wrap(tiny_llama(), dt.make_config("prompt", num_virtual_tokens=3)).eval()
+    with pytest.raises(GenerationError, match="soft-prompt"):
+        greedy_generate(prompt_tuned, prompts, 3)
+
+
+# -- the per-row LoRA sum behind mixed batches on CUDA ---------------------------------------------
+def per_row_loop(y, x, down, up, slots):
+    return torch.stack([y[i] + (x[i] @ down[s].T) @ up[s] for i, s in enumerate(slots.tolist())])
+
+
+def stacked(rows=5, tokens=3, features_in=12, features_out=10, slots=3, rank=16, dtype=torch.float32, device="cpu"):
+    generator = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=generator).to(device, dtype)  # noqa: E731
+    down, up = make(slots + 1, rank, features_in), make(slots + 1, rank, features_out)
+    down[-1], up[-1] = 0, 0  # the last slot leaves a row as it is
+    row_slot = torch.tensor([0, 2, 3, 1, 0][:rows], device=device)
+    return make(rows, tokens, features_out), make(rows, tokens, features_in), down, up, row_slot
+
+
+def test_row_lora_add_is_each_rows_own_product():
+    y, x, down, up, row_slot = stacked()
+    expected = per_row_loop(y, x, down, up, row_slot)
+    torch.testing.assert_close(row_lora_reference(x, down, up, row_slot) + y, expected)
+    out = row_lora_add_(y.clone(), x, down, up, row_slot, base_slot=3)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out[2], y[2])  # the base slot's row is unchanged
+    assert kernel_rank(8, torch.device("cpu")) == 8 and kernel_rank(8, torch.device("cuda")) == 16
+    assert kernel_rank(20, torch.device("cuda")) == 32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+@pytest.mark.parametrize("tokens", [1, 3, 100])
+def test_row_lora_kernels_equal_the_reference_on_cuda(tokens):
+    y, x, down, up, row_slot = stacked(tokens=tokens, features_in=300, features_out=200, dtype=torch.bfloat16, device="cuda")
+    expected = y + row_lora_reference(x, down, up, row_slot)
+    with torch.inference_mode():
+        out = row_lora_add_(y.clone(), x, down, up, row_slot, base_slot=3)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_graph_replayed_decoding_equals_eager_decoding_on_cuda():
+    model = two_adapters().to("cuda", torch.bfloat16)
+    prompts, mask = left_padded()
+    prompts, mask = prompts.cuda(), mask.cuda()
+    rows = ["a", "b", None, "a"]
+    graphed = greedy_generate(model, prompts, 8, attention_mask=mask, adapter_names=rows, cuda_graph=True)
+    eager = greedy_generate(model, prompts, 8, attention_mask=mask, adapter_names=rows, cuda_graph=False)
+    assert torch.equal(graphed, eager)
