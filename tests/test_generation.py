@@ -140,10 +140,13 @@ def test_row_lora_add_is_each_rows_own_product():
 @pytest.mark.parametrize("tokens", [1, 3, 100])
 def test_row_lora_kernels_equal_the_reference_on_cuda(tokens):
     y, x, down, up, row_slot = stacked(tokens=tokens, features_in=300, features_out=200, dtype=torch.bfloat16, device="cuda")
+    from deltatune.kernels._triton_kernels import row_lora_add_ as triton_row_lora_add_
+
     expected = y + row_lora_reference(x, down, up, row_slot)
-    with torch.inference_mode():
-        out = row_lora_add_(y.clone(), x, down, up, row_slot, base_slot=3)
+    out = y.clone()
+    triton_row_lora_add_(out.view(-1, out.shape[-1]), x.view(-1, x.shape[-1]), down, up, row_slot, 3)
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out[2], y[2])  # the base slot's row is unchanged
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")

@@ -200,8 +200,11 @@ class DeltaModel(nn.Module):
         unknown = [n for n in rows.names if n not in self.configs]
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; this model has {self.adapter_names}.")
-        # One walk of the module tree: a forward with adapter_names pays this setup on every call.
-        all_layers = [layer for _, layer in self.delta_layers()]
+        # A forward with adapter_names pays this setup on every call: the walk of the module tree
+        # (thousands of modules on a 1B model) is kept until the tree changes (_refresh_fused).
+        all_layers = self.__dict__.get("_mixed_batch_layers")
+        if all_layers is None:
+            all_layers = self.__dict__["_mixed_batch_layers"] = [layer for _, layer in self.delta_layers()]
         named = set(rows.names)
         refusing = [layer for layer in all_layers if not layer.supports_mixed_batch and named & set(layer.adapter_names)]
         if refusing:
@@ -218,14 +221,14 @@ class DeltaModel(nn.Module):
         # Adapters no row names stay out of the call: layers that cannot route rows are switched off.
         switched_off = [layer for layer in all_layers if not layer.supports_mixed_batch and not layer.disabled]
         for layer in all_layers:
-            layer.row_adapters = rows
+            layer.__dict__["row_adapters"] = rows  # a plain attribute: skips Module.__setattr__, per layer per call
         for layer in switched_off:
             layer.disabled = True
         try:
             yield rows
         finally:
             for layer in all_layers:
-                layer.row_adapters = None
+                layer.__dict__["row_adapters"] = None
             for layer in switched_off:
                 layer.disabled = False
 
@@ -328,6 +331,8 @@ class DeltaModel(nn.Module):
         return gains and any(p.is_cuda for p in self.model.parameters())
 
     def _refresh_fused(self) -> None:
+        # Every change of the module tree (add, delete, unload) and of the device comes through here.
+        self.__dict__["_mixed_batch_layers"] = None
         wanted = self._wants_fused()
         if wanted and not is_patched(self.model):
             patch_model_for_training(self.model)

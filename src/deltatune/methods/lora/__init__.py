@@ -31,7 +31,7 @@ from ...kernels import LoraParams, lora_linear
 from ...kernels.row_lora import kernel_applies as row_lora_kernel_applies
 from ...kernels.row_lora import kernel_rank, row_lora_add_
 from ...layer import DeltaLayer, RowAdapters, adapter_dtype, autocast_enabled
-from ...mixed_batch import SlotPlan, StackCache, rows_by_tokens
+from ...mixed_batch import SlotPlan, StackCache, needs_autograd, rows_by_tokens
 from ...model import written_out_targets
 from ...registry import MethodInfo, register_method
 
@@ -140,12 +140,28 @@ def _gathered_lora(x_rows: torch.Tensor, stacks: _LoraStacks, plan: SlotPlan) ->
     return torch.bmm(hidden, plan.gather(stacks.up))
 
 
-def _masked_lora(x_rows: torch.Tensor, stacks: _LoraStacks, plan: SlotPlan) -> torch.Tensor:
+def _masked_hidden(x_rows: torch.Tensor, stacks: _LoraStacks, plan: SlotPlan) -> torch.Tensor:
+    """(batch, tokens, slots · r): every adapter's x·Aᵀ, zero outside each row's own adapter."""
     slots, rank = len(plan.names), stacks.down.shape[1]
     hidden = F.linear(x_rows, stacks.down[:slots].reshape(slots * rank, -1)).unflatten(-1, (slots, rank))
     # Rows keep their own adapter's rank columns; rows without an adapter here keep none.
-    hidden = hidden * plan.one_hot(hidden.dtype)[:, None, :, None]
-    return hidden.flatten(-2) @ stacks.up[:slots].reshape(slots * rank, -1)
+    return (hidden * plan.one_hot(hidden.dtype)[:, None, :, None]).flatten(-2)
+
+
+def _masked_lora(x_rows: torch.Tensor, stacks: _LoraStacks, plan: SlotPlan) -> torch.Tensor:
+    slots = len(plan.names)
+    return _masked_hidden(x_rows, stacks, plan) @ stacks.up[:slots].flatten(0, 1)
+
+
+def _add_lora_in_place(result_rows: torch.Tensor, x_rows: torch.Tensor, stacks: _LoraStacks, plan: SlotPlan, masked: bool) -> None:
+    """result_rows += the rows' products, the add folded into the second matmul (one pass over the
+    output instead of a product tensor and a sum). Inference only: it writes into the base output."""
+    if masked:
+        hidden = _masked_hidden(x_rows, stacks, plan)
+        result_rows.view(-1, result_rows.shape[-1]).addmm_(hidden.flatten(0, 1), stacks.up[: len(plan.names)].flatten(0, 1))
+    else:
+        hidden = torch.bmm(x_rows, plan.gather(stacks.down).transpose(1, 2))
+        result_rows.baddbmm_(hidden, plan.gather(stacks.up))
 
 
 class _LoraBase(DeltaLayer):
@@ -400,12 +416,16 @@ class LoraLinear(_LoraBase):
         self._refuse_row_dropout(plan.names)
         x_rows = rows_by_tokens(x).to(stacks.down.dtype)
         result_rows = rows_by_tokens(result)
+        masked = _masked_form_pays(x_rows.shape[1], len(plan.names), x.device)
         if stacks.dora_scale is None and row_lora_kernel_applies(result_rows, x_rows, stacks.down, stacks.up):
-            # CUDA inference: two kernels add every row's product into the base output in place.
+            # Captured into a CUDA graph: two kernels add every row's product into the base output.
             added = row_lora_add_(result_rows, x_rows, stacks.down, stacks.up, plan.row_slot, len(plan.names))
             return added.view(result.shape)
-        product = _masked_lora if _masked_form_pays(x_rows.shape[1], len(plan.names), x.device) else _gathered_lora
-        lora_out = product(x_rows, stacks, plan)
+        if (stacks.dora_scale is None and result.dtype == stacks.down.dtype and result_rows.is_contiguous()
+                and not needs_autograd([x, result, stacks.down, stacks.up])):
+            _add_lora_in_place(result_rows, x_rows, stacks, plan, masked)
+            return result
+        lora_out = (_masked_lora if masked else _gathered_lora)(x_rows, stacks, plan)
         if stacks.dora_scale is not None:
             lora_out = self._mixed_dora_output(stacks, plan, rows_by_tokens(result), lora_out)
         return result + lora_out.view(result.shape).to(result.dtype)
