@@ -10,32 +10,65 @@ weights and the same adapters (B random too, so every adapter changes the output
 
   merged     one adapter folded into the base and the wrappers removed (merge_and_unload): the plain
              model, the ceiling for any per-row method, though it serves one adapter only;
-  deltatune  DeltaModel(..., adapter_names=rows): stacked adapters, gathered/masked batched matmuls;
-  peft       PeftModel(..., adapter_names=rows), the adapters loaded from the files deltatune saved.
+  deltatune  DeltaModel(..., adapter_names=rows): stacked adapters; an eager forward adds each
+             row's product into the base output in place (addmm_/baddbmm_);
+  peft       PeftModel(..., adapter_names=rows), the adapters loaded from the files deltatune saved
+             (only for batches over at most --peft-max-adapters adapters, --peft-repeats times: its
+             generate() slows with the number of adapters, ~40 s a call at 32);
+  +graph     merged and deltatune decoded by deltatune.generation.greedy_generate: a static key/value
+             cache and, on CUDA, the one-token step captured once as a CUDA graph and replayed
+             (deltatune's step then adds the rows' products with two Triton kernels, SGMV-style).
 
-prefill: one forward over batch x prefill-len tokens. generate: greedy generate() of --new-tokens
-tokens after a short --prompt-len prompt (its prefill is in the time, but the token-by-token
-steps dominate it): new tokens per second. Times are medians over --repeats after --warmup, the
-modes taking turns (CUDA: synchronised). The check column is the relative difference (norm) of
-deltatune's prefill logits from peft's, and for one adapter from the merged model's.
+prefill: one forward over batch x prefill-len tokens (a +graph mode's prefill is its eager mode's).
+generate: greedy decoding of --new-tokens tokens after a short --prompt-len prompt, the prompt's
+prefill and any graph capture included: new tokens per second. Times are medians over --repeats
+after --warmup (compile, autotune and allocator growth happen there), the modes taking turns (CUDA:
+synchronised); "spread" is (slowest - fastest) / median over the repeats, and the last line names
+every row above 5%. Checks: the relative difference (norm) of deltatune's prefill logits from
+peft's (and for one adapter from the merged model's), and how many graph-decoded tokens equal
+generate()'s.
 
 Adapters are cast to the model's dtype in every mode (bf16 on CUDA), as a server would keep them,
 and all modes run Hugging Face's own Llama blocks (deltatune's fused training kernels are undone).
 On a shared CPU, --threads 1 keeps the numbers steady.
 
-Measured 2026-11-23 on the lent H100 (torch 2.11, peft 0.21.2, bf16; 1B shape, batch 32, prefill
-32 x 256, generate 16 tokens, --repeats 4), one run:
+Measured 2026-12-01 on the lent H200 (torch 2.11.0+cu130, transformers 5.17.0, peft 0.21.0, bf16;
+1B shape, batch 32, prefill 32 x 256, generate 64 tokens after 16), --device cuda --repeats 6:
 
-    adapters       mode  prefill tok/s  generate tok/s  prefill ours/merged  generate ours/merged  prefill ours/peft  generate ours/peft
-           1  deltatune        114,208           1,200                0.61x                 0.44x              1.91x               1.80x
-           8  deltatune        108,423           1,305                0.58x                 0.57x              3.56x               7.06x
-          32  deltatune        113,118           1,130                0.60x                 0.47x              8.91x              23.18x
-    (merged: 187-189k prefill, 2.3-2.7k generate; peft: 59.7k / 30.4k / 12.7k prefill, 666 / 185 / 49 generate)
+    adapters              mode  prefill tok/s  generate tok/s  spread p/g
+           1            merged        198,161           2,285      1%/54%
+           1      merged+graph     (as above)           7,646       -/13%
+           1         deltatune        162,467           1,018      1%/55%
+           1   deltatune+graph     (as above)           5,536       -/26%
+           1              peft         78,112             742      5%/17%
+           8            merged        195,966           2,195      1%/40%
+           8      merged+graph     (as above)           7,986        -/8%
+           8         deltatune        153,152           1,161     13%/37%
+           8   deltatune+graph     (as above)           5,602       -/16%
+           8              peft         24,715             146      13%/9%
+          32            merged        196,533           1,828      3%/59%
+          32      merged+graph     (as above)           7,608       -/19%
+          32         deltatune        159,989           1,015      2%/32%
+          32   deltatune+graph     (as above)           5,184       -/27%
 
-Spreading the batch over 32 adapters costs deltatune nothing against one adapter; the gap to the
-merged model is the unmerged rank-16 products themselves (7 pairs of extra skinny matmuls per block in
-bf16), which a fused SGMV kernel in the base GEMM's epilogue would have to close. On the 2-core CPU
-(hidden 256, 4 layers, --threads 1): 32 adapters at 0.69x / 0.63x of merged, 1.37x / 3.38x peft.
+    adapters  prefill  generate  generate  generate  prefill  generate  check
+              /merged   /merged  graph/gr  graph/hf    /peft   gr/peft
+           1    0.82x     0.45x     0.72x     2.42x    2.08x     7.46x  graph tokens = generate()'s: 37%; logits vs merged 3.8e-02; logits vs peft 0.0e+00
+           8    0.78x     0.53x     0.70x     2.55x    6.20x    38.38x  graph tokens = generate()'s: 46%; logits vs peft 1.9e-02
+          32    0.81x     0.56x     0.68x     2.84x        -         -  graph tokens = generate()'s: 41%
+
+Every row was flagged: the eager generate() steps are bound by the host (Python and launches), whose
+pace varied by up to 1.5x between repeats on that machine; the graph-decoded rows vary less. Read
+the ratios of one run. The whole run took 4 min 25 s.
+
+Where it stands: graph-decoded, a batch over 32 adapters generates 2.8x faster than the merged model
+through generate() and at 0.68-0.72x the merged model decoded the same way (its LoRA products, two
+~3.5 us kernels per projection on a ~3.4 ms step, are the gap); prefill is at 0.78-0.82x, bound by
+the host's per-layer work. The token agreement is low because the eager path (cuBLAS, one rounding)
+and the captured one (Triton) round bf16 differently, and a random-init model's greedy choices are
+near-ties (one adapter's unmerged logits differ from the merged model's by 3.8e-2 in norm); in
+float32 on the CPU the two decoders give identical tokens (tests/test_generation.py). On the
+2-core CPU (hidden 256, 4 layers, --threads 1) no CUDA graphs are made.
 """
 
 from __future__ import annotations

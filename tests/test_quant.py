@@ -80,6 +80,54 @@ def test_bitsandbytes_backend_gives_the_reference_values(monkeypatch):
         assert torch.allclose(fast, backends.dequantize(q), rtol=0, atol=1e-7)
 
 
+def test_cpu_kernel_gives_the_reference_values_bit_for_bit(monkeypatch):
+    from deltatune.quant import cpu_kernel, formats
+
+    if cpu_kernel.load() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("DELTATUNE_QUANT_BACKEND", "native")
+    weight = torch.randn(37, 100)
+    for quant_type in formats.QUANT_TYPES:
+        for double_quant in (True, False):
+            for block_size in (64, 32, 128):
+                q = formats.quantize(weight, quant_type, block_size=block_size, double_quant=double_quant)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):  # float16: the reference's path
+                    fast, ref = backends.dequantize(q, dtype), formats.dequantize(q, dtype)
+                    assert fast.shape == ref.shape == (37, 100)
+                    assert fast.dtype == dtype and torch.equal(fast, ref), (quant_type, double_quant, block_size, dtype)
+    monkeypatch.delenv("DELTATUNE_QUANT_BACKEND")
+    assert backends.backend_name("cpu") == "native" and backends.backend_name("cuda") != "native"
+
+
+def test_cpu_kernel_is_built_once_into_the_cache_and_missing_compilers_fall_back(monkeypatch, tmp_path):
+    from deltatune.quant import cpu_kernel
+
+    if cpu_kernel._compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_kernel.load.cache_clear()
+    try:
+        assert cpu_kernel.load() is not None
+        built = list((tmp_path / "deltatune").glob("dequantize_4bit_*.so"))
+        assert len(built) == 1 and not list((tmp_path / "deltatune").glob("tmp*"))  # no temporary left behind
+        stamp = built[0].stat().st_mtime_ns
+        cpu_kernel.load.cache_clear()
+        assert cpu_kernel.load() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+        # a broken compiler: no kernel, no exception, the PyTorch path serves
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+        cpu_kernel.load.cache_clear()
+        assert cpu_kernel.load() is None
+        assert backends.backend_name("cpu") == "torch"
+        q = quantize_tensor(torch.randn(8, 64), "nf4")
+        assert torch.equal(backends.dequantize(q), dequantize(q))
+        monkeypatch.setenv("DELTATUNE_QUANT_BACKEND", "native")
+        with pytest.raises(ImportError, match="C compiler"):
+            backends.backend_name("cpu")
+    finally:
+        cpu_kernel.load.cache_clear()
+
+
 def test_triton_kernel_gives_the_reference_values_under_the_interpreter():
     pytest.importorskip("triton")
     script = textwrap.dedent("""
@@ -102,7 +150,7 @@ def test_unknown_quant_type_and_backend_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="nf4, fp4, int4"):
         quantize_tensor(torch.randn(4, 64), "nf3")
     monkeypatch.setenv("DELTATUNE_QUANT_BACKEND", "cuda-magic")
-    with pytest.raises(ValueError, match="torch, triton, bitsandbytes"):
+    with pytest.raises(ValueError, match="torch, native, triton, bitsandbytes"):
         backends.backend_name()
 
 

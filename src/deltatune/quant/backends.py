@@ -3,11 +3,13 @@
 All read the same stored tensors (see formats.py) and give the same values to float32 rounding,
 so the choice changes speed, never results or files.
 
-Measured on 2 busy CPU cores (bitsandbytes 0.50.2, torch 2.13): dequantizing an NF4 4096×4096
-weight took ~80 ms with bitsandbytes and ~200 ms with the reference, a 256-token matmul through it
-~370 vs ~550 ms. But importing bitsandbytes pulls in torch.compile's machinery, 4-16 s per process
-there, which a short run never earns back. So on CPU the reference is the default and
-bitsandbytes is opt-in. On CUDA: our Triton kernel (triton_dequant.py) when Triton is importable,
+On the CPU the default is our C kernel (cpu_kernel.py: one pass, OpenMP, built with the system's C
+compiler on first use in ~0.1 s and cached), else the reference. Measured on 2 CPU cores
+(bitsandbytes 0.50.2, torch 2.13; `python benchmarks/qlora_throughput.py --device cpu
+--dequant-bench`), NF4 4096×4096 with double quantization: see that script's docstring for the
+figures (the kernel at 1.3x bitsandbytes' compiled CPU path to bf16, 1.6x to float32, the
+reference at 0.25-0.5x). Importing bitsandbytes also pulls in torch.compile's machinery, 4-16 s
+per process, which a short run never earns back: it is opt-in. On CUDA: our Triton kernel (triton_dequant.py) when Triton is importable,
 else bitsandbytes when installed, else the reference. The Triton kernel undoes double quantization
 inside its one launch; bitsandbytes takes a launch for the nested constants, conversions of our
 int8 codes to its layout and a Python QuantState per call. Measured on the lent H100 in two
@@ -20,7 +22,7 @@ torchao 0.18's NF4 was slower than both on CPU and needs its scale blocks to div
 count, so it is not used. FP4 and int4 always take the reference: bitsandbytes' FP4 is another
 table and it has no int4.
 
-DELTATUNE_QUANT_BACKEND=torch|triton|bitsandbytes forces one everywhere (A/B timing, ruling one out).
+DELTATUNE_QUANT_BACKEND=torch|native|triton|bitsandbytes forces one everywhere (A/B timing, ruling one out).
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import os
 
 import torch
 
-from .formats import QuantizedWeight, codebook, dequantize as reference_dequantize
+from . import cpu_kernel
+from .formats import QuantizedWeight, block_scales, byte_table, codebook, dequantize as reference_dequantize
 from .triton_dequant import triton_available, triton_dequantize
 
-BACKENDS = ("torch", "triton", "bitsandbytes")
+BACKENDS = ("torch", "native", "triton", "bitsandbytes")
 _BNB_DEVICES = ("cpu", "cuda")
 
 
@@ -63,9 +66,12 @@ def backend_name(device_type: str = "cpu") -> str:
             raise ImportError("DELTATUNE_QUANT_BACKEND=bitsandbytes but bitsandbytes is not installed: pip install bitsandbytes.")
         if chosen == "triton" and not triton_available():
             raise ImportError("DELTATUNE_QUANT_BACKEND=triton but Triton cannot be imported (or DELTATUNE_DISABLE_TRITON=1).")
+        if chosen == "native" and cpu_kernel.load() is None:
+            raise ImportError("DELTATUNE_QUANT_BACKEND=native but the CPU kernel could not be built: it needs a C compiler "
+                              "(cc, gcc or clang, or $CC) and DELTATUNE_DISABLE_CPU_KERNEL unset.")
         return chosen
     if device_type != "cuda":
-        return "torch"
+        return "native" if device_type == "cpu" and cpu_kernel.load() is not None else "torch"
     if triton_available():
         return "triton"
     return "bitsandbytes" if _bitsandbytes() is not None else "torch"
@@ -105,6 +111,10 @@ def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> 
     half_or_float = dtype in (torch.float32, torch.bfloat16, torch.float16)
     if backend == "bitsandbytes" and qweight.quant_type == "nf4" and device_type in _BNB_DEVICES and half_or_float:
         return _bnb_dequantize(qweight, dtype)
+    if backend == "native" and cpu_kernel.applies(qweight.packed, qweight.block_size, dtype):
+        scales = block_scales(qweight.absmax, qweight.nested_scale, qweight.offset, qweight.nested_block_size)
+        pairs = byte_table(qweight.quant_type, qweight.packed.device)
+        return cpu_kernel.dequantize(qweight.packed, pairs, scales, qweight.block_size, dtype)[: qweight.numel].view(qweight.shape)
     # Triton runs on CUDA, or anywhere under its interpreter (TRITON_INTERPRET=1: how CPU tests check it).
     if backend == "triton" and half_or_float and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         return triton_dequantize(qweight, dtype)

@@ -211,7 +211,7 @@ def _meta_quantized(shape: tuple[int, ...], quant_type: str, block_size: int, do
 
 
 @functools.lru_cache(maxsize=None)
-def _byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
+def byte_table(quant_type: str, device: torch.device) -> torch.Tensor:
     """(256, 2): the two values each packed byte stands for; one lookup per byte, no unpacking."""
     values = codebook(quant_type, device)
     return torch.stack((values.repeat_interleave(16), values.repeat(16)), dim=1)
@@ -222,7 +222,7 @@ def dequantize(qweight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> 
     if qweight.packed.is_meta:
         return torch.empty(qweight.shape, dtype=dtype, device="meta")
     scales = block_scales(qweight.absmax, qweight.nested_scale, qweight.offset, qweight.nested_block_size)
-    pairs = torch.nn.functional.embedding(qweight.packed.int(), _byte_table(qweight.quant_type, qweight.packed.device))
+    pairs = torch.nn.functional.embedding(qweight.packed.int(), byte_table(qweight.quant_type, qweight.packed.device))
     values = pairs.view(-1, qweight.block_size) * scales[:, None]
     return values.flatten()[: qweight.numel].view(qweight.shape).to(dtype)
 
