@@ -3,6 +3,11 @@ kernel's reference path: the tokens are generate()'s, row for row, adapters and 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from conftest import randomize_adapters, tiny_llama, token_batch
@@ -134,6 +139,31 @@ def test_row_lora_add_is_each_rows_own_product():
     torch.testing.assert_close(out[2], y[2])  # the base slot's row is unchanged
     assert kernel_rank(8, torch.device("cpu")) == 8 and kernel_rank(8, torch.device("cuda")) == 16
     assert kernel_rank(20, torch.device("cuda")) == 32
+
+
+def test_row_lora_kernels_equal_the_reference_under_the_triton_interpreter():
+    pytest.importorskip("triton")
+    # float16: the interpreter (numpy) mishandles bfloat16 inputs to tl.dot; on CUDA both are checked.
+    script = textwrap.dedent("""
+        import torch
+        from deltatune.kernels._triton_kernels import row_lora_add_
+        from deltatune.kernels.row_lora import row_lora_reference
+        torch.manual_seed(0)
+        for rows, tokens, n_in, n_out, slots, rank in [(5, 1, 300, 200, 3, 16), (4, 20, 70, 90, 2, 32), (3, 70, 64, 130, 2, 16)]:
+            x = torch.randn(rows, tokens, n_in, dtype=torch.float16)
+            down = (torch.randn(slots + 1, rank, n_in) / n_in ** 0.5).half()
+            up = torch.randn(slots + 1, rank, n_out, dtype=torch.float16)
+            down[-1], up[-1] = 0, 0
+            row_slot = torch.arange(rows) % (slots + 1)
+            y = torch.randn(rows, tokens, n_out, dtype=torch.float16)
+            out = y.clone()
+            row_lora_add_(out.view(-1, n_out), x.view(-1, n_in), down, up, row_slot, slots)
+            torch.testing.assert_close(out, y + row_lora_reference(x, down, up, row_slot), rtol=2e-3, atol=2e-3)
+            assert torch.equal(out[slots], y[slots])  # the row on the base slot is untouched
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")

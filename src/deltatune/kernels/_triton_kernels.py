@@ -212,18 +212,22 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
 # Tokens are (rows × tokens_per_row); each row reads its own slot of the stacked adapters, and a
 # row on the base slot (an all-zero adapter) is skipped. The rank is a power of two >= 16 (tl.dot).
 @triton.jit
+def _row_tokens(slot_ptr, tokens_per_row, BLOCK_T: tl.constexpr):
+    """This program's row (axis 0): its slot, and its block (axis 1) of BLOCK_T token indices with their mask."""
+    row = tl.program_id(0)
+    in_row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return tl.load(slot_ptr + row), (row * tokens_per_row + in_row).to(tl.int64), in_row < tokens_per_row
+
+
+@triton.jit
 def _row_lora_shrink_kernel(x_ptr, down_ptr, h_ptr, slot_ptr, tokens_per_row, n_tokens, n_in, cols_per_split, base_slot,
                             RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_IN: tl.constexpr):
     # Every tensor is contiguous (few arguments: on the host, a launch costs per argument).
     # Split over the input features (program axis 2): a row holds too few tokens to fill the GPU
     # otherwise (decoding: one), and each split writes its own float32 partial of h.
-    row = tl.program_id(0)
-    slot = tl.load(slot_ptr + row)
+    slot, tokens, token_ok = _row_tokens(slot_ptr, tokens_per_row, BLOCK_T)
     if slot == base_slot:
         return
-    in_row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tokens = (row * tokens_per_row + in_row).to(tl.int64)
-    token_ok = in_row < tokens_per_row
     ranks = tl.arange(0, RANK)
     split = tl.program_id(2)
     first = split * cols_per_split
@@ -242,13 +246,9 @@ def _row_lora_shrink_kernel(x_ptr, down_ptr, h_ptr, slot_ptr, tokens_per_row, n_
 @triton.jit
 def _row_lora_expand_kernel(h_ptr, up_ptr, y_ptr, slot_ptr, tokens_per_row, n_tokens, n_splits, n_out, base_slot,
                             RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_OUT: tl.constexpr):
-    row = tl.program_id(0)
-    slot = tl.load(slot_ptr + row)
+    slot, tokens, token_ok = _row_tokens(slot_ptr, tokens_per_row, BLOCK_T)
     if slot == base_slot:
         return
-    in_row = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tokens = (row * tokens_per_row + in_row).to(tl.int64)
-    token_ok = in_row < tokens_per_row
     outs = tl.program_id(2) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     out_ok = outs < n_out
     ranks = tl.arange(0, RANK)
@@ -270,6 +270,8 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def _programs_to_fill(device: torch.device) -> int:
+    if device.type != "cuda":  # Triton's interpreter (TRITON_INTERPRET=1, CPU tests): any count does
+        return 64
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
