@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from conftest import CAUSAL_LM_FAMILIES, tiny_causal_lm
 from torch.utils.checkpoint import checkpoint
 
 from deltatune.kernels import (
@@ -430,30 +431,7 @@ def test_patched_model_with_lora_linears_trains_like_reference():
 
 
 # ----------------------------------------------------------------------------- labels= through the chunked loss
-def tiny_causal_lm(family: str, tied: bool = False):
-    """A 2-layer model of each family the compatibility table marks as having a plain head."""
-    import transformers
-
-    shape = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
-    configs = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-        "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-        "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
-        # Softcapped logits (and attention), GeGLU, extra norms: the loss must apply the cap.
-        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "final_logit_softcapping": 5.0,
-                                                        "query_pre_attn_scalar": 16}),
-        "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),  # fused qkv_proj / gate_up_proj
-    }
-    config_name, model_name, extra = configs[family]
-    config = getattr(transformers, config_name)(**shape, **extra)
-    config._attn_implementation = "eager"
-    return getattr(transformers, model_name)(config)
-
-
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", CAUSAL_LM_FAMILIES)
 @pytest.mark.parametrize("tied", [False, True])
 def test_labels_forward_gives_the_models_own_loss_and_gradients(family, tied):
     import deltatune as dt

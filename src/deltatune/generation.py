@@ -10,9 +10,11 @@ once and replayed with no host work but one copy of the new tokens per step.
 A mixed batch (`adapter_names=`) keeps its routing for the whole call: the layers' stacked
 adapters and row slots are built at prefill and the captured step reads them in place.
 
-The tokens are the same as `model.generate(..., do_sample=False)` with these differences: the
-result always has `max_new_tokens` new columns (after a row's end-of-sequence token: pad), and
-only greedy search is offered.
+Each row's tokens are those of the model's own forward over the whole sequence at each step (no
+cache), which is `model.generate(..., do_sample=False)`'s too, except that the result always has
+`max_new_tokens` new columns (after a row's end-of-sequence token: pad) and only greedy search is
+offered. (On sliding-window layers past their window, transformers' generate() with its dynamic
+cache can depart from the cache-free forward; the static cache here does not: tests.)
 """
 
 from __future__ import annotations

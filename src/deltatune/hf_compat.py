@@ -81,7 +81,7 @@ def _llama_like(model_type: str, prefix: str) -> FusedBlock:
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
-        "llama", ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "gemma", "gemma2", "phi3", "olmo", "smollm3"),
+        "llama", ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "smollm3"),
         _LLAMA_LINEAR, **_LLAMA_ROLES, plain_lm_head=True,
         # Only these four have exactly Llama's norm, MLP and rotary code (tests/test_kernels.py).
         fused={
