@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_causal_lm
 from distributed_worker import examples, run
 from safetensors.torch import load_file
 
@@ -137,12 +138,14 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_deltatune_train_under_torchrun_writes_what_one_process_writes(tmp_path):
-    """`torchrun ... deltatune train --distributed fsdp2`: one set of files, printed once, the same adapter."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_deltatune_train_under_torchrun_writes_what_one_process_writes(tmp_path, method):
+    """`torchrun ... deltatune train --distributed fsdp2`: one set of files, printed once, the same
+    adapter (LoRA) or the same whole model (full fine-tuning, gathered from the shards)."""
     script = tmp_path / "cli.py"
     script.write_text(CLI.format(paths=[str(Path(__file__).parent), *sys.path]))
-    argv = ["train", "--task", "tiny", "--method", "lora", "--steps", "3", "--batch-size", "8", "--eval-limit", "16",
-            "--no-progress", "--set", "r=4"]
+    argv = ["train", "--task", "tiny", "--method", method, "--steps", "3", "--batch-size", "8", "--eval-limit", "16",
+            "--no-progress", *(["--set", "r=4"] if method == "lora" else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     alone = subprocess.run([sys.executable, str(script), *argv, "--output", str(tmp_path / "one")],
                            capture_output=True, text=True, timeout=300, env=env)
@@ -152,8 +155,8 @@ def test_deltatune_train_under_torchrun_writes_what_one_process_writes(tmp_path)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     assert done.stdout.count("Saved to") == 1 and done.stdout.count('"in_domain"') == 1  # rank 0 prints
-    assert_same_adapter(load_file(tmp_path / "two" / "adapter_model.safetensors"),
-                        load_file(tmp_path / "one" / "adapter_model.safetensors"))
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    assert_same_adapter(load_file(tmp_path / "two" / weights), load_file(tmp_path / "one" / weights))
     one, two = (json.loads((tmp_path / name / "deltatune_run.json").read_text()) for name in ("one", "two"))
     assert two["quality"]["in_domain"]["accuracy"] == one["quality"]["in_domain"]["accuracy"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
@@ -216,3 +219,44 @@ def test_auto_picks_fsdp2_when_the_weights_would_crowd_a_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=memory))
         assert distributed.resolve_strategy("auto", model) == expected
     assert distributed.resolve_strategy("ddp", model) == "ddp"
+
+
+TIED_SAVE = """
+import sys
+sys.path[:0] = {paths!r}
+from pathlib import Path
+import torch
+from conftest import tiny_causal_lm
+from deltatune import distributed
+from deltatune.compare.jobs import _save_full
+
+distributed.init_from_env()
+torch.manual_seed(0)
+model = distributed.prepare(tiny_causal_lm("llama", tied=True), "fsdp2")
+_save_full(model, Path(sys.argv[1]))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_a_sharded_full_model_with_tied_weights_is_written_as_one_process_writes_it(tmp_path):
+    """Full fine-tuning's FSDP2 save gathers the shards; a tied embedding is stored once, under the
+    name (and with the metadata) a single-process save_model gives it."""
+    from safetensors import safe_open
+
+    from deltatune.compare.measure import save_full_checkpoint, tied_duplicate_names
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama", tied=True)
+    assert tied_duplicate_names(model) == {"model.embed_tokens.weight": "lm_head.weight"}
+    save_full_checkpoint(model, tmp_path / "one")
+    script = tmp_path / "tied.py"
+    script.write_text(TIED_SAVE.format(paths=[str(Path(__file__).parent), *sys.path]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(script), str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    one, two = (tmp_path / name / "model.safetensors" for name in ("one", "two"))
+    assert_same_adapter(load_file(two), load_file(one))
+    with safe_open(str(one), "pt") as first, safe_open(str(two), "pt") as second:
+        assert first.metadata() == second.metadata()

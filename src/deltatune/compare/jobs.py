@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from .measure import count_parameters, directory_bytes, save_full_checkpoint, steady_step_time
+from .measure import count_parameters, directory_bytes, save_full_checkpoint, steady_step_time, tied_duplicate_names
 from .methods import apply_method, method_settings, validate_methods
 from .presets import FULL
 from .runner import prepare_output_dir
@@ -213,8 +213,11 @@ def _save_full(model: nn.Module, output: Path) -> None:
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if distributed.is_main():
+            output.mkdir(parents=True, exist_ok=True)
             temporary = output / "model.safetensors.tmp"
-            save_file({k: v.contiguous().clone() for k, v in state.items()}, str(temporary))
+            tied = tied_duplicate_names(model)  # a tied embedding is stored once, as one process stores it
+            tensors = {k: v.contiguous().clone() for k, v in state.items() if k not in tied}
+            save_file(tensors, str(temporary), metadata=tied or None)
             os.replace(temporary, output / "model.safetensors")
     elif distributed.is_main():
         save_full_checkpoint(model, output)

@@ -330,6 +330,16 @@ def directory_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def tied_duplicate_names(model: nn.Module) -> dict[str, str]:
+    """{dropped name: kept name} for tensors registered under several names (tied weights), chosen
+    as safetensors' save_model chooses (each group keeps its alphabetically first name), so a file
+    written from a gathered state dict holds the keys a single-process save holds."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(tensor), []).append(name)
+    return {name: sorted(names)[0] for names in groups.values() if len(names) > 1 for name in sorted(names)[1:]}
+
+
 def save_full_checkpoint(model: nn.Module, directory: str | Path) -> Path:
     """Write the whole model as one safetensors file (what full fine-tuning must store per task)."""
     from safetensors.torch import save_model
