@@ -46,6 +46,37 @@ def run(strategy: str, method: str, output: Path, steps: int = STEPS, **options)
     return result.losses
 
 
+def merge_in_place(options: dict) -> dict[str, float]:
+    """merge() and unmerge() on an FSDP2-sharded LoRA model against the same adapter in one process:
+    the largest differences of logits and of a merged base weight (0 when they agree)."""
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    config = dt.LoraConfig(r=4, init_lora_weights=False, **options)  # random B: the adapter changes the output
+    torch.manual_seed(5)
+    alone = dt.wrap(tiny_llama(seed=0), config).eval()
+    torch.manual_seed(5)
+    sharded = distributed.prepare(dt.wrap(tiny_llama(seed=0), config), "fsdp2").eval()
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    def q_weight(model):
+        return distributed.gather_full(model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach())
+
+    unmerged = logits(alone)
+    with alone.disable_adapters():
+        base = logits(alone)
+    before = logits(sharded)
+    alone.merge()
+    sharded.merge()
+    report = {"unmerged": (before - unmerged).abs().max().item(), "merged": (logits(sharded) - logits(alone)).abs().max().item(),
+              "merged weight": (q_weight(sharded) - q_weight(alone)).abs().max().item(),
+              "adapter changes the output": (unmerged - base).abs().max().item()}
+    sharded.unmerge()
+    report["unmerged again"] = (logits(sharded) - unmerged).abs().max().item()
+    return report
+
+
 def main(out: Path, single_checkpoint: Path) -> None:
     import logging
 
@@ -70,9 +101,11 @@ def main(out: Path, single_checkpoint: Path) -> None:
         merge = "merged"
     except distributed.DistributedError as err:
         merge = str(err)
+    merges = {variant: merge_in_place(options) for variant, options in (("lora", {}), ("dora", {"use_dora": True}))}
     if distributed.is_main():
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "merge.txt").write_text(merge)
+        (out / "merge-in-place.json").write_text(json.dumps(merges))
     torch.distributed.destroy_process_group()
 
 

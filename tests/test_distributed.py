@@ -93,7 +93,26 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(two_processes, tmp_path, c
 
 
 def test_merging_a_sharded_model_says_how_to_merge(two_processes):
-    assert "Save the adapter" in (two_processes / "out" / "merge.txt").read_text()
+    said = (two_processes / "out" / "merge.txt").read_text()
+    assert "merge_and_unload() cannot hand back" in said and "save the adapter" in said
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_lora_merges_and_unmerges_in_place_on_sharded_weights_as_one_process_does(two_processes, variant):
+    report = json.loads((two_processes / "out" / "merge-in-place.json").read_text())[variant]
+    assert report["adapter changes the output"] > 1e-3  # so the checks below can fail
+    for check in ("unmerged", "merged", "merged weight", "unmerged again"):
+        assert report[check] < 1e-5, (check, report)
+
+
+def test_methods_without_a_sharded_merge_are_refused_before_any_layer_changes(monkeypatch):
+    # Outside a process group nothing is sharded; pretend the weights are, as FSDP2 leaves them.
+    model = dt.wrap(torch.nn.Sequential(torch.nn.Linear(4, 4)), dt.make_config("ia3", target_modules=["0"], feedforward_modules=["0"]))
+    monkeypatch.setattr(type(model), "_sharded", lambda self: True)
+    before = model.model[0].base_layer.weight.detach().clone()
+    with pytest.raises(distributed.DistributedError, match=r"cannot be merged into sharded \(FSDP2\) weights"):
+        model.merge()
+    assert torch.equal(model.model[0].base_layer.weight, before)
 
 
 def test_strategies_outside_a_process_group():

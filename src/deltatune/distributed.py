@@ -15,7 +15,10 @@ What is special about PEFT here, and handled:
     collective every rank must join), so saves and checkpoints hold the whole adapter, written
     by rank 0 only, in the same files a single process writes;
   * 4-bit base weights are buffers, which FSDP2 does not shard: they stay whole on every rank
-    (with their quantization state), the adapter over them is sharded like any other.
+    (with their quantization state), the adapter over them is sharded like any other;
+  * LoRA merges in place into sharded weights (a row-sharded B·A adds to the same rows of W), for
+    methods whose MethodInfo says merges_sharded; merge_and_unload() is refused (FSDP2's root is
+    the wrapper), with the way to a plain merged model.
 """
 
 from __future__ import annotations

@@ -70,6 +70,10 @@ def _read_folder(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.
     return info.config_class.from_dict(files.config, foreign_ok=True), files.tensors
 
 
+_MERGE_IN_ONE_PROCESS = ("For a plain merged model, save the adapter (model.save(dir), every rank), then merge it "
+                         "in one process: dt.load(base_model, dir).merge_and_unload().")
+
+
 def _check_row_count(adapter_names: Sequence[str | None], args: tuple, kwargs: dict) -> None:
     """adapter_names needs one entry per row of the input (when the input is a tensor we can see)."""
     for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
@@ -452,11 +456,12 @@ class DeltaModel(nn.Module):
         unknown = [n for n in names if n not in self.configs]
         if unknown:
             raise ValueError(f"No adapter named {unknown} to merge; this model has {self.adapter_names}.")
-        if any(distributed.is_sharded(p) for p in self.parameters()):
-            raise distributed.DistributedError(
-                "Merging needs whole weights, and this model is sharded (FSDP2). Save the adapter "
-                "(model.save(dir), every rank), then merge it in one process: "
-                "dt.load(base_model, dir).merge_and_unload().")
+        if self._sharded():
+            refused = [n for n in names if not method_for_config(self.configs[n]).merges_sharded]
+            if refused:
+                raise distributed.DistributedError(
+                    f"Adapters {refused} ({', '.join(sorted({self.configs[n].method for n in refused}))}) cannot be "
+                    f"merged into sharded (FSDP2) weights. {_MERGE_IN_ONE_PROCESS}")
         for name in names:
             if not method_for_config(self.configs[name]).mergeable:
                 raise TypeError(
@@ -471,8 +476,17 @@ class DeltaModel(nn.Module):
         for _, layer in self.delta_layers():
             layer.unmerge()
 
+    def _sharded(self) -> bool:
+        return any(distributed.is_sharded(p) for p in self.parameters())
+
     def merge_and_unload(self, adapter_names: Iterable[str] | None = None) -> nn.Module:
         """Merge, then return the plain base model with every deltatune module removed."""
+        if self._sharded():
+            # FSDP2's root hooks live on this wrapper: the inner model alone would not run.
+            raise distributed.DistributedError(
+                "merge_and_unload() cannot hand back the plain model from under FSDP2, whose root is this "
+                "wrapper. merge() folds LoRA adapters in place on a sharded model (every rank calls it) and "
+                f"the model keeps running sharded. {_MERGE_IN_ONE_PROCESS}")
         self.merge(adapter_names)
         for name, layer in reversed(list(self.delta_layers())):
             set_submodule(self.model, name, layer.base_layer)

@@ -21,6 +21,8 @@ class MethodInfo:
     kind: "additive" (new modules), "reparameterized" (a delta of existing weights, e.g. LoRA),
         "selective" (train chosen existing entries), or "soft-prompt".
     mergeable: whether the delta can be folded into the base weights.
+    merges_sharded: whether its merge also runs on FSDP2-sharded weights, in place on each rank's
+        shard (tested for the method with 2 processes, tests/test_distributed.py).
     compare_defaults: config fields the comparison job uses for this method, plus "lr".
     needs_calibration_data: the method must see batches before it can be built (e.g. a
         Fisher mask); `dt.wrap(..., calibration_data=...)` passes them to `attach`.
@@ -55,6 +57,7 @@ class MethodInfo:
     kind: str
     description: str
     mergeable: bool = True
+    merges_sharded: bool = False
     compare_defaults: dict[str, Any] = field(default_factory=dict)
     needs_calibration_data: bool = False
     after_step: Callable[..., None] | None = None

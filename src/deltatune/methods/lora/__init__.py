@@ -597,6 +597,9 @@ register_method(
         # On a GPU the step is bound by host overhead and memory traffic: fused RMSNorm, rotary and
         # a one-node LoRA MLP pay off (the wrapper's fused="auto"; same function, tests/test_kernels.py).
         fused_kernels=True,
+        # B·A of row-sharded B and A (DTensors) is row-sharded like W: each rank adds its rows; DoRA's
+        # norms are per row too. Same weights and outputs as one process (tests/test_distributed.py).
+        merges_sharded=True,
         combine=add_weighted_adapter,
         resolve_targets=written_out_targets,
         # Rank matters less than the rate (Hu et al.); rsLoRA's scaling from rank 64 up is outside this range.
