@@ -30,11 +30,8 @@ def two_processes(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     single = root / "checkpoints-of-1"
     run("none", "lora", root / "unused", steps=2, output_dir=str(single), checkpoint_every=2, schedule="constant")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(Path(__file__).with_name("distributed_worker.py")), str(root / "out"), str(single)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    torchrun_two(Path(__file__).with_name("distributed_worker.py"), str(root / "out"), str(single), timeout=600,
+                 env={"PYTHONPATH": os.pathsep.join(sys.path)})
     return root
 
 
@@ -44,6 +41,16 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def torchrun_two(script: Path, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 script args...`, one thread per process; asserts it succeeded."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
 
 
 def single(tmp_path, method: str, steps: int = 3, **options):
@@ -169,10 +176,7 @@ def test_deltatune_train_under_torchrun_writes_what_one_process_writes(tmp_path,
     alone = subprocess.run([sys.executable, str(script), *argv, "--output", str(tmp_path / "one")],
                            capture_output=True, text=True, timeout=300, env=env)
     assert alone.returncode == 0, alone.stderr[-3000:]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(script), *argv, "--distributed", "fsdp2", "--output", str(tmp_path / "two")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    done = torchrun_two(script, *argv, "--distributed", "fsdp2", "--output", str(tmp_path / "two"))
     assert done.stdout.count("Saved to") == 1 and done.stdout.count('"in_domain"') == 1  # rank 0 prints
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert_same_adapter(load_file(tmp_path / "two" / weights), load_file(tmp_path / "one" / weights))
@@ -211,10 +215,7 @@ def test_the_hugging_face_trainer_under_torchrun_ddp(tmp_path):
     saved model.safetensors (the wrapper's state_dict: the delta) loads strictly into a fresh wrapper."""
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER.format(paths=[str(Path(__file__).parent), *sys.path]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(script), str(tmp_path / "out")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    torchrun_two(script, str(tmp_path / "out"))
     ranks = [torch.load(tmp_path / "out" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     from conftest import tiny_llama
@@ -271,10 +272,7 @@ def test_a_sharded_full_model_with_tied_weights_is_written_as_one_process_writes
     save_full_checkpoint(model, tmp_path / "one")
     script = tmp_path / "tied.py"
     script.write_text(TIED_SAVE.format(paths=[str(Path(__file__).parent), *sys.path]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               str(script), str(tmp_path / "two")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    torchrun_two(script, str(tmp_path / "two"))
     one, two = (tmp_path / name / "model.safetensors" for name in ("one", "two"))
     assert_same_adapter(load_file(two), load_file(one))
     with safe_open(str(one), "pt") as first, safe_open(str(two), "pt") as second:
