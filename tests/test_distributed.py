@@ -277,3 +277,21 @@ def test_a_sharded_full_model_with_tied_weights_is_written_as_one_process_writes
     assert_same_adapter(load_file(two), load_file(one))
     with safe_open(str(one), "pt") as first, safe_open(str(two), "pt") as second:
         assert first.metadata() == second.metadata()
+
+
+@pytest.mark.parametrize("command", ["compare", "tune"])
+def test_compare_and_tune_refuse_to_run_once_per_launched_process(monkeypatch, tmp_path, capsys, command):
+    """Launched by torchrun as one of 2 processes, each copy would run every method and write the
+    same files: refused before anything is written, with what to run instead."""
+    from deltatune.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    out = tmp_path / "out"
+    assert main([command, "--quick", "--output", str(out)]) == 2
+    said = capsys.readouterr().err
+    assert "launched as one of 2 processes" in said and "without torchrun" in said
+    assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process of one (a one-GPU run of a torchrun script) runs
+    distributed.refuse_several_processes(f"deltatune {command}", "")

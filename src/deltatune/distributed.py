@@ -64,6 +64,18 @@ def launched() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
+def refuse_several_processes(command: str, instead: str) -> None:
+    """Raise DistributedError when this process is one of several that torchrun launched: `command`
+    starts its own process per job, so each of N launched copies would run all of it and write the
+    same files. `instead` says what to run."""
+    count = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched() and count > 1:
+        raise DistributedError(
+            f"{command} runs as one process (it starts a process per job itself), but it was launched as one of "
+            f"{count} processes (torchrun / accelerate launch): each would run everything and write the same files. "
+            f"{instead}")
+
+
 def init_from_env(backend: str | None = None) -> bool:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL on CUDA,
     gloo on the CPU; each process takes the GPU of its LOCAL_RANK. False when not launched so."""
@@ -182,6 +194,7 @@ def all_sum(value: float | int) -> float:
 
 __all__ = [
     "STRATEGIES", "DistributedError", "all_sum", "barrier", "device", "gather_full", "init_from_env", "is_main",
+    "refuse_several_processes",
     "is_sharded", "launched", "local_view", "prepare", "rank", "resolve_strategy", "shard_like", "unwrap_parallel",
     "world_size",
 ]

@@ -654,6 +654,11 @@ def compare(
         in-domain quality. 0: no curves.
     Writes results.json (after every phase), report.md and PNG plots into `output_dir`.
     """
+    from deltatune import distributed
+
+    distributed.refuse_several_processes(
+        "deltatune compare", "Run it without torchrun; to train one method on several GPUs use "
+        "`torchrun --nproc_per_node N -m deltatune.cli train --method M --distributed fsdp2`.")
     settings = resolve_settings(
         task, methods, "quick" if quick else "default", max_steps, batch_size, train_limit, eval_limit,
         seed, device, storage_tasks, keep_checkpoints, task_options, seeds, curve_points,

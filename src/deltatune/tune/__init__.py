@@ -66,7 +66,11 @@ def tune(
     test per method centres the search) or "registered" (the method's compare rate). sweep:
     {field: values} for the one method searched, e.g. {"r": [1, 2, 4, 8, 16, 32]}.
     """
+    from deltatune import distributed
     from deltatune.compare.methods import validate_methods
+
+    distributed.refuse_several_processes(
+        "deltatune tune", "Run it without torchrun (several searches share a study through --storage and --workers).")
     from deltatune.compare.presets import RUN_PRESETS
     from deltatune.train import get_task
     from deltatune.train.tasks import ValidationHoldout
