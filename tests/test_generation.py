@@ -74,7 +74,7 @@ def cache_free_greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Ten
 def test_every_family_decodes_each_row_as_its_cache_free_forward_does(family):
     # Gemma-3's and this Mistral's sliding window (4) is shorter than the sequences: their layers keep
     # a rolling cache. (There generate()'s own sliding-window cache can pick other tokens than the
-    # cache-free forward: transformers 5.24, 4 of 12 seeds on Gemma-3; so the reference is the forward.)
+    # cache-free forward, so the reference is the forward.)
     torch.manual_seed(2)
     model = dt.wrap(tiny_causal_lm(family), dt.LoraConfig(r=4, init_lora_weights=False)).eval()
     prompts, mask = left_padded(batch=3, length=5)

@@ -231,6 +231,21 @@ def test_64_rows_over_two_adapters_match_alone_with_the_work_of_4_rows(lora_form
     assert count_ops(model, inputs, rows) == count_ops(model, inputs[:4], rows[:4])
 
 
+def test_without_autograd_the_products_are_added_into_the_base_output_in_place():
+    model = with_adapters(tiny_llama(), LORA_CASES["lora"])
+    layer = dict(model.named_modules())["model.model.layers.0.self_attn.q_proj"]
+    base_outputs = []
+    layer.base_layer.register_forward_hook(lambda module, args, output: base_outputs.append(output))
+    returned = []
+    layer.register_forward_hook(lambda module, args, output: returned.append(output))
+    with torch.no_grad():
+        model(input_ids=token_batch(), adapter_names=ROWS)
+    assert returned[-1] is base_outputs[-1]  # no product tensor, no new sum
+    model(input_ids=token_batch(), adapter_names=ROWS)  # with autograd: a new tensor, gradients flow
+    assert returned[-1] is not base_outputs[-1]
+    assert_rows_match_alone(model, token_batch(), ROWS)
+
+
 def test_repeated_calls_reuse_the_stacks_and_parameter_updates_rebuild_them():
     model = with_adapters(tiny_llama(), LORA_CASES["dora"])
     layer = dict(model.named_modules())["model.model.layers.0.self_attn.q_proj"]

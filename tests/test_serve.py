@@ -202,6 +202,34 @@ def test_base_rows_share_a_batch_with_adapter_rows(adapters_dir, tokenizer):
     assert metrics["adapters"]["(base)"]["completed"] == 4 and metrics["mixed_batches"] >= 1
 
 
+def test_batches_decode_through_greedy_generate_and_soft_prompts_through_generate(adapters_dir, tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    from deltatune.serve import batching
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("adapter_names"))
+        return greedy_generate(*args, **kwargs)
+
+    greedy_generate = batching.greedy_generate
+    monkeypatch.setattr(batching, "greedy_generate", counted)
+    bodies = random_requests(6, [None, "a1"], seed=3)
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, batch_wait_ms=200)) as port:
+        answers = generate_concurrently(port, bodies)
+    assert [body for _, body in answers] == run_alone(adapters_dir, tokenizer, bodies)
+    assert calls and sum(len(names) for names in calls) == 6  # every row decoded by it
+    calls.clear()
+    root = tmp_path / "prompted"
+    model = dt.wrap(tiny_llama(), dt.PromptTuningConfig(num_virtual_tokens=4))
+    randomize_adapters(model, seed=7, scale=0.5)
+    model.save(root / "prompt")
+    prompted = random_requests(3, ["prompt"], seed=4)
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=100)) as port:
+        answers = generate_concurrently(port, prompted)
+    assert [body for _, body in answers] == run_alone(root, tokenizer, prompted) and calls == []
+
+
 def test_a_corrupt_adapter_fails_alone(adapters_dir, tokenizer, tmp_path):
     root = tmp_path / "adapters"
     for name in ("a0", "a1", "broken"):

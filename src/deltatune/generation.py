@@ -51,7 +51,7 @@ def supports_static_decode(model: nn.Module) -> str | None:
     from .model import DeltaModel
 
     inner = model.model if isinstance(model, DeltaModel) else model
-    if not getattr(inner, "_can_compile_fullgraph", False):
+    if not hf_compat.supports_static_cache(inner):
         return f"{type(inner).__name__} does not support a static key/value cache"
     if isinstance(model, DeltaModel):
         extending = sorted({type(layer).__name__ for _, layer in model.delta_layers()

@@ -273,14 +273,19 @@ def cache_argument(model: nn.Module) -> str:
 def _cache_argument(*classes: type) -> str:
     # Per class, once: prefix tuning asks on every forward.
     for cls in classes:
-        try:
-            parameters = inspect.signature(cls.forward).parameters
-        except (TypeError, ValueError, AttributeError):
-            continue
         for name in CACHE_NAMES:
-            if name in parameters:
+            if name in _forward_parameters(cls):
                 return name
     return "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> frozenset[str]:
+    """The argument names of cls.forward (none where it has no readable signature)."""
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError, AttributeError):
+        return frozenset()
 
 
 def get_cache(inputs: Any) -> Any:
@@ -352,22 +357,17 @@ def static_decode_kwargs(model: nn.Module, cache: Any, cache_position: Any) -> d
     cache counts its own writes on the device and the argument is gone."""
     kwargs: dict = {"use_cache": True}
     set_cache(kwargs, model, cache)
-    if _takes_argument("cache_position", type(model), type(getattr(model, "base_model", None))):
+    if any("cache_position" in _forward_parameters(cls) for cls in (type(model), type(getattr(model, "base_model", None)))):
         kwargs["cache_position"] = cache_position
-    if _takes_argument("logits_to_keep", type(model)):
+    if "logits_to_keep" in _forward_parameters(type(model)):
         kwargs["logits_to_keep"] = 1  # only the last position's logits: no (batch, prompt, vocab) tensor
     return kwargs
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_argument(name: str, *classes: type) -> bool:
-    for cls in classes:
-        try:
-            if name in inspect.signature(cls.forward).parameters:
-                return True
-        except (TypeError, ValueError, AttributeError):
-            continue
-    return False
+def supports_static_cache(model: nn.Module) -> bool:
+    """Whether the model runs over a StaticCache (transformers marks such models as compilable
+    with their whole graph, which a static cache is what allows)."""
+    return bool(getattr(model, "_can_compile_fullgraph", False))
 
 
 def cache_length(cache: Any) -> int:

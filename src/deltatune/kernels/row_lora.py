@@ -46,6 +46,7 @@ def kernel_applies(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: tor
         and y.dtype == x.dtype == down.dtype == up.dtype
         and x.dtype in _KERNEL_DTYPES
         and down.shape[1] == kernel_rank(down.shape[1], x.device)
+        and all(t.is_contiguous() for t in (y, x, down, up))
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (y, x, down, up)))
     )
 
@@ -60,8 +61,6 @@ def row_lora_add_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torc
     if kernel_applies(y, x, down, up):
         from ._triton_kernels import row_lora_add_ as triton_add
 
-        y2d, x2d = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
-        if y2d.is_contiguous() and x2d.is_contiguous() and down.is_contiguous() and up.is_contiguous():
-            triton_add(y2d, x2d, down, up, row_slot, base_slot)
-            return y
+        triton_add(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), down, up, row_slot, base_slot)
+        return y
     return y + row_lora_reference(x, down, up, row_slot).to(y.dtype)
