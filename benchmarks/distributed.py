@@ -100,7 +100,7 @@ def child(args: argparse.Namespace) -> None:
                 row = {"config": config, "checkpointing": checkpointing, "gpus": distributed.world_size(), "oom": True}
             if distributed.is_main():
                 print("ROW " + json.dumps(row), flush=True)
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def table(rows: list[dict]) -> None:

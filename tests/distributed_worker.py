@@ -106,7 +106,8 @@ def main(out: Path, single_checkpoint: Path) -> None:
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "merge.txt").write_text(merge)
         (out / "merge-in-place.json").write_text(json.dumps(merges))
-    torch.distributed.destroy_process_group()
+    del sharded
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

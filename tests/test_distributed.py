@@ -204,9 +204,7 @@ trainer.save_model(sys.argv[1] + "/final")
 torch.save({{k: v.detach().clone() for k, v in model.state_dict().items()}}, sys.argv[1] + f"/rank{{os.environ['RANK']}}.pt")
 # Leave together: a rank exiting while gloo's threads still serve the other aborted at exit
 # ("terminate called without an active exception") once in CI on the floor versions.
-if torch.distributed.is_initialized():
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+dt.distributed.shutdown()
 """
 
 
@@ -254,8 +252,8 @@ distributed.init_from_env()
 torch.manual_seed(0)
 model = distributed.prepare(tiny_causal_lm("llama", tied=True), "fsdp2")
 _save_full(model, Path(sys.argv[1]))
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
+del model
+distributed.shutdown()
 """
 
 
@@ -277,6 +275,32 @@ def test_a_sharded_full_model_with_tied_weights_is_written_as_one_process_writes
     assert_same_adapter(load_file(two), load_file(one))
     with safe_open(str(one), "pt") as first, safe_open(str(two), "pt") as second:
         assert first.metadata() == second.metadata()
+
+
+LEAVE_WITHOUT_SHUTDOWN = """
+import atexit, os, sys, time
+sys.path[:0] = {paths!r}
+import torch
+from deltatune import distributed
+
+out = sys.argv[1] + "/rank" + os.environ["RANK"]
+# Registered before the group exists, so it runs after deltatune's own exit handler (last in, first out).
+atexit.register(lambda: open(out, "w").write(str(torch.distributed.is_initialized())))
+distributed.init_from_env()
+torch.distributed.all_reduce(torch.ones(1000))
+if distributed.rank() == 1:
+    time.sleep(1.0)  # one rank outlives the other, as uneven work makes them
+"""
+
+
+def test_a_script_that_never_calls_shutdown_leaves_the_group_before_teardown(tmp_path):
+    """A user's torchrun script ends without shutdown(): init_from_env's exit handler destroys the
+    group on every rank while the interpreter is whole, and the launch ends cleanly even though
+    one rank exits a second before the other."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_WITHOUT_SHUTDOWN.format(paths=[str(Path(__file__).parent), *sys.path]))
+    torchrun_two(script, str(tmp_path))
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["False", "False"]
 
 
 @pytest.mark.parametrize("command", ["compare", "tune"])

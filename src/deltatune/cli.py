@@ -252,6 +252,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if "quality" in summary and distributed.is_main():
         print(json.dumps(summary["quality"], indent=2))
+    distributed.shutdown()  # under torchrun: every rank leaves together, the run is over
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@
     model = dt.distributed.prepare(dt.wrap(base, cfg), "fsdp2")
     ... train ...
     model.save("out")                                   # every rank calls it; rank 0 writes
+    dt.distributed.shutdown()                           # every rank: leave together
 
 What is special about PEFT here, and handled:
   * DDP registers only the parameters that train, so a frozen base raises no unused-parameter
@@ -23,6 +24,8 @@ What is special about PEFT here, and handled:
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 from typing import Any
 
@@ -88,7 +91,26 @@ def init_from_env(backend: str | None = None) -> bool:
         torch.distributed.init_process_group(backend or "nccl", device_id=device())
     else:
         torch.distributed.init_process_group(backend or "gloo")
+    atexit.register(_destroy)  # a script that never calls shutdown() still leaves before teardown
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group, every rank together: a barrier, then the group destroyed while the
+    interpreter is whole. Without it, a rank that exits while gloo's threads still serve another,
+    or whose group is freed during interpreter teardown, can abort ("terminate called without an
+    active exception"). Call it on every rank once no more collectives follow."""
+    if is_initialized():
+        torch.distributed.barrier()
+        _destroy()
+
+
+def _destroy() -> None:
+    # Sharded parameters keep the group alive through their device mesh: collect what is already
+    # unreachable so the group's last references go now rather than in interpreter teardown.
+    if is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 def device() -> torch.device:
@@ -195,6 +217,7 @@ def all_sum(value: float | int) -> float:
 __all__ = [
     "STRATEGIES", "DistributedError", "all_sum", "barrier", "device", "gather_full", "init_from_env", "is_main",
     "refuse_several_processes",
-    "is_sharded", "launched", "local_view", "prepare", "rank", "resolve_strategy", "shard_like", "unwrap_parallel",
+    "is_sharded", "launched", "local_view", "prepare", "rank", "resolve_strategy", "shard_like", "shutdown",
+    "unwrap_parallel",
     "world_size",
 ]
