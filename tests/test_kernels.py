@@ -16,11 +16,13 @@ from torch.utils.checkpoint import checkpoint
 
 from deltatune.kernels import (
     LoraParams,
+    gated_activation,
     causal_lm_loss,
     chunked_cross_entropy,
     cross_entropy_reference,
     is_patched,
     lora_linear,
+    patched_modules,
     lora_linear_reference,
     lora_mlp,
     lora_mlp_reference,
@@ -172,7 +174,8 @@ def test_lora_linear_under_activation_checkpointing(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_lora_mlp_matches_reference(device, dtype, with_bias):
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_lora_mlp_matches_reference(device, dtype, with_bias, activation):
     torch.manual_seed(13)
     hidden, inner = 40, 96
     x = leaf(2, 9, hidden, dtype=dtype, device=device)
@@ -190,8 +193,8 @@ def test_lora_mlp_matches_reference(device, dtype, with_bias):
     def split(args):
         return args[0], args[1:6], args[6:11], args[11:16]
 
-    out, grads = run_with_grads(lambda *a: lora_mlp(*split(a)), inputs)
-    ref_out, ref_grads = run_with_grads(lambda *a: lora_mlp_reference(*split(a)), clone_inputs(inputs))
+    out, grads = run_with_grads(lambda *a: lora_mlp(*split(a), activation=activation), inputs)
+    ref_out, ref_grads = run_with_grads(lambda *a: lora_mlp_reference(*split(a), activation), clone_inputs(inputs))
     assert_same(out, ref_out, dtype, "output")
     assert len(grads) == 7
     for g, rg in zip(grads, ref_grads):
@@ -293,6 +296,28 @@ def test_rms_norm_matches_reference(device, dtype, train_weight):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_unit_offset_rms_norm_is_gemmas(device, dtype, train_weight):
+    """unit_offset=True computes transformers' Gemma RMSNorm: scaled by (1 + w) in float32."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    torch.manual_seed(7)
+    norm = Gemma2RMSNorm(96, eps=1e-6).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(0.3 * torch.randn(96))
+    norm.weight.requires_grad_(train_weight)
+    x = leaf(3, 11, 96, dtype=dtype, device=device, scale=3.0)
+    out, grads = run_with_grads(lambda a, w: rms_norm(a, w, 1e-6, unit_offset=True), [x, norm.weight])
+    ref_out, ref_grads = run_with_grads(lambda a, w: torch.func.functional_call(norm, {"weight": w}, (a,)),
+                                        clone_inputs([x, norm.weight]))
+    assert_same(out, ref_out, dtype, "output")
+    assert len(grads) == 1 + train_weight
+    for g, rg in zip(grads, ref_grads):
+        assert_same(g, rg, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_matches_reference(device, dtype):
     torch.manual_seed(8)
     gate = leaf(4, 7, 130, dtype=dtype, device=device, scale=2.0)
@@ -302,6 +327,29 @@ def test_swiglu_matches_reference(device, dtype):
     assert_same(out, ref_out, dtype, "output")
     for g, rg in zip(grads, ref_grads):
         assert_same(g, rg, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_geglu_is_gemmas_activation_times_up(device, dtype):
+    """gated_activation(..., "gelu_tanh") computes Gemma's act_fn(gate) * up, gradients included."""
+    from transformers.activations import ACT2FN
+
+    from deltatune import hf_compat
+
+    act_fn = ACT2FN["gelu_pytorch_tanh"]
+    assert hf_compat.gated_activation(act_fn) == "gelu_tanh" and hf_compat.gated_activation(ACT2FN["silu"]) == "silu"
+    assert hf_compat.gated_activation(ACT2FN["gelu"]) is None  # the exact erf GELU is not fused
+    torch.manual_seed(8)
+    gate = leaf(4, 7, 130, dtype=dtype, device=device, scale=3.0)
+    up = leaf(4, 7, 130, dtype=dtype, device=device)
+    out, grads = run_with_grads(lambda g, u: gated_activation(g, u, "gelu_tanh"), [gate, up])
+    ref_out, ref_grads = run_with_grads(lambda g, u: act_fn(g) * u, clone_inputs([gate, up]))
+    assert_same(out, ref_out, dtype, "output")
+    for g, rg in zip(grads, ref_grads):
+        assert_same(g, rg, dtype, "grad")
+    with pytest.raises(ValueError, match="silu, gelu_tanh"):
+        gated_activation(gate, up, "relu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -481,3 +529,43 @@ def test_labels_forward_steps_aside_where_the_models_forward_is_needed():
     prompted.train()
     out = prompted(input_ids=input_ids, labels=input_ids)
     assert out.logits is not None and out.logits.shape[1] == 9 and torch.isfinite(out.loss)
+
+
+# ----------------------------------------------------------------------------- the fused block path, per family
+FUSED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"}  # phi3: fused gate_up_proj
+
+
+@pytest.mark.parametrize("family", CAUSAL_LM_FAMILIES)
+def test_fused_block_path_per_family_equals_the_models_own(family):
+    """dt.wrap(..., fused=True) on each family in the table runs fused norms, the one-node LoRA MLP
+    (SwiGLU or GeGLU) and rotary, and gives the unfused model's loss and every adapter gradient;
+    a family without a fused path is refused by fused=True and left alone by "auto"."""
+    import deltatune as dt
+    from deltatune.config import ConfigError
+
+    torch.manual_seed(21)
+    base = tiny_causal_lm(family)
+    config = dt.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    input_ids = torch.randint(0, 97, (2, 11))
+    reference = dt.wrap(copy.deepcopy(base), config, fused=False)
+    reference.train()
+    if family not in FUSED_FAMILIES:
+        with pytest.raises(ConfigError, match="no fused training path"):
+            dt.wrap(copy.deepcopy(base), config, fused=True)
+        return
+    fast = dt.wrap(copy.deepcopy(base), config, fused=True)
+    fast.load_state_dict(reference.state_dict())
+    fast.train()
+    assert fast.is_fused and not reference.is_fused
+    roles = {type(m).__mro__[1].__name__ for m in patched_modules(fast.model)}
+    assert {name for name in roles if name.endswith(("RMSNorm", "MLP", "Attention"))} == roles and len(roles) == 3
+    trainable = [p for p in fast.parameters() if p.requires_grad]
+    loss = fast(input_ids=input_ids, labels=input_ids).loss
+    assert count_nodes(loss, "LoraMLPFunction") == 2  # one per block: gate, up and down in one node
+    grads = torch.autograd.grad(loss, trainable)
+    ref_loss = reference(input_ids=input_ids, labels=input_ids).loss
+    ref_grads = torch.autograd.grad(ref_loss, [p for p in reference.parameters() if p.requires_grad])
+    assert len(grads) == len(ref_grads) == 2 * 7 * 2
+    assert_same(loss, ref_loss, torch.float32, "loss")
+    for g, rg in zip(grads, ref_grads):
+        assert_same(g, rg, torch.float32, "grad")

@@ -36,14 +36,17 @@ def transformers_version() -> str:
 class FusedBlock:
     """Classes of one model type that the fused training path may replace (kernels/patch.py).
 
-    Each must compute exactly the Llama code the fused functions reproduce: RMSNorm with float32
-    statistics, a SiLU-gated MLP with gate/up/down projections, and `apply_rotary_pos_emb(q, k,
-    cos, sin)` called from the attention's forward."""
+    Each must compute exactly the code the fused functions reproduce: RMSNorm with float32
+    statistics (Llama's `w * normed.to(dtype)`, or with `norm_unit_offset` Gemma's
+    `(normed * (1 + w)).to(dtype)`), a gated MLP with gate/up/down projections whose `act_fn` is
+    one `gated_activation` names, and `apply_rotary_pos_emb(q, k, cos, sin)` called from the
+    attention's forward."""
 
     modeling_module: str  # e.g. "transformers.models.llama.modeling_llama"
     norm_class: str
     mlp_class: str
     attention_class: str
+    norm_unit_offset: bool = False  # Gemma: weights are offsets from one, the scale applies in float32
 
 
 @dataclass(frozen=True)
@@ -74,19 +77,24 @@ _BERT_LINEAR = ("query", "key", "value", "attention.output.dense", "intermediate
 _BERT_FFN_OUT = r"layer\.\d+\.output\.dense"  # the block's output.dense, not attention.output.dense
 
 
-def _llama_like(model_type: str, prefix: str) -> FusedBlock:
-    return FusedBlock(f"transformers.models.{model_type}.modeling_{model_type}",
-                      f"{prefix}RMSNorm", f"{prefix}MLP", f"{prefix}Attention")
+def _llama_like(model_type: str, prefix: str, module: str | None = None, **options: Any) -> FusedBlock:
+    module = module or model_type
+    return FusedBlock(f"transformers.models.{module}.modeling_{module}",
+                      f"{prefix}RMSNorm", f"{prefix}MLP", f"{prefix}Attention", **options)
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "llama", ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "smollm3"),
         _LLAMA_LINEAR, **_LLAMA_ROLES, plain_lm_head=True,
-        # Only these four have exactly Llama's norm, MLP and rotary code (tests/test_kernels.py).
+        # Those whose norm, gated MLP and rotary code the fused functions reproduce exactly
+        # (tests/test_kernels.py, per family). Phi-3's fused gate_up_proj and the MoE blocks are not.
         fused={
             "llama": _llama_like("llama", "Llama"), "mistral": _llama_like("mistral", "Mistral"),
             "qwen2": _llama_like("qwen2", "Qwen2"), "qwen3": _llama_like("qwen3", "Qwen3"),
+            "gemma": _llama_like("gemma", "Gemma", norm_unit_offset=True),
+            "gemma2": _llama_like("gemma2", "Gemma2", norm_unit_offset=True),
+            "gemma3_text": _llama_like("gemma3_text", "Gemma3", "gemma3", norm_unit_offset=True),
         },
     ),
     Architecture(
@@ -255,6 +263,21 @@ def is_norm(module: nn.Module) -> bool:
 def is_silu(module: Any) -> bool:
     """nn.SiLU or transformers' own SiLU activation class."""
     return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+def gated_activation(module: Any) -> str | None:
+    """The fused kernels' name for an MLP's activation module: "silu", "gelu_tanh" (GELU's tanh
+    approximation as torch computes it: nn.GELU("tanh"), transformers' GELUTanh / PytorchGELUTanh
+    unless set to its Python formula, which rounds differently), else None."""
+    if is_silu(module):
+        return "silu"
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else None
+    if type(module).__name__ in ("GELUTanh", "PytorchGELUTanh"):
+        act = getattr(module, "act", None)
+        if act is None or (isinstance(act, functools.partial) and act.keywords == {"approximate": "tanh"}):
+            return "gelu_tanh"
+    return None
 
 
 # -- key/value cache -----------------------------------------------------------------------------
@@ -427,6 +450,6 @@ __all__ = [
     "ARCHITECTURES", "Architecture", "BLOCK_CONTAINERS", "CACHE_NAMES", "FusedBlock", "architecture", "cache_argument",
     "cache_key_values", "cache_length", "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "causal_lm_output", "final_logit_softcap", "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "loss_is_plain_cross_entropy", "is_conv1d", "is_encoder_only",
-    "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "linear_out_features", "model_family",
+    "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "gated_activation", "linear_out_features", "model_family",
     "model_type", "new_cache", "role_patterns", "set_cache", "shifts_labels", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
 ]

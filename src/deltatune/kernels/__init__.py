@@ -1,4 +1,4 @@
-"""Fast training paths: a fused LoRA linear, chunked LM cross-entropy, fused Llama-block ops.
+"""Fast training paths: a fused LoRA linear, chunked LM cross-entropy, fused decoder-block ops (Llama-like and Gemma families).
 
 Every function here has a reference twin built from plain autograd ops; the fast one computes the
 same function (tests/test_kernels.py). On CUDA the memory-bound pieces run as Triton kernels; on
@@ -8,6 +8,9 @@ CPU the same autograd functions run PyTorch ops.
 from .cuda_graph import GraphedTrainStep
 from .cross_entropy import causal_lm_loss, chunked_cross_entropy, cross_entropy_reference, labels_forward
 from .fused_ops import (
+    GATED_ACTIVATIONS,
+    gated_activation,
+    gated_activation_reference,
     rms_norm,
     rms_norm_reference,
     rotary_embedding,
@@ -40,6 +43,9 @@ __all__ = [
     "rms_norm_reference",
     "swiglu",
     "swiglu_reference",
+    "GATED_ACTIVATIONS",
+    "gated_activation",
+    "gated_activation_reference",
     "rotary_embedding",
     "rotary_embedding_reference",
 ]

@@ -57,21 +57,27 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
 
 
 # ----------------------------------------------------------------------------- RMSNorm
+# UNIT_OFFSET: Gemma's norm, scaled by (1 + w) in float32 before rounding; else Llama's, rounded then scaled by w.
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr,
+                         UNIT_OFFSET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
-    normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=in_row)
+    if UNIT_OFFSET:
+        y = x * rstd * (1.0 + w)
+    else:
+        y = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32) * w
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=in_row)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, stride_dy, stride_x, stride_dx, n_cols, BLOCK: tl.constexpr):
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, stride_dy, stride_x, stride_dx, n_cols,
+                         BLOCK: tl.constexpr, UNIT_OFFSET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     in_row = cols < n_cols
@@ -80,7 +86,10 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, stride_dy, stri
     w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row)
     x_hat = x * rstd
-    d_normed = (dy * w).to(dx_ptr.dtype.element_ty).to(tl.float32)
+    if UNIT_OFFSET:
+        d_normed = dy * (1.0 + w)
+    else:
+        d_normed = (dy * w).to(dx_ptr.dtype.element_ty).to(tl.float32)
     dx = rstd * (d_normed - x_hat * (tl.sum(d_normed * x_hat, 0) / n_cols))
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
 
@@ -90,67 +99,94 @@ def _row_launch(n_cols: int) -> tuple[int, int]:
     return block, min(16, max(4, block // 512))
 
 
-def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float,
+                     unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = x2d.shape
     y = torch.empty_like(x2d)
     rstd = torch.empty(rows, device=x2d.device, dtype=torch.float32)
     block, warps = _row_launch(cols)
-    _rms_norm_fwd_kernel[(rows,)](x2d, weight, y, rstd, x2d.stride(0), y.stride(0), cols, eps, BLOCK=block, num_warps=warps)
+    _rms_norm_fwd_kernel[(rows,)](x2d, weight, y, rstd, x2d.stride(0), y.stride(0), cols, eps, BLOCK=block,
+                                  UNIT_OFFSET=unit_offset, num_warps=warps)
     return y, rstd
 
 
-def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      unit_offset: bool = False) -> torch.Tensor:
     rows, cols = x2d.shape
     dx = torch.empty_like(x2d)
     block, warps = _row_launch(cols)
     _rms_norm_bwd_kernel[(rows,)](
-        dy2d, x2d, weight, rstd, dx, dy2d.stride(0), x2d.stride(0), dx.stride(0), cols, BLOCK=block, num_warps=warps
+        dy2d, x2d, weight, rstd, dx, dy2d.stride(0), x2d.stride(0), dx.stride(0), cols, BLOCK=block,
+        UNIT_OFFSET=unit_offset, num_warps=warps
     )
     return dx
 
 
-# ----------------------------------------------------------------------------- SwiGLU
+# ----------------------------------------------------------------------------- gated activations
 _ELEMENTWISE_BLOCK = 2048
+_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
+_GELU_CUBIC: tl.constexpr = tl.constexpr(0.044715)
 
 
 @triton.jit
-def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _tanh(x):
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _activate_and_grad(gate, GELU: tl.constexpr):
+    """(act(gate), act'(gate)) in float32: SiLU, or GELU's tanh approximation."""
+    if GELU:
+        inner = _SQRT_2_OVER_PI * (gate + _GELU_CUBIC * gate * gate * gate)
+        t = _tanh(inner)
+        activated = 0.5 * gate * (1.0 + t)
+        slope = 0.5 * (1.0 + t) + 0.5 * gate * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * gate * gate)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+        activated = gate * sig
+        slope = sig * (1.0 + gate * (1.0 - sig))
+    return activated, slope
+
+
+@triton.jit
+def _gated_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    activated, _ = _activate_and_grad(gate, GELU)
+    activated = activated.to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + offsets, (activated * up).to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(grad_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n, BLOCK: tl.constexpr):
+def _gated_bwd_kernel(grad_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    sig = 1.0 / (1.0 + tl.exp(-gate))
-    activated = (gate * sig).to(grad_up_ptr.dtype.element_ty).to(tl.float32)
+    activated, slope = _activate_and_grad(gate, GELU)
+    activated = activated.to(grad_up_ptr.dtype.element_ty).to(tl.float32)
     grad_activated = (grad * up).to(grad_gate_ptr.dtype.element_ty).to(tl.float32)
-    grad_gate = grad_activated * sig * (1.0 + gate * (1.0 - sig))
     tl.store(grad_up_ptr + offsets, (grad * activated).to(grad_up_ptr.dtype.element_ty), mask=inside)
-    tl.store(grad_gate_ptr + offsets, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_gate_ptr + offsets, (grad_activated * slope).to(grad_gate_ptr.dtype.element_ty), mask=inside)
 
 
-def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def gated_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     out = torch.empty_like(gate)
     n = gate.numel()
-    _swiglu_fwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8)
+    _gated_fwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=_ELEMENTWISE_BLOCK,
+                                                             GELU=activation == "gelu_tanh", num_warps=8)
     return out
 
 
-def swiglu_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     grad_gate = torch.empty_like(gate)
     grad_up = torch.empty_like(up)
     n = gate.numel()
-    _swiglu_bwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
-        grad, gate, up, grad_gate, grad_up, n, BLOCK=_ELEMENTWISE_BLOCK, num_warps=8
+    _gated_bwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
+        grad, gate, up, grad_gate, grad_up, n, BLOCK=_ELEMENTWISE_BLOCK, GELU=activation == "gelu_tanh", num_warps=8
     )
     return grad_gate, grad_up
 

@@ -1,6 +1,8 @@
-"""A whole Llama MLP with LoRA on gate, up and down projections, as one autograd function.
+"""A whole gated MLP with LoRA on gate, up and down projections, as one autograd function.
 
-    out = down(silu(gate(x)) * up(x)),   each projection  W x + b + s · B A x
+    out = down(act(gate(x)) * up(x)),   each projection  W x + b + s · B A x
+
+act is SiLU (Llama, Mistral, Qwen) or GELU's tanh approximation (Gemma).
 
 Against three ``lora_linear`` calls plus a SwiGLU this reads x once for both A projections (their
 A matrices are stacked), accumulates dx in place through GEMM epilogues instead of separate adds,
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused_ops import swiglu_backward_raw, swiglu_forward_raw
+from .fused_ops import GATED_ACTIVATIONS, gated_backward_raw, gated_forward_raw, gated_activation_reference
 from .lora_linear import LoraParams
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "LoraParams", "lora_fast_params"]
@@ -27,7 +29,7 @@ def lora_fast_params(module: torch.nn.Module) -> LoraParams | None:
 
 class _LoraMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_w, gate_bias, gate_a, gate_b, up_w, up_bias, up_a, up_b, down_w, down_bias, down_a, down_b, scalings):
+    def forward(ctx, x, gate_w, gate_bias, gate_a, gate_b, up_w, up_bias, up_a, up_b, down_w, down_bias, down_a, down_b, scalings, activation):
         s_gate, s_up, s_down = scalings
         dtype = x.dtype
         x2d = x.reshape(-1, x.shape[-1])
@@ -41,7 +43,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         gate.addmm_(xa_gate_up[:, :rank_gate], b_gate.t(), alpha=s_gate)
         up = F.linear(x2d, up_w, up_bias)
         up.addmm_(xa_gate_up[:, rank_gate:], b_up.t(), alpha=s_up)
-        hidden = swiglu_forward_raw(gate, up)
+        hidden = gated_forward_raw(gate, up, activation)
         xa_down = F.linear(hidden, a_down)
         out = F.linear(hidden, down_w, down_bias)
         out.addmm_(xa_down, b_down.t(), alpha=s_down)
@@ -52,6 +54,7 @@ class _LoraMLPFunction(torch.autograd.Function):
         ctx.save_for_backward(x2d, gate, up, xa_gate_up, xa_down)
         ctx.weights = (gate_w, up_w, down_w, a_gate_up, b_gate, b_up, a_down, b_down)
         ctx.scalings = scalings
+        ctx.activation = activation
         ctx.rank_gate = rank_gate
         ctx.x_shape = x.shape
         ctx.adapter_dtypes = (gate_a.dtype, gate_b.dtype, up_a.dtype, up_b.dtype, down_a.dtype, down_b.dtype)
@@ -69,13 +72,13 @@ class _LoraMLPFunction(torch.autograd.Function):
         # down projection
         grad_down_b = torch.mm(g.t(), xa_down).to(dt_db).mul_(s_down)
         g_xa_down = torch.mm(g, b_down)
-        hidden = swiglu_forward_raw(gate, up)
+        hidden = gated_forward_raw(gate, up, ctx.activation)
         grad_down_a = torch.mm(g_xa_down.t(), hidden).to(dt_da).mul_(s_down)
         del hidden
         grad_hidden = torch.mm(g_xa_down, a_down)
         grad_hidden.addmm_(g, down_w, beta=s_down)
 
-        grad_gate, grad_up = swiglu_backward_raw(grad_hidden, gate, up)
+        grad_gate, grad_up = gated_backward_raw(grad_hidden, gate, up, ctx.activation)
         del grad_hidden
 
         # gate and up projections share x: one stacked rank-(r_gate + r_up) product for A and dx
@@ -95,7 +98,7 @@ class _LoraMLPFunction(torch.autograd.Function):
             None, None, grad_a_gate_up[:r].to(dt_ga) if needs[3] else None, grad_gate_b if needs[4] else None,
             None, None, grad_a_gate_up[r:].to(dt_ua) if needs[7] else None, grad_up_b if needs[8] else None,
             None, None, grad_down_a if needs[11] else None, grad_down_b if needs[12] else None,
-            None,
+            None, None,
         )
 
 
@@ -104,26 +107,30 @@ def _check_frozen(params: LoraParams) -> None:
         raise ValueError("lora_mlp treats the projections' weight and bias as frozen; they must not require grad")
 
 
-def lora_mlp(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams) -> torch.Tensor:
-    """``down(silu(gate(x)) * up(x))`` with each projection a LoRA linear without dropout.
+def lora_mlp(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams, activation: str = "silu") -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with each projection a LoRA linear without dropout.
 
     Each of ``gate``, ``up``, ``down`` is a :class:`LoraParams` whose ``dropout_p`` is 0. Same
-    conventions as ``lora_linear``.
+    conventions as ``lora_linear``. activation: "silu" or "gelu_tanh".
     """
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(GATED_ACTIVATIONS)}, got {activation!r}")
     gate, up, down = (LoraParams(*p) for p in (gate, up, down))
     for params in (gate, up, down):
         _check_frozen(params)
         if params.dropout_p:
             raise ValueError("lora_mlp has no dropout; use lora_linear per projection")
     tensors = [t for p in (gate, up, down) for t in (p.weight, p.bias, p.lora_a, p.lora_b)]
-    return _LoraMLPFunction.apply(x, *tensors, (float(gate.scaling), float(up.scaling), float(down.scaling)))
+    scalings = (float(gate.scaling), float(up.scaling), float(down.scaling))
+    return _LoraMLPFunction.apply(x, *tensors, scalings, activation)
 
 
-def lora_mlp_reference(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams) -> torch.Tensor:
+def lora_mlp_reference(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams,
+                       activation: str = "silu") -> torch.Tensor:
     from .lora_linear import lora_linear_reference
 
     def project(inp, params):
         p = LoraParams(*params)
         return lora_linear_reference(inp, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling)
 
-    return project(F.silu(project(x, gate)) * project(x, up), down)
+    return project(gated_activation_reference(project(x, gate), project(x, up), activation), down)

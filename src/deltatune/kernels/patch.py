@@ -1,4 +1,5 @@
-"""Swap fused RMSNorm, SwiGLU/LoRA-MLP and rotary embedding into one model's blocks, and back.
+"""Swap fused RMSNorm, gated MLP (SwiGLU/GeGLU, one node with LoRA) and rotary embedding into one
+model's blocks, and back.
 
 Scoped to the modules of the one model given: each replaced module gets a subclass of its own
 class whose ``forward`` calls the fused function (``isinstance`` checks, hooks, parameters and
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import hf_compat
-from .fused_ops import rms_norm, rotary_embedding, swiglu
+from .fused_ops import gated_activation, rms_norm, rotary_embedding
 from .lora_mlp import lora_fast_params, lora_mlp
 
 __all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_modules"]
@@ -39,12 +40,18 @@ def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def _fused_unit_offset_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    # Gemma's norm: the scale is applied in float32, so any input dtype takes the fused path
+    return rms_norm(hidden_states, self.weight, self.eps, unit_offset=True)
+
+
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    activation = hf_compat.gated_activation(self.act_fn)
     projections = [lora_fast_params(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
     if all(p is not None and (p.dropout_p == 0 or not self.training) for p in projections):
         # all three are LoRA layers without active dropout (none, or in eval mode): one autograd node
-        return lora_mlp(x, *(p._replace(dropout_p=0.0) for p in projections))
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return lora_mlp(x, *(p._replace(dropout_p=0.0) for p in projections), activation=activation)
+    return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), activation))
 
 
 def _make_fused_rotary(original: Callable) -> Callable:
@@ -104,7 +111,9 @@ def _fused_forward_for(module: nn.Module, classes: dict[type, str]) -> Callable 
     role = classes.get(type(module))  # exact classes: a subclass may have changed the forward
     if role == "norm" and hasattr(module, "variance_epsilon"):
         return _fused_rms_norm_forward
-    if role == "mlp" and hf_compat.is_silu(getattr(module, "act_fn", None)):
+    if role == "unit_offset_norm" and hasattr(module, "eps"):
+        return _fused_unit_offset_norm_forward
+    if role == "mlp" and hf_compat.gated_activation(getattr(module, "act_fn", None)) is not None:
         if all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
             return _fused_mlp_forward
     if role == "attention":
@@ -119,7 +128,8 @@ def _patchable_classes(model: nn.Module) -> dict[type, str]:
         found = hf_compat.fused_classes(module) if getattr(module, "config", None) is not None else None
         if found is not None:
             norm, mlp, attention = found
-            classes.update({norm: "norm", mlp: "mlp", attention: "attention"})
+            norm_role = "unit_offset_norm" if hf_compat.fused_block(module).norm_unit_offset else "norm"
+            classes.update({norm: norm_role, mlp: "mlp", attention: "attention"})
     return classes
 
 
@@ -139,8 +149,8 @@ def has_fused_path(model: nn.Module) -> bool:
 
 
 def patch_model_for_training(model: nn.Module) -> nn.Module:
-    """Use fused RMSNorm / SwiGLU (one-node LoRA MLP) / rotary in the blocks of ``model`` whose
-    architecture has a fused path in hf_compat's table (Llama, Mistral, Qwen2, Qwen3).
+    """Use fused RMSNorm / gated MLP (one-node LoRA MLP) / rotary in the blocks of ``model`` whose
+    architecture has a fused path in hf_compat's table (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3).
 
     Returns the same model, changed in place and only there. Idempotent; :func:`unpatch_model`
     undoes it exactly. Modules of other architectures are left alone. LoRA-wrapped projections
