@@ -205,19 +205,21 @@ def test_lora_mlp_matches_reference(device, dtype, with_bias, activation):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("train_head", [False, True])
-def test_chunked_cross_entropy_matches_reference(device, dtype, train_head):
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_chunked_cross_entropy_matches_reference(device, dtype, train_head, softcap):
+    """Also with Gemma-2's final-logit softcapping (a cap low enough to bend these logits)."""
     torch.manual_seed(4)
     batch, seq, hidden_size, vocab = 3, 21, 32, 301
     hidden = leaf(batch, seq, hidden_size, dtype=dtype, device=device)
-    head = leaf(vocab, hidden_size, dtype=dtype, device=device, scale=hidden_size**-0.5, grad=train_head)
+    head = leaf(vocab, hidden_size, dtype=dtype, device=device, scale=3 * hidden_size**-0.5, grad=train_head)
     labels = torch.randint(0, vocab, (batch, seq), device=device)
     labels[torch.rand(batch, seq, device=device) < 0.3] = -100
 
     def fast(h, w):
-        return chunked_cross_entropy(h, w, labels, chunk_size=16)  # 63 rows: a ragged last chunk
+        return chunked_cross_entropy(h, w, labels, chunk_size=16, softcap=softcap)  # 63 rows: a ragged last chunk
 
     def ref(h, w):
-        return cross_entropy_reference(h, w, labels)
+        return cross_entropy_reference(h, w, labels, softcap=softcap)
 
     loss, grads = run_with_grads(fast, [hidden, head])
     ref_loss, ref_grads = run_with_grads(ref, clone_inputs([hidden, head]))

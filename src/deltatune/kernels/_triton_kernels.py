@@ -14,9 +14,24 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _tanh(x):
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
 # ----------------------------------------------------------------------------- cross-entropy
 @triton.jit
-def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, stride_row, n_cols, ignore_index, BLOCK: tl.constexpr):
+def _capped(x, cap, SOFTCAP: tl.constexpr):
+    """(logit the loss sees, its derivative by the raw logit): cap * tanh(x / cap) with SOFTCAP."""
+    if SOFTCAP:
+        squashed = _tanh(x / cap)
+        return squashed * cap, 1.0 - squashed * squashed
+    return x, 1.0
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, stride_row, n_cols, ignore_index, cap,
+                               BLOCK: tl.constexpr, SOFTCAP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row)
@@ -26,32 +41,37 @@ def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, stride_row, n_c
     running_sum = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     for start in range(0, n_cols, BLOCK):
         cols = start + offsets
-        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        in_row = cols < n_cols
+        x, _ = _capped(tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32), cap, SOFTCAP)
+        x = tl.where(in_row, x, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(x, 0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
 
     valid = label != ignore_index
-    target = tl.load(row_ptr + label, mask=valid, other=0.0).to(tl.float32)
+    target, _ = _capped(tl.load(row_ptr + label, mask=valid, other=0.0).to(tl.float32), cap, SOFTCAP)
     tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
 
-    # overwrite the logits with d loss_row / d logits = softmax - onehot (zero for ignored rows)
+    # overwrite the logits with d loss_row / d raw logits = (softmax - onehot) * d capped / d raw
+    # (zero for ignored rows)
     for start in range(0, n_cols, BLOCK):
         cols = start + offsets
         in_row = cols < n_cols
-        x = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
-        grad = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+        x, slope = _capped(tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32), cap, SOFTCAP)
+        grad = (tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)) * slope
         grad = tl.where(valid, grad, 0.0)
         tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
 
 
-def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                       softcap: float | None = None) -> torch.Tensor:
     rows, cols = logits.shape
     losses = torch.empty(rows, device=logits.device, dtype=torch.float32)
     labels = labels.contiguous()
     _cross_entropy_rows_kernel[(rows,)](
-        logits, labels, losses, logits.stride(0), cols, ignore_index, BLOCK=4096, num_warps=8
+        logits, labels, losses, logits.stride(0), cols, ignore_index, float(softcap or 1.0), BLOCK=4096,
+        SOFTCAP=softcap is not None, num_warps=8
     )
     return losses
 
@@ -126,11 +146,6 @@ def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tenso
 _ELEMENTWISE_BLOCK = 2048
 _SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC: tl.constexpr = tl.constexpr(0.044715)
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
 @triton.jit

@@ -61,12 +61,12 @@ def _softcapped_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore
 
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, softcap: float | None = None) -> torch.Tensor:
-    if softcap is not None:
-        return _softcapped_loss_and_grad(logits, labels, ignore_index, softcap)
     if use_triton(logits) and logits.is_contiguous():
         from ._triton_kernels import cross_entropy_rows
 
-        return cross_entropy_rows(logits, labels, ignore_index)
+        return cross_entropy_rows(logits, labels, ignore_index, softcap)
+    if softcap is not None:
+        return _softcapped_loss_and_grad(logits, labels, ignore_index, softcap)
     return _loss_and_grad_torch(logits, labels, ignore_index)
 
 
