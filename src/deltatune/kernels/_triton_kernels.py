@@ -25,8 +25,12 @@ def _capped(x, cap, SOFTCAP: tl.constexpr):
     """(logit the loss sees, its derivative by the raw logit): cap * tanh(x / cap) with SOFTCAP."""
     if SOFTCAP:
         squashed = _tanh(x / cap)
-        return squashed * cap, 1.0 - squashed * squashed
-    return x, 1.0
+        capped = squashed * cap
+        slope = 1.0 - squashed * squashed
+    else:
+        capped = x
+        slope = x * 0.0 + 1.0  # ones, shaped like x
+    return capped, slope
 
 
 @triton.jit
