@@ -89,12 +89,16 @@ SHAPES = {
     # Gemma-2 2B: GeGLU, 4 norms per block, softcapped attention and final logits, 256k vocabulary.
     "gemma2-2b": Shape("Gemma-2 2B", hidden=2304, layers=26, intermediate=9216, batch=4, heads=8, kv_heads=4,
                        vocab=256000, family="gemma2", extra=(("head_dim", 256),)),
+    # Gemma-3 1B: GeGLU, q/k norms, sliding-window layers, 262k vocabulary (no final-logit softcapping).
+    "gemma3-1b": Shape("Gemma-3 1B", hidden=1152, layers=26, intermediate=6912, batch=4, heads=4, kv_heads=1,
+                       vocab=262144, family="gemma3_text",
+                       extra=(("head_dim", 256), ("sliding_window", 512), ("query_pre_attn_scalar", 256))),
     "qwen2-1.5b": Shape("Qwen2.5-1.5B", hidden=1536, layers=28, intermediate=8960, batch=4, heads=12, kv_heads=2,
                         vocab=151936, family="qwen2"),
 }
 # (shape, gradient checkpointing)
 RUNS = {"1b": ("1b", False), "1b-ckpt": ("1b", True), "7b-ckpt": ("7b", True), "gemma2-2b": ("gemma2-2b", False),
-        "qwen2-1.5b": ("qwen2-1.5b", False)}
+        "gemma3-1b": ("gemma3-1b", False), "qwen2-1.5b": ("qwen2-1.5b", False)}
 
 
 @dataclass
