@@ -39,7 +39,7 @@ class FusedBlock:
     Each must compute exactly the code the fused functions reproduce: RMSNorm with float32
     statistics (Llama's `w * normed.to(dtype)`, or with `norm_unit_offset` Gemma's
     `(normed * (1 + w)).to(dtype)`), a gated MLP with gate/up/down projections whose `act_fn` is
-    one `gated_activation` names, and `apply_rotary_pos_emb(q, k, cos, sin)` called from the
+    one `gated_activation` names (or Phi-3's: one gate_up_proj, gate first, and `activation_fn`), and `apply_rotary_pos_emb(q, k, cos, sin)` called from the
     attention's forward."""
 
     modeling_module: str  # e.g. "transformers.models.llama.modeling_llama"
@@ -66,7 +66,8 @@ class Architecture:
     fused: dict[str, FusedBlock] | None = None  # model type -> classes the fused path may replace
 
 
-_LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3 computes q, k, v in one qkv_proj and gate, up in one gate_up_proj: the same seven projections.
+_LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 _LLAMA_ROLES = dict(
     key_value_patterns=(r"k_proj", r"v_proj"),
     attention_output_patterns=(r"self_attn\.o_proj",),
@@ -88,13 +89,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "llama", ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "smollm3"),
         _LLAMA_LINEAR, **_LLAMA_ROLES, plain_lm_head=True,
         # Those whose norm, gated MLP and rotary code the fused functions reproduce exactly
-        # (tests/test_kernels.py, per family). Phi-3's fused gate_up_proj and the MoE blocks are not.
+        # (tests/test_kernels.py, per family); Phi-3's MLP splits its gate_up_proj. The MoE blocks are not.
         fused={
             "llama": _llama_like("llama", "Llama"), "mistral": _llama_like("mistral", "Mistral"),
             "qwen2": _llama_like("qwen2", "Qwen2"), "qwen3": _llama_like("qwen3", "Qwen3"),
             "gemma": _llama_like("gemma", "Gemma", norm_unit_offset=True),
             "gemma2": _llama_like("gemma2", "Gemma2", norm_unit_offset=True),
             "gemma3_text": _llama_like("gemma3_text", "Gemma3", "gemma3", norm_unit_offset=True),
+            "phi3": _llama_like("phi3", "Phi3"),
         },
     ),
     Architecture(

@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import hf_compat
 from .fused_ops import gated_activation, rms_norm, rotary_embedding
+from .lora_linear import LoraParams
 from .lora_mlp import lora_fast_params, lora_mlp
 
 __all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_modules"]
@@ -52,6 +53,29 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         # all three are LoRA layers without active dropout (none, or in eval mode): one autograd node
         return lora_mlp(x, *(p._replace(dropout_p=0.0) for p in projections), activation=activation)
     return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), activation))
+
+
+def _row_halves(params: LoraParams) -> tuple[LoraParams, LoraParams]:
+    """A LoRA projection whose output rows stack two projections (Phi-3's gate_up_proj: gate, then
+    up) as two LoRA projections over views: they share A, each takes its half of W, b and B."""
+    half = params.weight.shape[0] // 2
+    bias = params.bias
+
+    def rows(part: slice) -> LoraParams:
+        return params._replace(weight=params.weight[part], bias=None if bias is None else bias[part],
+                               lora_b=params.lora_b[part], dropout_p=0.0)
+
+    return rows(slice(0, half)), rows(slice(half, None))
+
+
+def _fused_gate_up_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # Phi-3: up * act(gate) with gate and up the two halves of one gate_up_proj
+    activation = hf_compat.gated_activation(self.activation_fn)
+    gate_up, down = lora_fast_params(self.gate_up_proj), lora_fast_params(self.down_proj)
+    if all(p is not None and (p.dropout_p == 0 or not self.training) for p in (gate_up, down)):
+        return lora_mlp(x, *_row_halves(gate_up), down._replace(dropout_p=0.0), activation=activation)
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(gated_activation(gate, up, activation))
 
 
 def _make_fused_rotary(original: Callable) -> Callable:
@@ -116,6 +140,9 @@ def _fused_forward_for(module: nn.Module, classes: dict[type, str]) -> Callable 
     if role == "mlp" and hf_compat.gated_activation(getattr(module, "act_fn", None)) is not None:
         if all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
             return _fused_mlp_forward
+    if role == "mlp" and hf_compat.gated_activation(getattr(module, "activation_fn", None)) is not None:
+        if all(hasattr(module, p) for p in ("gate_up_proj", "down_proj")):
+            return _fused_gate_up_mlp_forward
     if role == "attention":
         return _fused_attention_forward(type(module))
     return None
@@ -150,7 +177,7 @@ def has_fused_path(model: nn.Module) -> bool:
 
 def patch_model_for_training(model: nn.Module) -> nn.Module:
     """Use fused RMSNorm / gated MLP (one-node LoRA MLP) / rotary in the blocks of ``model`` whose
-    architecture has a fused path in hf_compat's table (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3).
+    architecture has a fused path in hf_compat's table (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3).
 
     Returns the same model, changed in place and only there. Idempotent; :func:`unpatch_model`
     undoes it exactly. Modules of other architectures are left alone. LoRA-wrapped projections
