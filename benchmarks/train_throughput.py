@@ -49,6 +49,11 @@ from _common import count_graph_nodes, profile_steps, set_same_lora_init
 from torch import nn
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHI3_TARGET_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # the same seven, two of them fused
+
+
+def lora_targets(model_type: str) -> list[str]:
+    return PHI3_TARGET_MODULES if model_type == "phi3" else TARGET_MODULES
 LORA_RANK, LORA_ALPHA = 16, 32
 LORA_LR, FULL_LR = 1e-3, 1e-5
 
@@ -93,12 +98,15 @@ SHAPES = {
     "gemma3-1b": Shape("Gemma-3 1B", hidden=1152, layers=26, intermediate=6912, batch=4, heads=4, kv_heads=1,
                        vocab=262144, family="gemma3_text",
                        extra=(("head_dim", 256), ("sliding_window", 512), ("query_pre_attn_scalar", 256))),
+    # Phi-3-mini 3.8B: q, k, v in one qkv_proj, gate and up in one gate_up_proj.
+    "phi3-mini": Shape("Phi-3-mini 3.8B", hidden=3072, layers=32, intermediate=8192, batch=4, heads=32, kv_heads=32,
+                       vocab=32064, family="phi3", extra=(("pad_token_id", 0),)),
     "qwen2-1.5b": Shape("Qwen2.5-1.5B", hidden=1536, layers=28, intermediate=8960, batch=4, heads=12, kv_heads=2,
                         vocab=151936, family="qwen2"),
 }
 # (shape, gradient checkpointing)
 RUNS = {"1b": ("1b", False), "1b-ckpt": ("1b", True), "7b-ckpt": ("7b", True), "gemma2-2b": ("gemma2-2b", False),
-        "gemma3-1b": ("gemma3-1b", False), "qwen2-1.5b": ("qwen2-1.5b", False)}
+        "gemma3-1b": ("gemma3-1b", False), "phi3-mini": ("phi3-mini", False), "qwen2-1.5b": ("qwen2-1.5b", False)}
 
 
 @dataclass
@@ -161,7 +169,8 @@ def setup_peft(model, checkpointing, seed):
 
     if checkpointing:
         enable_checkpointing(model)
-    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=TARGET_MODULES)
+    config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                             target_modules=lora_targets(model.config.model_type))
     wrapped = peft.get_peft_model(model, config)
     set_same_lora_init(wrapped, seed)
     params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -206,7 +215,7 @@ def setup_unsloth(shape: Shape, checkpointing: bool, seed: int):
     model, _ = FastLanguageModel.from_pretrained(model_name=folder, dtype=torch.bfloat16, load_in_4bit=False,
                                                  max_seq_length=shape.seq, local_files_only=True)
     model = FastLanguageModel.get_peft_model(model, r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0,
-                                             target_modules=TARGET_MODULES, bias="none",
+                                             target_modules=lora_targets(shape.family), bias="none",
                                              use_gradient_checkpointing="unsloth" if checkpointing else False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -223,7 +232,7 @@ def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, cap
     # The ordinary API: on CUDA, dt.wrap with LoRA (fused="auto") dispatches each LoRA layer to one
     # fused node and runs the fused block ops; fused=False is the "lora-only" row: fused LoRA layers
     # without the fused block ops.
-    config = dt.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=TARGET_MODULES)
+    config = dt.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=lora_targets(model.config.model_type))
     wrapped = dt.wrap(model, config, fused="auto" if patch else False)
     if model.config.model_type == "llama":
         assert wrapped.is_fused == patch, "fused='auto' should patch a CUDA Llama model"
