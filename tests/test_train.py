@@ -264,6 +264,32 @@ def test_gradient_checkpointing_works_through_wrapper_with_frozen_base():
     assert all(math.isfinite(loss) for loss in result.losses)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_offloaded_activations_go_through_host_storage_and_train_the_same(monkeypatch, checkpointing):
+    """offload_activations: every tensor the forward saves for backward passes through
+    save_on_cpu's hooks (with checkpointing: only the blocks' inputs), and training ends on the
+    same weights as without it."""
+    packed = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+            self.pack_hook = lambda tensor: packed.append(tuple(tensor.shape)) or pack(tensor)
+
+    plain, offloaded = Wrapper(tiny_llama()), Wrapper(tiny_llama())
+    train(plain, lm_dataset(), quiet(max_steps=2, gradient_checkpointing=checkpointing))
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingSaveOnCpu)
+    train(offloaded, lm_dataset(), quiet(max_steps=2, gradient_checkpointing=checkpointing, offload_activations=True))
+    assert packed, "nothing was saved through save_on_cpu"
+    hidden = offloaded.model.config.hidden_size
+    if checkpointing:  # each checkpointed block keeps its input (and little else) until backward
+        assert sum(shape[-1:] == (hidden,) for shape in packed) >= 2 * offloaded.model.config.num_hidden_layers
+    torch.testing.assert_close(trainable_state(offloaded), trainable_state(plain), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="offload_activations must be bool"):
+        TrainConfig(offload_activations="yes")
+
+
 def test_gradient_checkpointing_on_plain_module_names_the_fix():
     with pytest.raises(ValueError, match="gradient_checkpointing=False"):
         train(PoisonableRegression(), regression_data(), quiet(gradient_checkpointing=True))

@@ -66,6 +66,11 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA if supported, else fp32) | "bf16" | "fp16" | "no"
     gradient_checkpointing: bool = False
+    # Keep the tensors saved for backward in host memory (pinned on CUDA) until backward needs them
+    # (torch.autograd.graph.save_on_cpu). With gradient_checkpointing that is each block's input,
+    # so a long context's activations no longer grow GPU memory with depth; each costs a copy out
+    # and back per step.
+    offload_activations: bool = False
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end (if eval_fn given)
     log_every: int = 10
     seed: int = 0
@@ -497,7 +502,7 @@ class _Runner:
             state["data_position"] += 1
             tokens += _count_tokens(batch)
             with self._no_sync(micro < config.grad_accum - 1):
-                with autocast_context(self.device, self.precision):
+                with autocast_context(self.device, self.precision), self._activation_storage():
                     loss = _loss_of(self.forward_model(**batch))
                     if self.auxiliary_loss is not None:
                         extra = self.auxiliary_loss()
@@ -520,6 +525,12 @@ class _Runner:
             return total_loss / config.grad_accum, tokens
         self._clip_and_step()
         return total_loss / weights, tokens
+
+    def _activation_storage(self) -> Any:
+        """Where the forward's saved tensors wait for backward: host memory with offload_activations."""
+        if not self.config.offload_activations:
+            return nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
 
     def _no_sync(self, skip: bool) -> Any:
         """DDP all-reduces gradients on the last micro-batch only."""
