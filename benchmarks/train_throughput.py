@@ -6,8 +6,9 @@
 
 Modes: "deltatune" calls deltatune.kernels.causal_lm_loss; "deltatune-labels" is the ordinary
 `model(input_ids, labels=...)` a Trainer or TRL user runs (the wrapped model takes the chunked
-loss itself since the labels= path landed); the other families' shapes (Gemma-2 2B, Qwen2.5-1.5B)
-have no fused block path, only the fused LoRA layers and the loss.
+loss itself since the labels= path landed); "deltatune-offload" is that with the activations saved
+for backward kept in host memory (TrainConfig.offload_activations). Every family shape here
+(Llama, Gemma-2, Gemma-3, Phi-3, Qwen2.5) has a fused block path.
 
 Peers a user would pick instead, each alone in its own process (both patch transformers for the
 whole process), from the wheels ../shared/peer-wheels/fetch.sh unpacks into .peers:
@@ -245,6 +246,14 @@ def setup_deltatune(model, checkpointing, seed, patch=True, fused_loss=True, cap
     return wrapped, loss_fn, optimizer, ""
 
 
+def offloaded(loss_fn):
+    def with_host_storage(model, input_ids):
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            return loss_fn(model, input_ids)
+
+    return with_host_storage
+
+
 # ----------------------------------------------------------------------------- timing
 def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup, graphed=False) -> tuple[float, float, list[float], dict]:
     """Median step time (CUDA events), median host time to enqueue one step from an idle GPU, losses."""
@@ -325,9 +334,12 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             os.environ["DELTATUNE_DISABLE_TRITON"] = "1" if mode == "deltatune-no-triton" else "0"
             patch = mode not in ("deltatune-lora-only",)
             wrapped, loss_fn, optimizer, result.note = setup_deltatune(
-                model, checkpointing, args.seed, patch=patch, fused_loss=patch and mode != "deltatune-labels",
+                model, checkpointing, args.seed, patch=patch,
+                fused_loss=patch and mode not in ("deltatune-labels", "deltatune-offload"),
                 capturable=mode == "deltatune-graphed"
             )
+            if mode == "deltatune-offload":  # what TrainConfig(offload_activations=True) does around the forward
+                loss_fn = offloaded(loss_fn)
         else:
             raise ValueError(f"unknown mode {mode!r}")
         input_ids = make_batch(shape, args.seed + 1)
