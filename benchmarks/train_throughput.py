@@ -23,8 +23,10 @@ parameters), a fixed batch of random tokens, LoRA r=16 / alpha=32 on all seven p
 mode starts from the same initial weights; LoRA A gets the same random init in peft and deltatune,
 B starts at zero. Step time is the median over the steps after warm-up, measured with CUDA events;
 peak memory is torch's peak allocation over the mode (weights, optimizer state and activations).
-"host ms" is the time the host takes to enqueue one step when the GPU is idle: when it comes
-close to the step time, the step is bound by Python and launch overhead, not by the GPU.
+"host ms" is the time the host takes to enqueue one step when the GPU is idle: well below the
+step time, the GPU sets the pace; close to it, either Python and launch overhead do, or the host
+ran far enough ahead to fill CUDA's launch queue and waited there (benchmarks/host_profile.py
+shows where the host's time goes; a launch that waits reads as a slow call).
 "floor" is every weight frozen, no adapter, gradients flowing to the input embeddings only: what
 any adapter pays at least with HF's unfused model code.
 
