@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 benchmarks/qlora_throughput.py                       # 1.1B batch 4, 7.2B batch 1 and 2
     PYTHONPATH=src python3 benchmarks/qlora_throughput.py --runs 1b --modes peft,deltatune
+    PYTHONPATH=src python3 benchmarks/qlora_throughput.py --repeats 2 --batches-7b 1,2,4   # each row twice, spread flagged
     PYTHONPATH=src python3 benchmarks/qlora_throughput.py --device cpu --tiny   # logic check on a CPU, no GPU
     PYTHONPATH=src python3 benchmarks/qlora_throughput.py --device cpu --dequant-bench --runs none   # CPU dequantize only
 
@@ -127,6 +128,22 @@ class Result:
     resident_gib: float | None = None
     losses: list[float] = field(default_factory=list)
     note: str = ""
+    spread: float | None = None  # with --repeats: (slowest - fastest) / median step over the repeats
+
+
+SPREAD_LIMIT = 0.05  # a row whose repeats differ more than this is flagged: read it again before quoting it
+
+
+def median_of_repeats(repeats: list[Result]) -> Result:
+    """The repeat with the median step time (the lower middle one for an even count), carrying the
+    spread of all of them."""
+    timed = sorted((r for r in repeats if r.step_ms is not None), key=lambda r: r.step_ms)
+    if not timed:
+        return repeats[0]
+    middle = timed[(len(timed) - 1) // 2]
+    if len(timed) > 1:
+        middle.spread = (timed[-1].step_ms - timed[0].step_ms) / middle.step_ms
+    return middle
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -500,9 +517,14 @@ def loss_line(ours: Result, peft_: Result) -> str:
     return f"{a:.4f} / {b:.4f} ({abs(a - b) / abs(b):.1e}{'' if ok else ' DISAGREE'})"
 
 
+def spread_text(r: Result) -> str:
+    return "-" if r.spread is None else f"{r.spread:.1%}"
+
+
 def format_table(shape_key: str, shape: Shape, results: dict[str, list[Result]]) -> str:
     header = (f"{'model':<6}{'batch':>6}  {'mode':<24}{'ours tok/s':>11}{'peft tok/s':>11}{'ratio':>7}"
-              f"{'ours peak GiB':>14}{'peft peak GiB':>14}{'ratio':>7}{'step ms':>9}{'host ms':>9}{'resident':>9}  step-0 loss ours / peft")
+              f"{'ours peak GiB':>14}{'peft peak GiB':>14}{'ratio':>7}{'step ms':>9}{'host ms':>9}{'resident':>9}{'spread':>8}"
+              f"  step-0 loss ours / peft")
     lines = [header]
     peft_by_batch = {r.batch: r for r in results.get("peft", [])}
     for mode, mode_results in results.items():
@@ -513,8 +535,13 @@ def format_table(shape_key: str, shape: Shape, results: dict[str, list[Result]])
             lines.append(
                 f"{shape.name:<6}{r.batch:>6}  {mode:<24}{num(r.tokens_per_s, ',.0f'):>11}{num(p.tokens_per_s, ',.0f'):>11}"
                 f"{ratio(r.tokens_per_s, p.tokens_per_s):>7}{num(r.peak_gib, '.2f'):>14}{num(p.peak_gib, '.2f'):>14}"
-                f"{ratio(r.peak_gib, p.peak_gib):>7}{num(r.step_ms, '.1f'):>9}{num(r.host_ms, '.1f'):>9}{num(r.resident_gib, '.2f'):>9}  {loss_line(r, p)}"
+                f"{ratio(r.peak_gib, p.peak_gib):>7}{num(r.step_ms, '.1f'):>9}{num(r.host_ms, '.1f'):>9}{num(r.resident_gib, '.2f'):>9}"
+                f"{spread_text(r):>8}  {loss_line(r, p)}"
             )
+    unsteady = [f"{mode} batch {r.batch} ({r.spread:.0%})" for mode, rs in results.items() for r in rs
+                if r.spread is not None and r.spread > SPREAD_LIMIT]
+    if unsteady:
+        lines.append(f"spread over {SPREAD_LIMIT:.0%} between repeats, read again before quoting: {', '.join(unsteady)}")
     for r in results.get("peft", []):
         ref = REFERENCE_PEFT.get((shape_key, r.batch))
         if ref:
@@ -553,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-steps", type=int, default=8)
     parser.add_argument("--big-warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every mode this many times, the modes taking turns; a row reports the median "
+                             f"step and the spread of the repeats, flagged over {SPREAD_LIMIT:.0%}")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model: checks the script's logic in seconds")
     parser.add_argument("--dequant-bench", action="store_true", help="time the dequantization backends first")
@@ -579,14 +609,17 @@ def main(argv: list[str] | None = None) -> int:
         if shape_key == "7b":
             shape = Shape(**{**shape.__dict__, "batches": tuple(int(b) for b in args.batches_7b.split(","))})
         modes = (args.big_modes if shape_key == "7b" and args.big_modes else args.modes).split(",")
-        results: dict[str, list[Result]] = {}
-        for mode in modes:
-            started = time.time()
-            results[mode] = run_mode(mode, shape_key, shape, args, device)
-            for r in results[mode]:
-                print(f"[{shape.name} batch {r.batch}] {mode}: {num(r.step_ms, '.1f')} ms/step, host {num(r.host_ms, '.1f')} ms, "
-                      f"peak {num(r.peak_gib, '.2f')} GiB, losses {[round(v, 4) for v in r.losses[:3]]}..{r.losses[-1:] and round(r.losses[-1], 4)}; "
-                      f"{r.note} ({time.time() - started:.0f} s)", flush=True)
+        repeats: dict[str, list[list[Result]]] = {mode: [] for mode in modes}
+        for _ in range(args.repeats):  # the modes take turns, so a slow spell of the machine hits all of them
+            for mode in modes:
+                started = time.time()
+                repeats[mode].append(run_mode(mode, shape_key, shape, args, device))
+                for r in repeats[mode][-1]:
+                    print(f"[{shape.name} batch {r.batch}] {mode}: {num(r.step_ms, '.1f')} ms/step, host {num(r.host_ms, '.1f')} ms, "
+                          f"peak {num(r.peak_gib, '.2f')} GiB, losses {[round(v, 4) for v in r.losses[:3]]}..{r.losses[-1:] and round(r.losses[-1], 4)}; "
+                          f"{r.note} ({time.time() - started:.0f} s)", flush=True)
+        # one Result per batch size of each mode: the median repeat
+        results = {mode: [median_of_repeats(list(by_batch)) for by_batch in zip(*runs)] for mode, runs in repeats.items()}
         tables.append(format_table(shape_key, shape, results))
         report[shape_key] = {mode: [r.__dict__ for r in rs] for mode, rs in results.items()}
 
