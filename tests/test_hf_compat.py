@@ -28,6 +28,26 @@ def test_cache_is_read_under_either_name_and_written_under_the_models_own():
     assert kwargs == {hf_compat.cache_argument(model): cache}
 
 
+def test_a_model_outputs_cache_is_read_under_its_declared_name_only():
+    """Reading a renamed field's old name from a transformers output logs a deprecation warning
+    (5.24's ModelOutput aliases it): get_cache asks only for the names the output class declares."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    asked = []
+
+    class Recording(BaseModelOutputWithPast):
+        def get(self, key, default=None):
+            asked.append(key)
+            return super().get(key, default)
+
+    declared = [name for name in hf_compat.CACHE_NAMES if name in BaseModelOutputWithPast.__dataclass_fields__]
+    assert len(declared) == 1
+    cache = object()
+    assert hf_compat.get_cache(Recording(**{declared[0]: cache})) is cache
+    assert hf_compat.get_cache(Recording()) is None  # training: no cache, and still no old name asked
+    assert asked == declared * 2
+
+
 def test_a_cache_filled_through_the_helpers_is_used_by_the_model():
     model = tiny_llama().eval()
     ids = torch.randint(0, 101, (1, 6))

@@ -315,7 +315,10 @@ def _forward_parameters(cls: type) -> frozenset[str]:
 
 def get_cache(inputs: Any) -> Any:
     """The cache in forward keyword arguments or in a model output, under either name."""
+    declared = getattr(type(inputs), "__dataclass_fields__", None)  # a model output's own fields
     for name in CACHE_NAMES:
+        if declared is not None and name not in declared:
+            continue  # the old name of a renamed field only aliases it, with a deprecation warning
         value = inputs.get(name) if hasattr(inputs, "get") else None
         if value is not None:
             return value
