@@ -46,19 +46,27 @@ def run(strategy: str, method: str, output: Path, steps: int = STEPS, **options)
     return result.losses
 
 
-def merge_in_place(options: dict) -> dict[str, float]:
-    """merge() and unmerge() on an FSDP2-sharded LoRA model against the same adapter in one process:
-    the largest differences of logits and of a merged base weight (0 when they agree)."""
-    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
-    config = dt.LoraConfig(r=4, init_lora_weights=False, **options)  # random B: the adapter changes the output
+MERGE_IDS = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=MERGE_IDS).logits
+
+
+def alone_and_sharded(options: dict) -> tuple:
+    """The same LoRA adapter (random B: it changes the output) in one process and FSDP2-sharded."""
+    config = dt.LoraConfig(r=4, init_lora_weights=False, **options)
     torch.manual_seed(5)
     alone = dt.wrap(tiny_llama(seed=0), config).eval()
     torch.manual_seed(5)
-    sharded = distributed.prepare(dt.wrap(tiny_llama(seed=0), config), "fsdp2").eval()
+    return alone, distributed.prepare(dt.wrap(tiny_llama(seed=0), config), "fsdp2").eval()
 
-    def logits(model):
-        with torch.no_grad():
-            return model(input_ids=ids).logits
+
+def merge_in_place(options: dict) -> dict[str, float]:
+    """merge() and unmerge() on an FSDP2-sharded LoRA model against the same adapter in one process:
+    the largest differences of logits and of a merged base weight (0 when they agree)."""
+    alone, sharded = alone_and_sharded(options)
 
     def q_weight(model):
         return distributed.gather_full(model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach())
@@ -74,6 +82,24 @@ def merge_in_place(options: dict) -> dict[str, float]:
               "adapter changes the output": (unmerged - base).abs().max().item()}
     sharded.unmerge()
     report["unmerged again"] = (logits(sharded) - unmerged).abs().max().item()
+    return report
+
+
+def merged_copy() -> dict:
+    """merge_and_unload() on an FSDP2-sharded LoRA model (every rank calls it) against the same
+    adapter merged in one process; and the sharded model afterwards."""
+    alone, sharded = alone_and_sharded({})
+    before = logits(sharded)
+    plain = sharded.merge_and_unload()
+    report = {"ranks given a model": distributed.all_sum(plain is not None),
+              "sharded model changed by": (logits(sharded) - before).abs().max().item()}
+    if distributed.is_main():
+        want = alone.merge_and_unload()
+        report["class"] = type(plain).__name__
+        report["plain modules only"] = not any("deltatune" in type(m).__module__ for m in plain.modules())
+        report["same keys"] = list(plain.state_dict()) == list(want.state_dict())
+        report["logits differ by"] = (logits(plain) - logits(want)).abs().max().item()
+        report["adapter changed the output"] = (logits(want) - logits(tiny_llama(seed=0).eval())).abs().max().item()
     return report
 
 
@@ -95,18 +121,12 @@ def main(out: Path, single_checkpoint: Path) -> None:
                                  resume=True, schedule="constant")
     run("fsdp2", "lora", out / "two-steps", steps=2, output_dir=str(out / "checkpoints-of-2"), checkpoint_every=2,
         schedule="constant")
-    sharded = distributed.prepare(dt.wrap(tiny_llama(seed=0), adapter_config("lora")), "fsdp2")
-    try:
-        sharded.merge_and_unload()
-        merge = "merged"
-    except distributed.DistributedError as err:
-        merge = str(err)
     merges = {variant: merge_in_place(options) for variant, options in (("lora", {}), ("dora", {"use_dora": True}))}
+    unloaded = merged_copy()
     if distributed.is_main():
         (out / "losses.json").write_text(json.dumps(losses))
-        (out / "merge.txt").write_text(merge)
         (out / "merge-in-place.json").write_text(json.dumps(merges))
-    del sharded
+        (out / "merge-and-unload.json").write_text(json.dumps(unloaded))
     distributed.shutdown()
 
 

@@ -99,9 +99,15 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(two_processes, tmp_path, c
     assert_same_adapter(resumed, want)
 
 
-def test_merging_a_sharded_model_says_how_to_merge(two_processes):
-    said = (two_processes / "out" / "merge.txt").read_text()
-    assert "merge_and_unload() cannot hand back" in said and "save the adapter" in said
+def test_merge_and_unload_of_a_sharded_model_gives_rank_0_the_model_one_process_merges(two_processes):
+    """Every rank calls it; rank 0 alone gets a plain merged model (on its CPU) whose keys and logits
+    are those of the same adapter merged in one process, and the sharded model is left as it was."""
+    report = json.loads((two_processes / "out" / "merge-and-unload.json").read_text())
+    assert report["ranks given a model"] == 1
+    assert report["class"] == "LlamaForCausalLM" and report["plain modules only"] and report["same keys"]
+    assert report["adapter changed the output"] > 1e-3  # random B: a merge that dropped it would show
+    assert report["logits differ by"] < 1e-5
+    assert report["sharded model changed by"] == 0.0
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])

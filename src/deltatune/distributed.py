@@ -18,8 +18,9 @@ What is special about PEFT here, and handled:
   * 4-bit base weights are buffers, which FSDP2 does not shard: they stay whole on every rank
     (with their quantization state), the adapter over them is sharded like any other;
   * LoRA merges in place into sharded weights (a row-sharded B·A adds to the same rows of W), for
-    methods whose MethodInfo says merges_sharded; merge_and_unload() is refused (FSDP2's root is
-    the wrapper), with the way to a plain merged model.
+    methods whose MethodInfo says merges_sharded; merge_and_unload() hands rank 0 a plain merged
+    copy rebuilt from the gathered weights (FSDP2's root is the wrapper: its inner model cannot be
+    handed back), leaving the shards as they were.
 """
 
 from __future__ import annotations
@@ -178,6 +179,21 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP2-sharded model, on rank 0's CPU ({} on the other ranks);
+    every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_class(module: nn.Module) -> type:
+    """The class `fully_shard` gave `module` a subclass of (the class itself when not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def is_sharded(tensor: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -215,7 +231,8 @@ def all_sum(value: float | int) -> float:
 
 
 __all__ = [
-    "STRATEGIES", "DistributedError", "all_sum", "barrier", "device", "gather_full", "init_from_env", "is_main",
+    "STRATEGIES", "DistributedError", "all_sum", "barrier", "device", "gather_full", "gather_state_dict", "init_from_env",
+    "is_main", "unsharded_class",
     "refuse_several_processes",
     "is_sharded", "launched", "local_view", "prepare", "rank", "resolve_strategy", "shard_like", "shutdown",
     "unwrap_parallel",

@@ -74,6 +74,23 @@ _MERGE_IN_ONE_PROCESS = ("For a plain merged model, save the adapter (model.save
                          "in one process: dt.load(base_model, dir).merge_and_unload().")
 
 
+def _base_weights(state: dict[str, torch.Tensor], plain: nn.Module) -> dict[str, torch.Tensor]:
+    """`plain`'s state dict taken from the state of the same model wrapped by deltatune: a wrapped
+    module's own tensors sit one `base_layer.` hop (or more, for nested wrappers) further down."""
+    found = {}
+    for key in plain.state_dict():
+        module, _, leaf = key.rpartition(".")
+        prefix = f"{module}." if module else ""
+        for hops in range(4):
+            candidate = f"{prefix}{'base_layer.' * hops}{leaf}"
+            if candidate in state:
+                found[key] = state[candidate]
+                break
+        else:
+            raise distributed.DistributedError(f"the gathered sharded model has no tensor for {key!r}. {_MERGE_IN_ONE_PROCESS}")
+    return found
+
+
 def _check_row_count(adapter_names: Sequence[str | None], args: tuple, kwargs: dict) -> None:
     """adapter_names needs one entry per row of the input (when the input is a tensor we can see)."""
     for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
@@ -479,14 +496,13 @@ class DeltaModel(nn.Module):
     def _sharded(self) -> bool:
         return any(distributed.is_sharded(p) for p in self.parameters())
 
-    def merge_and_unload(self, adapter_names: Iterable[str] | None = None) -> nn.Module:
-        """Merge, then return the plain base model with every deltatune module removed."""
+    def merge_and_unload(self, adapter_names: Iterable[str] | None = None) -> nn.Module | None:
+        """Merge, then return the plain base model with every deltatune module removed.
+
+        Under FSDP2 every rank calls it: rank 0 gets a merged plain copy on its CPU (None elsewhere)
+        and the sharded model is left as it was (see _merged_copy_of_sharded)."""
         if self._sharded():
-            # FSDP2's root hooks live on this wrapper: the inner model alone would not run.
-            raise distributed.DistributedError(
-                "merge_and_unload() cannot hand back the plain model from under FSDP2, whose root is this "
-                "wrapper. merge() folds LoRA adapters in place on a sharded model (every rank calls it) and "
-                f"the model keeps running sharded. {_MERGE_IN_ONE_PROCESS}")
+            return self._merged_copy_of_sharded(adapter_names)
         self.merge(adapter_names)
         for name, layer in reversed(list(self.delta_layers())):
             set_submodule(self.model, name, layer.base_layer)
@@ -494,6 +510,37 @@ class DeltaModel(nn.Module):
         self.active_adapters = []
         self._refresh_fused()
         return self.model
+
+    def _merged_copy_of_sharded(self, adapter_names: Iterable[str] | None) -> nn.Module | None:
+        # FSDP2's root hooks live on this wrapper, so its inner model cannot be handed back. Instead the
+        # base weights and the adapters are gathered to rank 0, which builds the model afresh from its
+        # config and merges there exactly as one process would (same files, same merge code); the
+        # shards are not touched, so training can go on.
+        import tempfile
+
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        unknown = [name for name in names if name not in self.configs]
+        if unknown:
+            raise ValueError(f"No adapter named {unknown}; this model has {self.adapter_names}.")
+        plain_class = distributed.unsharded_class(self.model)
+        config = getattr(self.model, "config", None)
+        if config is None or not hasattr(plain_class, "config_class"):
+            raise distributed.DistributedError(
+                f"merge_and_unload() under FSDP2 rebuilds the model from its transformers config, and "
+                f"{plain_class.__name__} has none. {_MERGE_IN_ONE_PROCESS}")
+        base_state = distributed.gather_state_dict(self.model)
+        with tempfile.TemporaryDirectory() as folder:
+            for name in names:
+                self.save(Path(folder) / name, adapter_name=name)  # gathers; rank 0 writes
+            if not distributed.is_main():
+                return None
+            with torch.device("cpu"):
+                plain = plain_class(config)
+            plain.load_state_dict(_base_weights(base_state, plain), strict=True)
+            merged = DeltaModel(plain, fused=False)
+            for name in names:
+                merged.load_adapter(Path(folder) / name, name)
+            return merged.merge_and_unload(names)
 
     def unwrap(self) -> nn.Module:
         """Remove every adapter without merging and return the base model as it was wrapped:

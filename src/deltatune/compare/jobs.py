@@ -209,9 +209,8 @@ def _save_full(model: nn.Module, output: Path) -> None:
         return
     if any(distributed.is_sharded(p) for p in model.parameters()):
         from safetensors.torch import save_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = distributed.gather_state_dict(model)
         if distributed.is_main():
             output.mkdir(parents=True, exist_ok=True)
             temporary = output / "model.safetensors.tmp"
