@@ -89,9 +89,16 @@ def merged_copy() -> dict:
     """merge_and_unload() on an FSDP2-sharded LoRA model (every rank calls it) against the same
     adapter merged in one process; and the sharded model afterwards."""
     alone, sharded = alone_and_sharded({})
+    sharded.merge()  # folded into the shards, an adapter must not be merged into the copy a second time
+    try:
+        sharded.merge_and_unload()
+        refusal = "not refused"
+    except distributed.DistributedError as err:
+        refusal = str(err)
+    sharded.unmerge()
     before = logits(sharded)
     plain = sharded.merge_and_unload()
-    report = {"ranks given a model": distributed.all_sum(plain is not None),
+    report = {"ranks given a model": distributed.all_sum(plain is not None), "after merge()": refusal,
               "sharded model changed by": (logits(sharded) - before).abs().max().item()}
     if distributed.is_main():
         want = alone.merge_and_unload()

@@ -108,6 +108,7 @@ def test_merge_and_unload_of_a_sharded_model_gives_rank_0_the_model_one_process_
     assert report["adapter changed the output"] > 1e-3  # random B: a merge that dropped it would show
     assert report["logits differ by"] < 1e-5
     assert report["sharded model changed by"] == 0.0
+    assert "merged into the sharded weights; unmerge()" in report["after merge()"]
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])

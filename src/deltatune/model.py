@@ -522,6 +522,11 @@ class DeltaModel(nn.Module):
         unknown = [name for name in names if name not in self.configs]
         if unknown:
             raise ValueError(f"No adapter named {unknown}; this model has {self.adapter_names}.")
+        folded = sorted({name for _, layer in self.delta_layers() for name in layer.merged_adapters})
+        if folded:  # their deltas are in the gathered base weights already: they would be added twice
+            raise distributed.DistributedError(
+                f"Adapters {folded} are merged into the sharded weights; unmerge() them (every rank) before "
+                "merge_and_unload(), which merges a copy on rank 0.")
         plain_class = distributed.unsharded_class(self.model)
         config = getattr(self.model, "config", None)
         if config is None or not hasattr(plain_class, "config_class"):
