@@ -110,6 +110,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_o
 GATED_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
+def check_activation(activation: str) -> None:
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(GATED_ACTIVATIONS)}, got {activation!r}")
+
+
 def _activate(gate: torch.Tensor, activation: str) -> torch.Tensor:
     return F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
 
@@ -155,8 +160,7 @@ class _GatedFunction(torch.autograd.Function):
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """``act(gate) * up`` saving only gate and up; activation is one of GATED_ACTIVATIONS."""
-    if activation not in GATED_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(GATED_ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
     return _GatedFunction.apply(gate, up, activation)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused_ops import GATED_ACTIVATIONS, gated_backward_raw, gated_forward_raw, gated_activation_reference
+from .fused_ops import check_activation, gated_activation_reference, gated_backward_raw, gated_forward_raw
 from .lora_linear import LoraParams
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "LoraParams", "lora_fast_params"]
@@ -113,8 +113,7 @@ def lora_mlp(x: torch.Tensor, gate: LoraParams, up: LoraParams, down: LoraParams
     Each of ``gate``, ``up``, ``down`` is a :class:`LoraParams` whose ``dropout_p`` is 0. Same
     conventions as ``lora_linear``. activation: "silu" or "gelu_tanh".
     """
-    if activation not in GATED_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(GATED_ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
     gate, up, down = (LoraParams(*p) for p in (gate, up, down))
     for params in (gate, up, down):
         _check_frozen(params)
