@@ -32,12 +32,23 @@ def fingerprint(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[int, st
     return config["r"], digest.hexdigest()
 
 
-def _save_forever(directory: str) -> None:
+def _save_forever(directory: str, saves_done, last_save_seconds) -> None:
     torch.set_num_threads(1)
     index = 2
-    while True:  # until killed: versions 2, 1, 2, 1, ... over a folder holding version 1
+    while True:  # until killed: versions 2, 1, 2, 1, ... over a folder holding the previous child's last
+        started = time.perf_counter()
         save_adapter_files(directory, *version(index))
+        last_save_seconds.value = time.perf_counter() - started
+        saves_done.value += 1
         index = 3 - index
+
+
+def _wait_for_saves(saves_done, count: int, child, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while saves_done.value < count:
+        assert child.is_alive(), "the saving process died on its own"
+        assert time.monotonic() < deadline, f"the saving process finished {saves_done.value} of {count} saves in {timeout} s"
+        time.sleep(0.001)
 
 
 def test_a_save_killed_at_any_point_leaves_exactly_the_old_or_the_new_adapter(tmp_path):
@@ -48,15 +59,15 @@ def test_a_save_killed_at_any_point_leaves_exactly_the_old_or_the_new_adapter(tm
     rng = random.Random(0)
     torch.set_num_threads(1)
     seen = set()
-    started = time.perf_counter()
-    save_adapter_files(tmp_path / "probe", *version(2))
-    # Kills spread over about three saves on this machine (a fixed window missed every completed
-    # save on a slow disk: the test then saw only the old version).
-    window = 3 * (time.perf_counter() - started) + 0.05
-    for _ in range(50):
-        child = context.Process(target=_save_forever, args=(str(folder),))
+    for attempt in range(50):
+        saves_done, last_save_seconds = context.Value("i", 0), context.Value("d", 0.0)
+        child = context.Process(target=_save_forever, args=(str(folder), saves_done, last_save_seconds))
         child.start()
-        time.sleep(rng.uniform(0.0, window))
+        # The kill lands at a random point of the save after the first or the second completed one,
+        # timed by the child's own saves (timing them from outside missed every save on a busy disk).
+        completed = 1 + attempt % 2
+        _wait_for_saves(saves_done, completed, child)
+        time.sleep(rng.uniform(0.0, 1.25 * last_save_seconds.value))
         os.kill(child.pid, signal.SIGKILL)
         child.join()
         files = read_adapter(folder)
