@@ -392,6 +392,27 @@ def static_decode_kwargs(model: nn.Module, cache: Any, cache_position: Any) -> d
     return kwargs
 
 
+def static_cache_has_sliding_layers(cache: Any) -> bool:
+    """Whether some layer of a StaticCache keeps only a sliding window (a ring buffer whose columns
+    are not the sequence's positions)."""
+    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ()))
+
+
+def allocate_static_cache(cache: Any, batch: int, like: Any) -> None:
+    """Allocate every layer of `cache` for `batch` rows with the heads, head size, dtype and
+    device of the same layer in `like`, an allocated StaticCache of the same model."""
+    shapes = [keys.shape for keys, _ in cache_key_values(like)]
+    first_keys = cache_key_values(like)[0][0]
+    cache.early_initialization(batch, [s[1] for s in shapes], [s[3] for s in shapes], first_keys.dtype, first_keys.device)
+
+
+def set_static_cache_length(cache: Any, length: int) -> None:
+    """Make every layer of a StaticCache write its next token at column `length` (its layers
+    count their own writes; moving or copying columns by hand must tell them)."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+
+
 def supports_static_cache(model: nn.Module) -> bool:
     """Whether the model runs over a StaticCache (transformers marks such models as compilable
     with their whole graph, which a static cache is what allows)."""
@@ -453,8 +474,8 @@ def checkpointing_enabled(model: nn.Module) -> bool:
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BLOCK_CONTAINERS", "CACHE_NAMES", "FusedBlock", "architecture", "cache_argument",
-    "cache_key_values", "cache_length", "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
+    "allocate_static_cache", "cache_key_values", "cache_length", "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "causal_lm_output", "final_logit_softcap", "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "loss_is_plain_cross_entropy", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "gated_activation", "linear_out_features", "model_family",
-    "model_type", "new_cache", "role_patterns", "set_cache", "shifts_labels", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
+    "model_type", "new_cache", "new_static_cache", "role_patterns", "set_cache", "set_static_cache_length", "static_cache_has_sliding_layers", "static_decode_kwargs", "supports_static_cache", "shifts_labels", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
 ]

@@ -215,9 +215,11 @@ class DeltaModel(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def mixed_batch(self, adapter_names: Sequence[str | None]) -> Iterator[RowAdapters]:
-        """Within the block, row i of every batch uses adapter adapter_names[i] (None: base)."""
-        rows = RowAdapters.from_names(list(adapter_names))
+    def mixed_batch(self, adapter_names: Sequence[str | None] | RowAdapters) -> Iterator[RowAdapters]:
+        """Within the block, row i of every batch uses adapter adapter_names[i] (None: base).
+        A RowAdapters yielded by an earlier block may be passed again: layers then reuse what they
+        derived from it (a decoder that routes the same rows at every step)."""
+        rows = adapter_names if isinstance(adapter_names, RowAdapters) else RowAdapters.from_names(list(adapter_names))
         unknown = [n for n in rows.names if n not in self.configs]
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; this model has {self.adapter_names}.")

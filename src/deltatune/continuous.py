@@ -1,0 +1,300 @@
+"""Continuous batching: requests join and leave a running greedy decode between its steps.
+
+`greedy_generate` decodes a batch from start to end: a request that arrives meanwhile waits for
+the whole batch, and a row that ends early keeps its seat. Here a fixed number of rows share one
+static key/value cache and one write column `t`: each step feeds every row's last token and
+writes its keys and values at column t. A request joins a free row between steps: its prompt is
+prefilled on its own (joiners together, left-padded) and the keys and values are copied into its
+row so that the prompt ends at column t. Columns before it hold a former row's entries, which the
+row's attention mask hides, so the row computes what it would compute alone.
+
+    columns   0 ........................ t-1 | t (written by the next step) ... context-1
+    row 0     [stale ][prompt 0 ][tokens 0 ]  |
+    row 1     [prompt 1         ][tokens 1 ]  |
+    row 2     [stale      ][prompt 2       ]  |   (joined just now)
+
+A joiner whose prompt is longer than t, or rows that would run past the cache's end, move the
+window of live columns (one copy of the cache, only then). A request whose prompt and new tokens
+together exceed the cache can never join: `fits` says so before `admit`.
+
+Rows name their adapter as in DeltaModel's mixed batches. Each step is one forward of the whole
+row set; the routing is rebuilt only when the rows' adapters change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import hf_compat
+from .generation import GenerationError, supports_static_decode
+
+__all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
+
+
+@dataclass(eq=False)
+class DecodeRequest:
+    """One request: its adapter (None: the base model), prompt token ids and token budget.
+    `tag` is the caller's, returned untouched with the tokens."""
+
+    adapter: str | None
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    tag: Any = None
+
+
+@dataclass(eq=False)
+class _Row:
+    request: DecodeRequest
+    start: int  # the cache column of the prompt's first token
+    tokens: list[int] = field(default_factory=list)  # generated so far; the last is fed next
+
+    @property
+    def steps_left(self) -> int:
+        """Decode steps this row still needs (each writes one column)."""
+        return self.request.max_new_tokens - len(self.tokens)
+
+
+def supports_continuous_decode(model: nn.Module) -> str | None:
+    """None if ContinuousDecoder can run `model`, else the reason it cannot."""
+    reason = supports_static_decode(model)
+    if reason is not None:
+        return reason
+    inner = _inner(model)
+    if hf_compat.static_cache_has_sliding_layers(hf_compat.new_static_cache(inner.config, 1)):
+        return "its sliding-window cache layers keep a ring buffer, whose columns cannot be moved between rows"
+    return None
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    from .model import DeltaModel
+
+    return model.model if isinstance(model, DeltaModel) else model
+
+
+class ContinuousDecoder:
+    """Greedy decoding of up to `rows` requests at once over a cache of `context` columns,
+    with requests admitted between steps (`admit`) and returned as they end (`step`).
+
+    A request ends at `max_new_tokens` tokens or at one of `eos_ids` (included, as
+    model.generate returns it). Not thread-safe: one thread owns a decoder.
+    """
+
+    def __init__(self, model: nn.Module, rows: int, context: int, *, eos_ids: Iterable[int] = ()) -> None:
+        reason = supports_continuous_decode(model)
+        if reason is not None:
+            raise GenerationError(f"Continuous batching cannot run this model: {reason}.")
+        if rows < 1 or context < 2:
+            raise GenerationError(f"rows must be at least 1 and context at least 2, got rows={rows}, context={context}.")
+        self.model = model
+        self.forward = _inner(model)
+        self.rows = rows
+        self.context = context
+        self.eos_ids = set(eos_ids)
+        self.device = next(self.forward.parameters()).device
+        self._routed: tuple[tuple[str | None, ...], Any] | None = None  # (row adapters, their RowAdapters)
+        self.reset()
+
+    # -- state ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Drop every row (after a failed step the cache may be half written)."""
+        self._routed = None
+        self._slots: list[_Row | None] = [None] * self.rows
+        self._cache = hf_compat.new_static_cache(self.forward.config, self.context)
+        self._allocated = False
+        self.t = 0  # the column the next step writes
+        self._ids = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
+        self._positions = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
+        self._mask = torch.zeros((self.rows, self.context), dtype=torch.long, device=self.device)
+        self._cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    @property
+    def active(self) -> list[DecodeRequest]:
+        """The requests decoding now, in row order."""
+        return [row.request for row in self._slots if row is not None]
+
+    @property
+    def free_rows(self) -> int:
+        return self._slots.count(None)
+
+    # -- admission --------------------------------------------------------------------------
+    def fits(self, requests: Sequence[DecodeRequest]) -> bool:
+        """Whether `requests` can join together now: free rows, and columns for every prompt
+        before t and every row's remaining tokens after it (moving the window if need be)."""
+        if len(requests) > self.free_rows:
+            return False
+        return self._column_after_admitting(requests) is not None
+
+    def could_ever_fit(self, request: DecodeRequest) -> bool:
+        """Whether `request` fits an empty decoder (its prompt and new tokens within the cache)."""
+        return len(request.prompt_ids) + request.max_new_tokens - 1 <= self.context
+
+    def _column_after_admitting(self, requests: Sequence[DecodeRequest]) -> int | None:
+        """The write column t' that admitting `requests` needs (t itself when no move is needed),
+        or None if no column serves every row."""
+        live = [row for row in self._slots if row is not None]
+        longest_prompt = max((len(r.prompt_ids) for r in requests), default=0)
+        steps = max([row.steps_left for row in live] + [r.max_new_tokens - 1 for r in requests], default=0)
+        used = self.t - min((row.start for row in live), default=self.t)  # live columns, all before t
+        lowest = max(used, longest_prompt)  # t' must leave room before it for these
+        if self.t >= lowest and self.t + steps <= self.context:
+            return self.t
+        return lowest if lowest + steps <= self.context else None
+
+    def admit(self, requests: Sequence[DecodeRequest]) -> list[tuple[DecodeRequest, list[int]]]:
+        """Prefill `requests` and give each a free row; returns those already finished (a budget
+        of one token, or an end-of-sequence token first) with their tokens."""
+        if not requests:
+            return []
+        for request in requests:
+            _check_request(request)
+        column = self._column_after_admitting(requests) if len(requests) <= self.free_rows else None
+        if column is None:
+            raise GenerationError(f"{len(requests)} requests do not fit the decoder now; ask fits() first.")
+        first_tokens, prefill_cache, width = self._prefill(requests)
+        if column != self.t:
+            self._move_window(column)
+        finished: list[tuple[DecodeRequest, list[int]]] = []
+        placements = []
+        for index, (request, token) in enumerate(zip(requests, first_tokens)):
+            if request.max_new_tokens == 1 or token in self.eos_ids:
+                finished.append((request, [token]))
+                continue
+            slot = self._slots.index(None)
+            self._slots[slot] = _Row(request, start=self.t - len(request.prompt_ids), tokens=[token])
+            placements.append((slot, index, len(request.prompt_ids)))
+        if placements:
+            self._place(placements, prefill_cache, width, first_tokens)
+        return finished
+
+    def _prefill(self, requests: Sequence[DecodeRequest]) -> tuple[list[int], Any, int]:
+        """Run the joiners' prompts (left-padded together) over a cache of their own."""
+        width = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.zeros((len(requests), width), dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, request in enumerate(requests):
+            input_ids[i, width - len(request.prompt_ids):] = torch.tensor(list(request.prompt_ids), dtype=torch.long)
+            mask[i, width - len(request.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        cache = hf_compat.new_static_cache(self.forward.config, width)
+        kwargs = hf_compat.static_decode_kwargs(self.forward, cache, torch.arange(width, device=self.device))
+        with torch.inference_mode(), self._route([r.adapter for r in requests]):
+            logits = self.forward(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                                  **kwargs).logits
+        return logits[:, -1].argmax(-1).tolist(), cache, width
+
+    def _place(self, placements: list[tuple[int, int, int]], prefill_cache: Any, width: int, first_tokens: list[int]) -> None:
+        """Copy each joiner's keys and values into its row, its prompt ending at column t."""
+        if not self._allocated:
+            hf_compat.allocate_static_cache(self._cache, self.rows, like=prefill_cache)
+            self._allocated = True
+        with torch.inference_mode():
+            for (keys, values), (new_keys, new_values) in zip(hf_compat.cache_key_values(self._cache),
+                                                              hf_compat.cache_key_values(prefill_cache)):
+                for slot, index, length in placements:
+                    keys[slot, :, self.t - length:self.t] = new_keys[index, :, width - length:]
+                    values[slot, :, self.t - length:self.t] = new_values[index, :, width - length:]
+            for slot, index, length in placements:
+                self._mask[slot].zero_()
+                self._mask[slot, self.t - length:self.t] = 1
+                self._ids[slot, 0] = first_tokens[index]
+                self._positions[slot, 0] = length
+
+    def _move_window(self, column: int) -> None:
+        """Shift every live column by column - t, so that the next step writes at `column`."""
+        shift = column - self.t
+        live = [row for row in self._slots if row is not None]
+        if live and self._allocated:
+            low = min(row.start for row in live)
+            with torch.inference_mode():
+                for keys, values in hf_compat.cache_key_values(self._cache):
+                    keys[:, :, low + shift:self.t + shift] = keys[:, :, low:self.t].clone()
+                    values[:, :, low + shift:self.t + shift] = values[:, :, low:self.t].clone()
+                moved = self._mask[:, low:self.t].clone()
+                self._mask.zero_()
+                self._mask[:, low + shift:self.t + shift] = moved
+            for row in live:
+                row.start += shift
+        self.t = column
+
+    # -- decoding ---------------------------------------------------------------------------
+    def step(self) -> list[tuple[DecodeRequest, list[int]]]:
+        """One token for every row; returns the requests that ended with it, with their tokens."""
+        if not any(self._slots):
+            return []
+        if self.t >= self.context:  # admission keeps every row within the cache
+            raise GenerationError(f"the decoder ran past its {self.context} columns")
+        self._cache_position.fill_(self.t)
+        hf_compat.set_static_cache_length(self._cache, self.t)
+        kwargs = hf_compat.static_decode_kwargs(self.forward, self._cache, self._cache_position)
+        with torch.inference_mode(), self._decode_routing():
+            self._mask[:, self.t] = 1  # the token fed now is visible to itself
+            logits = self.forward(input_ids=self._ids, attention_mask=self._mask, position_ids=self._positions, **kwargs).logits
+            self._ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+            self._positions.add_(1)
+        self.t += 1
+        return self._collect(self._ids[:, 0].tolist())
+
+    def _collect(self, new_tokens: list[int]) -> list[tuple[DecodeRequest, list[int]]]:
+        finished = []
+        for slot, row in enumerate(self._slots):
+            if row is None:
+                continue
+            row.tokens.append(new_tokens[slot])
+            if row.steps_left == 0 or new_tokens[slot] in self.eos_ids:
+                finished.append((row.request, row.tokens))
+                self._free(slot)
+        return finished
+
+    def _free(self, slot: int) -> None:
+        self._slots[slot] = None
+        with torch.inference_mode():
+            self._mask[slot].zero_()  # a free row attends to its own column only
+            self._positions[slot, 0] = 0  # positions of free rows stay within the model's range
+            self._ids[slot, 0] = 0
+
+    # -- adapter routing --------------------------------------------------------------------
+    def _route(self, adapters: Sequence[str | None]) -> Any:
+        """Row routing for one forward. The routing of the decode rows is kept while they stay the
+        same, so layers reuse their stacked adapters and row slots from step to step."""
+        from .model import DeltaModel
+
+        if not isinstance(self.model, DeltaModel):
+            if any(a is not None for a in adapters):
+                raise GenerationError("Requests name adapters, which needs a DeltaModel (deltatune.wrap or deltatune.load).")
+            return contextlib.nullcontext()
+        adapters = tuple(adapters)
+        if self._routed is not None and self._routed[0] == adapters:
+            return self.model.mixed_batch(self._routed[1])
+        context = self.model.mixed_batch(adapters)
+        return _Remember(context, lambda rows: setattr(self, "_routed", (adapters, rows)))
+
+    def _decode_routing(self) -> Any:
+        return self._route([row.request.adapter if row is not None else None for row in self._slots])
+
+
+class _Remember(contextlib.AbstractContextManager):
+    """Enters `context` and hands what it yields to `keep`."""
+
+    def __init__(self, context: Any, keep: Any) -> None:
+        self.context, self.keep = context, keep
+
+    def __enter__(self) -> Any:
+        value = self.context.__enter__()
+        self.keep(value)
+        return value
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.context.__exit__(*exc)
+
+
+def _check_request(request: DecodeRequest) -> None:
+    if not request.prompt_ids:
+        raise GenerationError("A request needs at least one prompt token.")
+    budget = request.max_new_tokens
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {budget!r}.")

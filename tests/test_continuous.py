@@ -1,0 +1,154 @@
+"""deltatune.continuous.ContinuousDecoder: requests that join a running decode between its steps
+end with the tokens each would get alone, whatever joins or leaves beside them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import CAUSAL_LM_FAMILIES, randomize_adapters, tiny_causal_lm, tiny_llama
+
+import deltatune as dt
+from deltatune.continuous import ContinuousDecoder, DecodeRequest, supports_continuous_decode
+from deltatune.generation import GenerationError, greedy_generate
+
+
+def two_adapters() -> dt.DeltaModel:
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"]), adapter_name="a")
+    model.add_adapter("b", dt.LoraConfig(r=8, target_modules=["q_proj", "down_proj"]))
+    randomize_adapters(model, seed=5, scale=0.5)
+    return model.eval()
+
+
+def alone(model, request: DecodeRequest, eos_ids=()) -> list[int]:
+    """The request run by itself through greedy_generate (itself tested against generate())."""
+    prompt = torch.tensor([list(request.prompt_ids)])
+    names = None if request.adapter is None and not isinstance(model, dt.DeltaModel) else [request.adapter]
+    out = greedy_generate(model, prompt, request.max_new_tokens, adapter_names=names)[0, prompt.shape[1]:].tolist()
+    for i, token in enumerate(out):
+        if token in eos_ids:
+            return out[: i + 1]
+    return out
+
+
+def random_requests(count: int, adapters, seed: int, longest_prompt: int = 9, most_new: int = 8,
+                    vocab: int = 97) -> list[DecodeRequest]:
+    rng = random.Random(seed)
+    return [DecodeRequest(rng.choice(adapters), [rng.randrange(3, vocab) for _ in range(rng.randint(1, longest_prompt))],
+                          rng.randint(1, most_new), tag=i) for i in range(count)]
+
+
+def run_arrivals(decoder: ContinuousDecoder, requests: list[DecodeRequest], seed: int) -> dict[int, list[int]]:
+    """Requests arrive a few at a time between steps; each joins as soon as it fits."""
+    rng = random.Random(seed)
+    waiting, pending, results, steps = list(requests), [], {}, 0
+    while waiting or pending or decoder.active:
+        for _ in range(rng.randint(0, 3)):
+            if waiting:
+                pending.append(waiting.pop(0))
+        joining = []
+        while pending and decoder.fits(joining + [pending[0]]):
+            joining.append(pending.pop(0))
+        for request, tokens in decoder.admit(joining) + decoder.step():
+            results[request.tag] = tokens
+        steps += 1
+        assert steps < 500, "the decoder stopped making progress"
+    return results
+
+
+def test_requests_joining_and_leaving_between_steps_get_their_tokens_alone():
+    model = two_adapters()
+    requests = random_requests(24, ["a", "b", None], seed=1)
+    decoder = ContinuousDecoder(model, rows=4, context=24)
+    results = run_arrivals(decoder, requests, seed=2)
+    assert len(results) == len(requests)
+    for request in requests:
+        assert results[request.tag] == alone(model, request), request
+    assert all(layer.row_adapters is None for _, layer in model.delta_layers())  # routed within each step only
+    # the adapters matter: the base model continues these prompts differently
+    assert any(alone(model, r) != alone(model, DecodeRequest(None, r.prompt_ids, r.max_new_tokens)) for r in requests if r.adapter)
+
+
+def test_the_window_moves_both_ways_and_rows_keep_their_tokens():
+    # A small cache makes joiners move the live columns: right when a prompt is longer than the
+    # write column, left when the rows would run past the end.
+    model = two_adapters()
+    decoder = ContinuousDecoder(model, rows=3, context=14)
+    short = DecodeRequest("a", [5, 6], 7, tag="short")
+    decoder.admit([short])
+    assert decoder.t == 2
+    results = {}
+    for request, tokens in decoder.step():
+        results[request.tag] = tokens
+    long = DecodeRequest("b", list(range(10, 19)), 3, tag="long")  # 9 prompt tokens > t = 3: moves right
+    assert decoder.fits([long])
+    decoder.admit([long])
+    assert decoder.t == 9
+    late = DecodeRequest(None, [40, 41, 42], 8, tag="late")  # 7 more columns after t = 9 would pass 14
+    assert not decoder.fits([late])  # not while the long prompt holds columns 0..8
+    moves = []
+    while decoder.active:
+        if late.tag not in results and late not in decoder.active and decoder.fits([late]):
+            before = decoder.t
+            decoder.admit([late])
+            moves.append((before, decoder.t))
+        for request, tokens in decoder.step():
+            results[request.tag] = tokens
+    assert moves == [(11, 5)]  # once the long row left: the short row's 5 columns moved to the front
+    for request in (short, long, late):
+        assert results[request.tag] == alone(model, request), request.tag
+
+
+def test_a_request_that_can_never_fit_is_refused_and_others_run():
+    model = two_adapters()
+    decoder = ContinuousDecoder(model, rows=2, context=10)
+    too_long = DecodeRequest("a", list(range(3, 11)), 4)  # 8 prompt + 3 more columns > 10
+    assert not decoder.could_ever_fit(too_long) and not decoder.fits([too_long])
+    with pytest.raises(GenerationError, match="do not fit"):
+        decoder.admit([too_long])
+    ok = DecodeRequest("b", [7, 8, 9], 4, tag=0)
+    assert run_arrivals(decoder, [ok], seed=0) == {0: alone(model, ok)}
+    with pytest.raises(GenerationError, match="positive integer"):
+        decoder.admit([DecodeRequest("a", [3], 0)])
+    with pytest.raises(GenerationError, match="prompt token"):
+        decoder.admit([DecodeRequest("a", [], 2)])
+    with pytest.raises(GenerationError, match="rows must be"):
+        ContinuousDecoder(model, rows=0, context=10)
+
+
+def test_requests_end_at_their_eos_token_and_free_their_row():
+    model = tiny_llama().eval()
+    requests = random_requests(12, [None], seed=3, most_new=10)
+    # an end token that these prompts do produce
+    eos = {alone(model, requests[0])[2]}
+    decoder = ContinuousDecoder(model, rows=3, context=30, eos_ids=eos)
+    results = run_arrivals(decoder, requests, seed=4)
+    for request in requests:
+        assert results[request.tag] == alone(model, request, eos), request
+    assert any(len(results[r.tag]) < r.max_new_tokens for r in requests)  # some ended early
+    assert decoder.free_rows == 3
+
+
+@pytest.mark.parametrize("family", CAUSAL_LM_FAMILIES)
+def test_every_family_either_decodes_continuously_as_alone_or_says_why_not(family):
+    torch.manual_seed(2)
+    model = dt.wrap(tiny_causal_lm(family), dt.LoraConfig(r=4, init_lora_weights=False)).eval()
+    reason = supports_continuous_decode(model)
+    if reason is not None:
+        with pytest.raises(GenerationError, match="cannot run"):
+            ContinuousDecoder(model, rows=2, context=16)
+        return
+    requests = random_requests(6, ["default"], seed=5, longest_prompt=5, most_new=5)
+    results = run_arrivals(ContinuousDecoder(model, rows=2, context=16), requests, seed=6)
+    for request in requests:
+        assert results[request.tag] == alone(model, request), request
+
+
+def test_a_plain_model_decodes_and_refuses_adapter_names():
+    model = tiny_llama().eval()
+    requests = random_requests(5, [None], seed=7)
+    results = run_arrivals(ContinuousDecoder(model, rows=2, context=20), requests, seed=8)
+    assert all(results[r.tag] == alone(model, r) for r in requests)
+    with pytest.raises(GenerationError, match="DeltaModel"):
+        ContinuousDecoder(model, rows=2, context=20).admit([DecodeRequest("a", [3, 4], 2)])
