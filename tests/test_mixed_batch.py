@@ -328,3 +328,13 @@ def test_unsupported_layers_are_named_in_the_error():
         model(input_ids=token_batch(batch=2), adapter_names=["emb", "a"])
     # an adapter no row names stays out of the call
     assert_rows_match_alone(model, token_batch(batch=2), ["a", None])
+
+
+def test_a_whole_block_copy_no_row_names_stays_out_of_the_batch():
+    # Partial fine-tuning's block copies cannot route rows (a block takes per-row masks and
+    # rotary tables beside its input); a batch of other adapters must run past them, not through.
+    model = with_adapters(tiny_llama(), {"a": dt.LoraConfig(r=4, layers_to_transform=[0]),
+                                         "whole": dt.make_config("partial", last_k_layers=1)})
+    assert_rows_match_alone(model, token_batch(batch=3), ["a", None, "a"])
+    with pytest.raises(ValueError, match="not supported by partial"):
+        model(input_ids=token_batch(batch=2), adapter_names=["whole", "a"])

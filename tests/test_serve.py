@@ -215,19 +215,60 @@ def test_batches_decode_through_greedy_generate_and_soft_prompts_through_generat
     greedy_generate = batching.greedy_generate
     monkeypatch.setattr(batching, "greedy_generate", counted)
     bodies = random_requests(6, [None, "a1"], seed=3)
-    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, batch_wait_ms=200)) as port:
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, batch_wait_ms=200, batching="whole")) as port:
         answers = generate_concurrently(port, bodies)
+        _, metrics = request(port, "GET", "/metrics")
     assert [body for _, body in answers] == run_alone(adapters_dir, tokenizer, bodies)
     assert calls and sum(len(names) for names in calls) == 6  # every row decoded by it
+    assert metrics["batching"] == "whole" and metrics["decode_steps"] == 0
     calls.clear()
     root = tmp_path / "prompted"
     model = dt.wrap(tiny_llama(), dt.PromptTuningConfig(num_virtual_tokens=4))
     randomize_adapters(model, seed=7, scale=0.5)
     model.save(root / "prompt")
     prompted = random_requests(3, ["prompt"], seed=4)
-    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=100)) as port:
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=100, batching="whole")) as port:
         answers = generate_concurrently(port, prompted)
     assert [body for _, body in answers] == run_alone(root, tokenizer, prompted) and calls == []
+
+
+def test_requests_join_a_running_decode_and_leave_before_a_long_one_ends(adapters_dir, tokenizer):
+    # A long request decodes; short ones sent while it runs join its steps and are answered first
+    # (whole batches would hold them until the long one ends). Every answer is still its own run's.
+    rng = random.Random(7)
+    candidates = [{"adapter": "a0", "prompt": prompt_text(rng), "max_new_tokens": 100} for _ in range(12)]
+    long = next(body for body, answer in zip(candidates, run_alone(adapters_dir, tokenizer, candidates)) if answer["tokens"] == 100)
+    shorts = random_requests(4, ["a1", None, "a2", "a0"], seed=8)
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=100, context_tokens=120, batch_wait_ms=0)
+    finished: list[str] = []
+    with running_server(app) as port, ThreadPoolExecutor(max_workers=2) as pool:
+        long_answer = pool.submit(lambda: (generate(port, long), finished.append("long"))[0])
+        deadline = time.monotonic() + 60
+        while request(port, "GET", "/metrics")[1]["decode_steps"] == 0:  # until the long request decodes
+            assert time.monotonic() < deadline, "no decode step within 60 s"
+            time.sleep(0.001)
+        short_answers = [generate(port, body) for body in shorts]
+        finished.append("shorts")
+        long_status, long_body = long_answer.result()
+        _, metrics = request(port, "GET", "/metrics")
+    assert finished == ["shorts", "long"]
+    assert long_status == 200 and [long_body] == run_alone(adapters_dir, tokenizer, [long])
+    assert [body for _, body in short_answers] == run_alone(adapters_dir, tokenizer, shorts)
+    assert metrics["batching"] == "continuous" and metrics["mixed_steps"] >= 1 and metrics["max_adapters_in_step"] == 2
+    assert metrics["decode_steps"] < 100 + sum(body["max_new_tokens"] for body in shorts)  # steps were shared
+
+
+def test_a_prompt_beyond_the_context_is_400_naming_the_option(adapters_dir, tokenizer):
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=8, context_tokens=12)
+    with running_server(app) as port:
+        status, body = generate(port, {"adapter": "a0", "prompt": " ".join(["w5"] * 6), "max_new_tokens": 8})
+        fits = generate(port, {"adapter": "a0", "prompt": " ".join(["w5"] * 5), "max_new_tokens": 8})
+    assert status == 400 and "context of 12 tokens (--context-tokens)" in body["error"]
+    assert fits[0] == 200
+    with pytest.raises(ValueError, match="context_tokens .* must exceed max_new_tokens"):
+        create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=8, context_tokens=8)
+    with pytest.raises(ValueError, match="batching must be one of"):
+        create_app(tiny_llama(), tokenizer, adapters_dir, batching="streaming")
 
 
 def test_a_corrupt_adapter_fails_alone(adapters_dir, tokenizer, tmp_path):

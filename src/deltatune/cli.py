@@ -304,8 +304,13 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-chars", type=int, default=100_000, help="longer prompts are answered 413")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--max-resident", type=int, default=4, help="adapters kept loaded at once (least recently used ones are unloaded)")
-    parser.add_argument("--max-batch", type=int, default=16, help="requests per generate() call")
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the first request of a batch waits for others")
+    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded at once")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the first request of an idle server waits for others")
+    parser.add_argument("--batching", choices=["continuous", "whole"], default="continuous",
+                        help="continuous: requests join and leave the running decode between steps (where the model's "
+                             "cache allows it); whole: one generate() per gathered batch")
+    parser.add_argument("--context-tokens", type=int, default=2048,
+                        help="continuous batching: cache columns per row; a prompt and its new tokens must fit")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default and upper bound of a request's max_new_tokens")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -323,7 +328,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         serve(
             args.base, args.adapters, host=args.host, port=args.port, device=args.device, log_level=args.log_level,
             max_resident=args.max_resident, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=args.max_new_tokens, batching=args.batching, context_tokens=args.context_tokens,
             api_key=args.api_key,
             max_prompt_chars=args.max_prompt_chars,
         )

@@ -273,7 +273,8 @@ class ModulesToSave(DeltaLayer):
     supports_mixed_batch = True
 
     def forward(self, *args, **kwargs):
-        if self.row_adapters is not None:
+        # A subclass that cannot route rows is switched off (disabled) for a mixed batch instead.
+        if self.row_adapters is not None and self.supports_mixed_batch:
             return self._mixed_forward(self.row_adapters, *args, **kwargs)
         active = self.active_unmerged()
         if not active:

@@ -21,7 +21,7 @@ from .config import AdapterConfig, ConfigError, read_config_dict
 from .kernels.patch import has_fused_path, is_patched, patch_model_for_training, unpatch_model
 from .inject import set_submodule, wrap_modules_to_save
 from .io import KEY_PREFIX, AdapterFileError, check_tensor_fits, read_adapter, save_adapter_files
-from .layer import DeltaLayer, ModulesToSave, RowAdapters, packed_parameter_count
+from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, packed_parameter_count
 from .registry import combining_methods, method_for_config, method_for_peft_type
 
 DEFAULT_ADAPTER = "default"
@@ -223,20 +223,10 @@ class DeltaModel(nn.Module):
         unknown = [n for n in rows.names if n not in self.configs]
         if unknown:
             raise ValueError(f"adapter_names has unknown adapters {unknown}; this model has {self.adapter_names}.")
-        # A forward with adapter_names pays this setup on every call: the walk of the module tree
-        # (thousands of modules on a 1B model) is kept until the tree changes (_refresh_fused).
-        all_layers = self.__dict__.get("_mixed_batch_layers")
-        if all_layers is None:
-            all_layers = self.__dict__["_mixed_batch_layers"] = [layer for _, layer in self.delta_layers()]
-        named = set(rows.names)
-        refusing = [layer for layer in all_layers if not layer.supports_mixed_batch and named & set(layer.adapter_names)]
-        if refusing:
-            methods = sorted({self._method_of(layer, rows.names) for layer in refusing})
-            kinds = sorted({type(layer).__name__ for layer in refusing})
-            raise ValueError(
-                f"Per-row adapters are not supported by {', '.join(methods)} ({', '.join(kinds)} layers); "
-                f"run those adapters in separate batches with set_adapter()."
-            )
+        all_layers = self._all_delta_layers()
+        refusal = self.mixed_batch_refusal(rows.names)
+        if refusal is not None:
+            raise ValueError(refusal)
         # Any merged adapter, named in the batch or not, is in the base weights every row reads.
         merged = sorted({n for layer in all_layers for n in layer.merged_adapters})
         if merged:
@@ -254,6 +244,27 @@ class DeltaModel(nn.Module):
                 layer.__dict__["row_adapters"] = None
             for layer in switched_off:
                 layer.disabled = False
+
+    def _all_delta_layers(self) -> list[DeltaLayer]:
+        # A forward with adapter_names pays this on every call: the walk of the module tree
+        # (thousands of modules on a 1B model) is kept until the tree changes (_refresh_fused).
+        layers = self.__dict__.get("_mixed_batch_layers")
+        if layers is None:
+            layers = self.__dict__["_mixed_batch_layers"] = [layer for _, layer in self.delta_layers()]
+        return layers
+
+    def mixed_batch_refusal(self, adapter_names: Iterable[str | None]) -> str | None:
+        """None if these adapters can share a batch row by row, else why not (some method's layers
+        cannot route rows)."""
+        names = [n for n in dict.fromkeys(adapter_names) if n is not None and n != BASE_ROW]
+        all_layers = self._all_delta_layers()
+        refusing = [layer for layer in all_layers if not layer.supports_mixed_batch and set(names) & set(layer.adapter_names)]
+        if not refusing:
+            return None
+        methods = sorted({self._method_of(layer, names) for layer in refusing})
+        kinds = sorted({type(layer).__name__ for layer in refusing})
+        return (f"Per-row adapters are not supported by {', '.join(methods)} ({', '.join(kinds)} layers); "
+                f"run those adapters in separate batches with set_adapter().")
 
     def _method_of(self, layer: DeltaLayer, names: Sequence[str]) -> str:
         for name in names:

@@ -35,6 +35,10 @@ class Metrics:
         self.max_batch_size = 0
         self.mixed_batches = 0
         self.max_adapters_in_batch = 0
+        self.decode_steps = 0  # continuous batching: steps, and the rows and adapters in them
+        self.stepped_rows = 0
+        self.mixed_steps = 0
+        self.max_adapters_in_step = 0
 
     def _counters(self, adapter: str | None) -> AdapterCounters:
         return self._adapters.setdefault(adapter_key(adapter), AdapterCounters())
@@ -47,7 +51,8 @@ class Metrics:
                 setattr(counters, name, getattr(counters, name) + amount)
 
     def record_batch(self, adapters: Sequence[str | None]) -> None:
-        """One generate() call over rows using `adapters` (base rows count as one kind)."""
+        """One generate() call over rows using `adapters` (base rows count as one kind); under
+        continuous batching, the rows that joined the decode together (one prefill)."""
         distinct = len(set(adapters))
         with self._lock:
             self.batches += 1
@@ -55,6 +60,15 @@ class Metrics:
             self.max_batch_size = max(self.max_batch_size, len(adapters))
             self.max_adapters_in_batch = max(self.max_adapters_in_batch, distinct)
             self.mixed_batches += distinct > 1
+
+    def record_step(self, adapters: Sequence[str | None]) -> None:
+        """One decode step of continuous batching over rows using `adapters`."""
+        distinct = len(set(adapters))
+        with self._lock:
+            self.decode_steps += 1
+            self.stepped_rows += len(adapters)
+            self.mixed_steps += distinct > 1
+            self.max_adapters_in_step = max(self.max_adapters_in_step, distinct)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -66,6 +80,10 @@ class Metrics:
                 "max_batch_size": self.max_batch_size,
                 "mixed_batches": self.mixed_batches,
                 "max_adapters_in_batch": self.max_adapters_in_batch,
+                "decode_steps": self.decode_steps,
+                "mean_rows_per_step": self.stepped_rows / self.decode_steps if self.decode_steps else 0.0,
+                "mixed_steps": self.mixed_steps,
+                "max_adapters_in_step": self.max_adapters_in_step,
             }
         totals = {name: sum(c[name] for c in adapters.values()) for name in AdapterCounters.__dataclass_fields__}
         return {**{f"total_{k}": v for k, v in totals.items()}, **summary, "adapters": adapters}

@@ -1,5 +1,9 @@
 """The HTTP server: one base causal LM, many adapters, requests batched across adapters.
 
+Requests join the running decode between its steps and leave as they end (continuous batching,
+serve/continuous.py) where the model allows it (a static cache without sliding-window layers);
+otherwise waiting requests are gathered into one generate() call at a time (serve/batching.py).
+
     POST /generate  {"adapter": "name" | null, "prompt": "...", "max_new_tokens": n}
                     -> {"adapter": ..., "text": ..., "tokens": n}
     GET  /adapters  adapters on disk and the ones loaded now
@@ -31,6 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ..continuous import ContinuousDecoder, supports_continuous_decode
 from ..model import DeltaModel
 from .adapters import AdapterLoadError, AdapterPool, UnknownAdapterError
 from .batching import (
@@ -40,6 +45,7 @@ from .batching import (
     ServerBusyError,
     ServerStoppingError,
 )
+from .continuous import ContinuousWorker
 from .metrics import Metrics
 
 log = logging.getLogger("deltatune.serve")
@@ -54,6 +60,9 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int | None = None
 
 
+BATCHING_MODES = ("continuous", "whole")
+
+
 @dataclass(frozen=True)
 class ServeLimits:
     max_resident: int = 4
@@ -63,6 +72,8 @@ class ServeLimits:
     max_queue: int = 1024
     max_prompt_chars: int = 100_000
     max_body_bytes: int = 1_000_000
+    batching: str = "continuous"  # or "whole": one generate() per gathered batch
+    context_tokens: int = 2048  # continuous batching: cache columns per row (prompt + new tokens must fit)
 
     def validate(self) -> None:
         for name in ("max_resident", "max_batch", "max_new_tokens", "max_queue", "max_prompt_chars", "max_body_bytes"):
@@ -70,6 +81,11 @@ class ServeLimits:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}.")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {list(BATCHING_MODES)}, got {self.batching!r}.")
+        if self.context_tokens < self.max_new_tokens + 1:
+            raise ValueError(f"context_tokens ({self.context_tokens}) must exceed max_new_tokens ({self.max_new_tokens}): "
+                             f"a prompt and its new tokens share the context.")
 
 
 class ApiError(Exception):
@@ -93,11 +109,20 @@ class GenerationService:
         self.metrics = Metrics()
         self.pool = AdapterPool(model, adapters_dir, limits.max_resident, self.metrics)
         pad_id, eos_ids = special_token_ids(model, tokenizer)
-        self.worker = BatchWorker(
-            MixedBatchGenerator(model, pad_id, eos_ids), self.pool, self.metrics,
-            max_batch=limits.max_batch, batch_wait_s=limits.batch_wait_ms / 1000, max_queue=limits.max_queue,
-        )
+        grouped = MixedBatchGenerator(model, pad_id, eos_ids)
         self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context: int | None = None  # prompt + new tokens fit this many columns (continuous batching)
+        reason = supports_continuous_decode(model) if limits.batching == "continuous" else "asked for whole batches"
+        if reason is None:
+            self.context = limits.context_tokens
+            decoder = ContinuousDecoder(model, rows=limits.max_batch, context=self.context, eos_ids=eos_ids)
+            self.worker: BatchWorker = ContinuousWorker(decoder, grouped, self.pool, self.metrics,
+                                                        batch_wait_s=limits.batch_wait_ms / 1000, max_queue=limits.max_queue)
+        else:
+            log.info("whole-batch generation: %s", reason)
+            self.worker = BatchWorker(grouped, self.pool, self.metrics, max_batch=limits.max_batch,
+                                      batch_wait_s=limits.batch_wait_ms / 1000, max_queue=limits.max_queue)
+        self.batching = "continuous" if self.context is not None else "whole"
 
     async def generate(self, request: GenerateRequest) -> dict[str, Any]:
         max_new_tokens = self._max_new_tokens(request)
@@ -149,6 +174,12 @@ class GenerationService:
                 400,
                 f"The prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
                 f"model's {self.max_positions} positions. Shorten the prompt or ask for fewer tokens.",
+            )
+        if self.context is not None and len(ids) + max_new_tokens - 1 > self.context:
+            raise ApiError(
+                400,
+                f"The prompt has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the server's "
+                f"context of {self.context} tokens (--context-tokens). Shorten the prompt or ask for fewer tokens.",
             )
         return ids
 
@@ -203,12 +234,18 @@ def create_app(
     max_queue: int = 1024,
     max_prompt_chars: int = 100_000,
     max_body_bytes: int = 1_000_000,
+    batching: str = "continuous",
+    context_tokens: int = 2048,
     api_key: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model` (a causal LM, plain or a DeltaModel without adapters) with
     the adapters in `adapters_dir/<name>`. Its batch worker runs while the app is started.
-    api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`."""
-    limits = ServeLimits(max_resident, max_batch, batch_wait_ms, max_new_tokens, max_queue, max_prompt_chars, max_body_bytes)
+    api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
+    batching: "continuous" (requests join and leave the running decode between steps, where the
+    model allows it, with `context_tokens` cache columns per row) or "whole" (one generate() per
+    gathered batch)."""
+    limits = ServeLimits(max_resident, max_batch, batch_wait_ms, max_new_tokens, max_queue, max_prompt_chars, max_body_bytes,
+                         batching, context_tokens)
     service = GenerationService(_as_delta_model(model), tokenizer, adapters_dir, limits)
 
     @contextlib.asynccontextmanager
@@ -255,7 +292,7 @@ def _add_routes(app: FastAPI, service: GenerationService) -> None:
 
     @app.get("/metrics")
     async def metrics() -> dict[str, Any]:
-        return {**service.metrics.snapshot(), "resident": service.pool.resident()}
+        return {**service.metrics.snapshot(), "resident": service.pool.resident(), "batching": service.batching}
 
     @app.get("/health")
     async def health() -> dict[str, str]:

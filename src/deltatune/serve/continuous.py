@@ -1,0 +1,164 @@
+"""The continuous worker: requests join the running decode between its steps and leave as they end.
+
+With the batch worker a request that arrives while a batch generates waits for the whole batch,
+and a short answer waits for the longest one beside it. Here one thread owns a ContinuousDecoder:
+before each decode step it admits waiting requests into free rows (making their adapters
+resident, never evicting one a running row uses), then runs one step for every row and answers
+the requests that ended with it.
+
+Adapters whose method cannot route batch rows (soft prompts, partial fine-tuning) are run the
+batch worker's way, one group at a time, between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..continuous import ContinuousDecoder, DecodeRequest
+from ..model import DeltaModel
+from .adapters import AdapterPool
+from .batching import _STOP, BatchWorker, GenerateRows, GenerationError, GenerationJob
+from .metrics import Metrics
+
+log = logging.getLogger("deltatune.serve")
+
+
+class ContinuousWorker(BatchWorker):
+    def __init__(
+        self,
+        decoder: ContinuousDecoder,
+        grouped: GenerateRows,
+        pool: AdapterPool,
+        metrics: Metrics,
+        *,
+        batch_wait_s: float,
+        max_queue: int = 1024,
+    ) -> None:
+        """decoder: runs the rows; grouped: generates a group of requests whose adapters cannot
+        route rows (MixedBatchGenerator); batch_wait_s: how long the first request of an idle
+        server waits for company (later ones join running steps at once)."""
+        super().__init__(grouped, pool, metrics, max_batch=decoder.rows, batch_wait_s=batch_wait_s, max_queue=max_queue)
+        self.decoder = decoder
+        self._stopping = False
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._admit(self._candidates())
+                self._step()
+            except Exception as err:
+                # This thread must survive anything, or every later request would wait forever;
+                # the cache may be half written, so the running rows fail and start over.
+                log.exception("continuous decoding failed")
+                self._fail_unfinished([request.tag for request in self.decoder.active],
+                                      GenerationError(f"Generation failed: {err}"))
+                self.decoder.reset()
+            if self._stopping and not self.decoder.active:
+                return
+
+    # -- admission --------------------------------------------------------------------------
+    def _candidates(self) -> list[GenerationJob]:
+        """Requests that might join before the next step, oldest first: held ones, then new ones,
+        up to the free rows. An idle decoder waits for the first one (then batch_wait_s for more)."""
+        if self._stopping:
+            return []
+        wanted = self.decoder.free_rows
+        candidates: list[GenerationJob] = []
+        if not self.decoder.active and not self._held:
+            first = self._queue.get()
+            if first is _STOP:
+                self._stopping = True
+                return []
+            candidates.append(first)
+        deadline = time.monotonic() + (self.batch_wait_s if candidates else 0.0)
+        while len(candidates) < wanted:
+            job = self._take(deadline)
+            if job is None:
+                break
+            if job is _STOP:
+                self._stopping = True
+                break
+            candidates.append(job)
+        return candidates
+
+    def _admit(self, candidates: list[GenerationJob]) -> None:
+        joining, held = self._choose(candidates)
+        self._held.extendleft(reversed(held))  # ahead of anything newer
+        if not joining:
+            return
+        running = [request.tag.adapter for request in self.decoder.active]
+        failures = self.pool.prepare([name for name in running + [job.adapter for job in joining] if name is not None])
+        routable, grouped = [], []
+        for job in joining:
+            if job.adapter in failures:
+                self.metrics.count(job.adapter, errors=1)
+                job.future.set_exception(failures[job.adapter])
+            elif self._routes_rows(job.adapter):
+                routable.append(job)
+            else:
+                grouped.append(job)
+        if grouped:
+            self._generate(grouped)  # the batch worker's way: one adapter group at a time
+        requests = [DecodeRequest(job.adapter, job.prompt_ids, job.max_new_tokens, tag=job) for job in routable]
+        if not requests:
+            return
+        try:
+            finished = self.decoder.admit(requests)
+        except Exception as err:
+            log.exception("prefill of %d requests failed", len(requests))
+            self._fail_unfinished(routable, GenerationError(f"Generation failed: {err}"))
+            if any(request.tag in routable for request in self.decoder.active):
+                raise  # some were placed before the failure: the running rows cannot be trusted
+            return
+        self.metrics.record_batch([job.adapter for job in routable])
+        self._answer(finished)
+
+    def _choose(self, candidates: list[GenerationJob]) -> tuple[list[GenerationJob], list[GenerationJob]]:
+        """(jobs that join now, jobs held for a later step). Jobs join in order; one whose
+        adapter would not fit beside the running ones is passed over, and the first that finds
+        no room in the cache holds everything after it (so a long request is not overtaken forever)."""
+        running = {request.tag.adapter for request in self.decoder.active}
+        joining: list[GenerationJob] = []
+        held: list[GenerationJob] = []
+        requests: list[DecodeRequest] = []
+        for index, job in enumerate(candidates):
+            if job.future.cancelled():
+                continue  # its client went away
+            request = DecodeRequest(job.adapter, job.prompt_ids, job.max_new_tokens, tag=job)
+            if not self.decoder.could_ever_fit(request):
+                job.future.set_exception(GenerationError(
+                    f"The prompt ({len(job.prompt_ids)} tokens) and max_new_tokens={job.max_new_tokens} exceed the "
+                    f"server's context of {self.decoder.context} tokens."))
+                continue
+            adapters = running | {j.adapter for j in joining} | {job.adapter}
+            if self._adapter_count(adapters) > self.pool.max_resident:
+                held.append(job)
+                continue
+            if not self.decoder.fits(requests + [request]):
+                held.extend(candidates[index:])
+                break
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            joining.append(job)
+            requests.append(request)
+        return joining, held
+
+    def _routes_rows(self, adapter: str | None) -> bool:
+        model = self.pool.model
+        return adapter is None or not isinstance(model, DeltaModel) or model.mixed_batch_refusal([adapter]) is None
+
+    # -- decoding ---------------------------------------------------------------------------
+    def _step(self) -> None:
+        adapters = [request.tag.adapter for request in self.decoder.active]
+        if not adapters:
+            return
+        finished = self.decoder.step()
+        self.metrics.record_step(adapters)
+        self._answer(finished)
+
+    def _answer(self, finished: list[tuple[DecodeRequest, list[int]]]) -> None:
+        for request, tokens in finished:
+            job: GenerationJob = request.tag
+            self.metrics.count(job.adapter, completed=1, tokens=len(tokens))
+            job.future.set_result(list(tokens))
