@@ -1,6 +1,10 @@
 """Load on `deltatune serve` over loopback, with an adapter replaced and another corrupted mid-run.
 
-    python benchmarks/serve_load.py [--requests 1000] [--clients 50] [--adapters 8]
+    python benchmarks/serve_load.py [--requests 1000] [--clients 50] [--adapters 8] [--batching continuous whole]
+
+Each batching mode serves the same requests in turn (continuous: requests join and leave the
+running decode between steps; whole: one generate() per gathered batch), and the ratio of the two
+is printed last.
 
 A tiny Llama built from a config and LoRA adapters with random weights (no download). Clients
 send greedy requests over the adapters and the base while one adapter folder is re-saved with
@@ -18,6 +22,7 @@ import http.client
 import json
 import logging
 import random
+import shutil
 import statistics
 import sys
 import threading
@@ -96,103 +101,133 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--max-resident", type=int, default=4, help="fewer than --adapters: loads and evictions go on")
-    parser.add_argument("--max-seconds", type=float, default=300)
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="each request asks for 1..this many tokens")
+    parser.add_argument("--batching", nargs="+", choices=["continuous", "whole"], default=["continuous", "whole"],
+                        help="the server's batching modes to run, one after the other on the same requests")
+    parser.add_argument("--max-seconds", type=float, default=300, help="per mode")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     logging.getLogger("deltatune.serve").setLevel(logging.ERROR)  # the expected load failures, counted below
     rng = random.Random(0)
     tokenizer = word_tokenizer()
     with TemporaryDirectory() as tmp:
-        root, versions = Path(tmp) / "adapters", Path(tmp) / "versions"
+        pristine, versions = Path(tmp) / "adapters", Path(tmp) / "versions"
         names = [f"a{i}" for i in range(args.adapters)]
-        replaced, corrupted = names[1], names[2]
         for index, name in enumerate(names):
-            save_lora(tiny_llama(), root / name, seed=100 + index)
+            save_lora(tiny_llama(), pristine / name, seed=100 + index)
         save_lora(tiny_llama(), versions / "old", seed=101)
         save_lora(tiny_llama(), versions / "new", seed=999)
         prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for _ in range(16)]
-        bodies = [{"adapter": rng.choice([*names, None]), "prompt": rng.choice(prompts), "max_new_tokens": 4}
-                  for _ in range(args.requests)]
-        print(f"references: {len({(b['adapter'], b['prompt']) for b in bodies})} distinct requests run alone ...", flush=True)
-        expected: dict[tuple, set[str]] = {}
-        for body in bodies:
-            key = (body["adapter"], body["prompt"])
-            if key in expected:
-                continue
-            if body["adapter"] == replaced:
-                expected[key] = {reference(versions / v, tokenizer, body["prompt"], 4) for v in ("old", "new")}
-            else:
-                folder = None if body["adapter"] is None else root / body["adapter"]
-                expected[key] = {reference(folder, tokenizer, body["prompt"], 4)}
+        bodies = [{"adapter": rng.choice([*names, None]), "prompt": rng.choice(prompts),
+                   "max_new_tokens": rng.randint(1, args.max_new_tokens)} for _ in range(args.requests)]
+        expected = references(bodies, pristine, versions, replaced=names[1], tokenizer=tokenizer)
+        results = {}
+        for mode in args.batching:
+            root = Path(tmp) / f"served-{mode}"
+            shutil.copytree(pristine, root)
+            results[mode] = run_load(mode, root, versions, names, bodies, expected, tokenizer, args)
+    if len(results) == 2:
+        continuous, whole = results["continuous"], results["whole"]
+        print(f"continuous / whole: throughput {continuous['throughput'] / whole['throughput']:.2f}x, "
+              f"p50 latency {continuous['p50'] / whole['p50']:.2f}x, p99 latency {continuous['p99'] / whole['p99']:.2f}x")
+    return 0 if all(r["ok"] for r in results.values()) else 1
 
-        app = create_app(tiny_llama(), tokenizer, root, max_resident=args.max_resident, batch_wait_ms=5)
-        outcomes: Counter = Counter()
-        latencies: list[float] = []
-        health: list[float] = []
-        health_failures = 0
-        done = threading.Event()
-        deadline = time.monotonic() + args.max_seconds
 
-        with serving_in_background(app) as port:
-            def poll_health() -> None:
-                nonlocal health_failures
-                while not done.is_set():
-                    try:
-                        status, _, seconds = call(port, "GET", "/health")
-                        health.append(seconds)
-                        health_failures += status != 200
-                    except OSError:
-                        health_failures += 1
-                    time.sleep(0.05)
+def references(bodies: list[dict], root: Path, versions: Path, replaced: str, tokenizer) -> dict[tuple, set[str]]:
+    """Each distinct request's right answers (the replaced adapter's: either version's)."""
+    print(f"references: {len({(b['adapter'], b['prompt'], b['max_new_tokens']) for b in bodies})} distinct requests run alone ...",
+          flush=True)
+    expected: dict[tuple, set[str]] = {}
+    for body in bodies:
+        key = (body["adapter"], body["prompt"], body["max_new_tokens"])
+        if key in expected:
+            continue
+        if body["adapter"] == replaced:
+            expected[key] = {reference(versions / v, tokenizer, body["prompt"], body["max_new_tokens"]) for v in ("old", "new")}
+        else:
+            folder = None if body["adapter"] is None else root / body["adapter"]
+            expected[key] = {reference(folder, tokenizer, body["prompt"], body["max_new_tokens"])}
+    return expected
 
-            def send(index: int) -> None:
-                if time.monotonic() > deadline:
-                    outcomes["not sent (time limit)"] += 1
-                    return
-                if index == args.requests // 3:
-                    dt.load(tiny_llama(), versions / "new").save(root / replaced)  # a new version, on disk, while served
-                if index == args.requests // 2:
-                    weights = root / corrupted / "adapter_model.safetensors"
-                    weights.write_bytes(weights.read_bytes()[:100])
-                body = bodies[index]
+
+def run_load(mode: str, root: Path, versions: Path, names: list[str], bodies: list[dict], expected: dict[tuple, set[str]],
+             tokenizer, args: argparse.Namespace) -> dict:
+    replaced, corrupted = names[1], names[2]
+    app = create_app(tiny_llama(), tokenizer, root, max_resident=args.max_resident, batch_wait_ms=5,
+                     max_new_tokens=args.max_new_tokens, batching=mode)
+    outcomes: Counter = Counter()
+    latencies: list[float] = []
+    health: list[float] = []
+    health_failures = 0
+    done = threading.Event()
+    deadline = time.monotonic() + args.max_seconds
+
+    with serving_in_background(app) as port:
+        def poll_health() -> None:
+            nonlocal health_failures
+            while not done.is_set():
                 try:
-                    status, answer, seconds = call(port, "POST", "/generate", body)
-                except OSError as err:
-                    outcomes[f"lost ({type(err).__name__})"] += 1
-                    return
-                latencies.append(seconds)
-                if status == 200:
-                    right = answer["text"] in expected[(body["adapter"], body["prompt"])]
-                    kind = "ok" if right else ("mixed versions" if body["adapter"] == replaced else "wrong answer")
-                elif status == 422 and body["adapter"] == corrupted:
-                    kind = "422 corrupted adapter (expected)"
-                else:
-                    kind = f"HTTP {status}"
-                outcomes[kind] += 1
+                    status, _, seconds = call(port, "GET", "/health")
+                    health.append(seconds)
+                    health_failures += status != 200
+                except OSError:
+                    health_failures += 1
+                time.sleep(0.05)
 
-            poller = threading.Thread(target=poll_health, daemon=True)
-            poller.start()
-            started = time.perf_counter()
-            with ThreadPoolExecutor(args.clients) as pool:
-                list(pool.map(send, range(args.requests)))
-            elapsed = time.perf_counter() - started
-            done.set()
-            poller.join()
-            metrics = call(port, "GET", "/metrics")[1]
+        def send(index: int) -> None:
+            if time.monotonic() > deadline:
+                outcomes["not sent (time limit)"] += 1
+                return
+            if index == args.requests // 3:
+                dt.load(tiny_llama(), versions / "new").save(root / replaced)  # a new version, on disk, while served
+            if index == args.requests // 2:
+                weights = root / corrupted / "adapter_model.safetensors"
+                weights.write_bytes(weights.read_bytes()[:100])
+            body = bodies[index]
+            try:
+                status, answer, seconds = call(port, "POST", "/generate", body)
+            except OSError as err:
+                outcomes[f"lost ({type(err).__name__})"] += 1
+                return
+            latencies.append(seconds)
+            if status == 200:
+                right = answer["text"] in expected[(body["adapter"], body["prompt"], body["max_new_tokens"])]
+                kind = "ok" if right else ("mixed versions" if body["adapter"] == replaced else "wrong answer")
+            elif status == 422 and body["adapter"] == corrupted:
+                kind = "422 corrupted adapter (expected)"
+            else:
+                kind = f"HTTP {status}"
+            outcomes[kind] += 1
+
+        poller = threading.Thread(target=poll_health, daemon=True)
+        poller.start()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(send, range(args.requests)))
+        elapsed = time.perf_counter() - started
+        done.set()
+        poller.join()
+        metrics = call(port, "GET", "/metrics")[1]
 
     answered = len(latencies)
     ordered = sorted(latencies)
-    print(f"{args.requests} requests, {args.clients} clients, {args.adapters} adapters (max resident {args.max_resident}), "
-          f"{replaced} replaced at request {args.requests // 3}, {corrupted} corrupted at {args.requests // 2}")
+    p50, p99 = statistics.median(ordered), ordered[int(0.99 * (answered - 1))]
+    print(f"== batching: {mode} ({metrics.get('batching')}) ==")
+    print(f"{args.requests} requests of 1..{args.max_new_tokens} new tokens, {args.clients} clients, {args.adapters} adapters "
+          f"(max resident {args.max_resident}), {replaced} replaced at request {args.requests // 3}, "
+          f"{corrupted} corrupted at {args.requests // 2}")
     print(f"throughput: {answered / elapsed:.1f} requests/s over {elapsed:.1f} s")
-    print(f"latency: p50 {statistics.median(ordered) * 1000:.0f} ms, p99 {ordered[int(0.99 * (answered - 1))] * 1000:.0f} ms")
+    print(f"latency: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
     for kind, count in sorted(outcomes.items()):
         print(f"  {kind}: {count}")
     print(f"/health: {len(health)} polls, {health_failures} failed, slowest {max(health) * 1000:.0f} ms")
-    print(f"server: {metrics.get('total_loads')} loads, {metrics.get('total_evictions')} evictions")
+    steps = f", {metrics['decode_steps']} decode steps of {metrics['mean_rows_per_step']:.1f} rows" if metrics.get("decode_steps") else ""
+    print(f"server: {metrics.get('total_loads')} loads, {metrics.get('total_evictions')} evictions, "
+          f"{metrics.get('batches')} batches of {metrics.get('mean_batch_size', 0):.1f}{steps}")
     bad = sum(c for k, c in outcomes.items() if k not in ("ok", "422 corrupted adapter (expected)"))
-    print("result: " + ("every answer checked out" if not bad and not health_failures else f"{bad} bad answers, {health_failures} health failures"))
-    return 0 if not bad and not health_failures else 1
+    ok = not bad and not health_failures
+    print("result: " + ("every answer checked out" if ok else f"{bad} bad answers, {health_failures} health failures"))
+    return {"throughput": answered / elapsed, "p50": p50, "p99": p99, "ok": ok}
 
 
 if __name__ == "__main__":

@@ -152,3 +152,17 @@ def test_a_plain_model_decodes_and_refuses_adapter_names():
     assert all(results[r.tag] == alone(model, r) for r in requests)
     with pytest.raises(GenerationError, match="DeltaModel"):
         ContinuousDecoder(model, rows=2, context=20).admit([DecodeRequest("a", [3, 4], 2)])
+
+
+def test_layers_stack_their_adapters_once_while_rows_come_and_go(monkeypatch):
+    from deltatune.methods.lora import LoraLinear
+
+    model = two_adapters()
+    builds = []
+    original = LoraLinear._build_stacks
+    monkeypatch.setattr(LoraLinear, "_build_stacks", lambda self, names: builds.append(names) or original(self, names))
+    requests = random_requests(20, ["a", "b", None], seed=9)
+    results = run_arrivals(ContinuousDecoder(model, rows=3, context=24), requests, seed=10)
+    lora_layers = sum(1 for _, layer in model.delta_layers() if isinstance(layer, LoraLinear))
+    assert len(builds) == lora_layers  # each layer once, though the rows' adapters changed many times
+    assert all(results[r.tag] == alone(model, r) for r in requests)

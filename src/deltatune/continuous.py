@@ -32,6 +32,7 @@ from torch import nn
 
 from . import hf_compat
 from .generation import GenerationError, supports_static_decode
+from .layer import BASE_ROW, RowAdapters
 
 __all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
 
@@ -96,7 +97,8 @@ class ContinuousDecoder:
         self.context = context
         self.eos_ids = set(eos_ids)
         self.device = next(self.forward.parameters()).device
-        self._routed: tuple[tuple[str | None, ...], Any] | None = None  # (row adapters, their RowAdapters)
+        self._routed: tuple[tuple[str | None, ...], RowAdapters] | None = None  # the rows' adapters, their routing
+        self._routable: tuple[tuple[str, ...], set[str]] | None = None  # the model's adapters, those that route rows
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -259,8 +261,7 @@ class ContinuousDecoder:
 
     # -- adapter routing --------------------------------------------------------------------
     def _route(self, adapters: Sequence[str | None]) -> Any:
-        """Row routing for one forward. The routing of the decode rows is kept while they stay the
-        same, so layers reuse their stacked adapters and row slots from step to step."""
+        """Row routing for one forward, reused while the rows' adapters stay the same."""
         from .model import DeltaModel
 
         if not isinstance(self.model, DeltaModel):
@@ -268,28 +269,23 @@ class ContinuousDecoder:
                 raise GenerationError("Requests name adapters, which needs a DeltaModel (deltatune.wrap or deltatune.load).")
             return contextlib.nullcontext()
         adapters = tuple(adapters)
-        if self._routed is not None and self._routed[0] == adapters:
-            return self.model.mixed_batch(self._routed[1])
-        context = self.model.mixed_batch(adapters)
-        return _Remember(context, lambda rows: setattr(self, "_routed", (adapters, rows)))
+        if self._routed is None or self._routed[0] != adapters:
+            self._routed = (adapters, self._row_adapters(adapters))
+        return self.model.mixed_batch(self._routed[1])
+
+    def _row_adapters(self, adapters: tuple[str | None, ...]) -> RowAdapters:
+        """Rows routed over every adapter the model can route, in one fixed order, rather than
+        over the rows' own: the layers' stacked adapters then stay valid while rows come and go
+        (rebuilt only when the model's adapters change)."""
+        held = tuple(self.model.adapter_names)
+        if self._routable is None or self._routable[0] != held:
+            self._routable = (held, {n for n in held if self.model.mixed_batch_refusal([n]) is None})
+        named = {a for a in adapters if a is not None and a != BASE_ROW}
+        names = tuple(sorted(self._routable[1] | named))
+        return RowAdapters(names, tuple(len(names) if a is None or a == BASE_ROW else names.index(a) for a in adapters))
 
     def _decode_routing(self) -> Any:
         return self._route([row.request.adapter if row is not None else None for row in self._slots])
-
-
-class _Remember(contextlib.AbstractContextManager):
-    """Enters `context` and hands what it yields to `keep`."""
-
-    def __init__(self, context: Any, keep: Any) -> None:
-        self.context, self.keep = context, keep
-
-    def __enter__(self) -> Any:
-        value = self.context.__enter__()
-        self.keep(value)
-        return value
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self.context.__exit__(*exc)
 
 
 def _check_request(request: DecodeRequest) -> None:
