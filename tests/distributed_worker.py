@@ -110,6 +110,22 @@ def merged_copy() -> dict:
     return report
 
 
+def sharded_codes() -> dict:
+    """QLoRA under FSDP2: how much of the 4-bit codes each rank holds, and the logits and parameter
+    count against the same model in one process."""
+    config = dt.QLoraConfig(r=4, init_lora_weights=False)
+    torch.manual_seed(5)
+    alone = dt.wrap(tiny_llama(seed=0), config).eval()
+    torch.manual_seed(5)
+    sharded = distributed.prepare(dt.wrap(tiny_llama(seed=0), config), "fsdp2").eval()
+    codes = [m.qweight for m in sharded.modules() if "qweight" in getattr(m, "shardable_buffers", ())]
+    local = sum(c.to_local().numel() for c in codes)
+    whole = sum(c.numel() for c in codes)
+    return {"layers": len(codes), "share held": local / whole, "held by all ranks": distributed.all_sum(local) / whole,
+            "logits differ by": (logits(sharded) - logits(alone)).abs().max().item(),
+            "same parameter count": sharded.trainable_parameters().total == alone.trainable_parameters().total}
+
+
 def main(out: Path, single_checkpoint: Path) -> None:
     import logging
 
@@ -130,7 +146,9 @@ def main(out: Path, single_checkpoint: Path) -> None:
         schedule="constant")
     merges = {variant: merge_in_place(options) for variant, options in (("lora", {}), ("dora", {"use_dora": True}))}
     unloaded = merged_copy()
+    codes = sharded_codes()
     if distributed.is_main():
+        (out / "sharded-codes.json").write_text(json.dumps(codes))
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "merge-in-place.json").write_text(json.dumps(merges))
         (out / "merge-and-unload.json").write_text(json.dumps(unloaded))

@@ -111,6 +111,13 @@ def test_merge_and_unload_of_a_sharded_model_gives_rank_0_the_model_one_process_
     assert "merged into the sharded weights; unmerge()" in report["after merge()"]
 
 
+def test_fsdp2_shards_the_4bit_codes_and_computes_what_one_process_computes(two_processes):
+    report = json.loads((two_processes / "out" / "sharded-codes.json").read_text())
+    assert report["layers"] == 14  # every projection of the two blocks
+    assert report["share held"] <= 0.51 and report["held by all ranks"] >= 1.0  # half each, nothing lost
+    assert report["logits differ by"] < 1e-5 and report["same parameter count"]
+
+
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_lora_merges_and_unmerges_in_place_on_sharded_weights_as_one_process_does(two_processes, variant):
     report = json.loads((two_processes / "out" / "merge-in-place.json").read_text())[variant]

@@ -15,8 +15,9 @@ What is special about PEFT here, and handled:
   * sharded adapter tensors are DTensors: `gather_full` turns them into whole tensors (a
     collective every rank must join), so saves and checkpoints hold the whole adapter, written
     by rank 0 only, in the same files a single process writes;
-  * 4-bit base weights are buffers, which FSDP2 does not shard: they stay whole on every rank
-    (with their quantization state), the adapter over them is sharded like any other;
+  * 4-bit base weights are buffers, which FSDP2 does not shard: their codes (nearly all of their
+    bytes) become frozen parameters first and are sharded like any weight, gathered for each
+    forward and backward; the small block constants stay whole on every rank;
   * LoRA merges in place into sharded weights (a row-sharded B·A adds to the same rows of W), for
     methods whose MethodInfo says merges_sharded; merge_and_unload() hands rank 0 a plain merged
     copy rebuilt from the gathered weights (FSDP2's root is the wrapper: its inner model cannot be
@@ -167,9 +168,22 @@ def _shard(model: nn.Module) -> None:
     from deltatune import hf_compat
 
     mesh = init_device_mesh(device().type, (world_size(),))
+    _shardable_buffers_as_parameters(model)
     for block in hf_compat.checkpointable_blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def _shardable_buffers_as_parameters(model: nn.Module) -> None:
+    """Buffers a module lists in `shardable_buffers` (4-bit codes) become frozen parameters, which
+    fully_shard shards; it leaves buffers whole on every rank. Parameters that are not floating
+    point are not counted as weights (their module reports what they pack)."""
+    for module in model.modules():
+        for name in getattr(module, "shardable_buffers", ()):
+            tensor = module._buffers.get(name)
+            if tensor is not None:
+                del module._buffers[name]
+                module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:

@@ -580,6 +580,8 @@ class DeltaModel(nn.Module):
                     owner.setdefault(id(p), label)
         trainable = total = nbytes = 0
         for param in self.parameters():
+            if not param.is_floating_point():
+                continue  # packed 4-bit codes made parameters for sharding: counted below
             total += param.numel()
             if param.requires_grad:
                 trainable += param.numel()

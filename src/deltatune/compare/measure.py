@@ -75,6 +75,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(param) in seen:
             continue
         seen.add(id(param))
+        if not param.is_floating_point():
+            continue  # packed 4-bit codes made parameters for sharding: counted by packed_parameter_count
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     return trainable, total + packed_parameter_count(model)

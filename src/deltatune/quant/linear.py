@@ -197,6 +197,11 @@ class QuantLinear(nn.Module):
     autocast when it is on). The output is cast back to the input's dtype.
     """
 
+    # The 4-bit codes, nearly all of the layer's bytes, may be sharded like weights: FSDP2 turns
+    # them into frozen parameters (distributed.prepare) and gathers them for each forward and
+    # backward. The block constants are small and stay whole on every rank.
+    shardable_buffers = ("qweight",)
+
     def __init__(
         self, in_features: int, out_features: int, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype | None = None, weight_dtype: torch.dtype = torch.float32,

@@ -23,6 +23,8 @@ from .metrics import Metrics
 
 log = logging.getLogger("deltatune.serve")
 
+JOIN_EVERY_STEPS = 4
+
 
 class ContinuousWorker(BatchWorker):
     def __init__(
@@ -41,6 +43,10 @@ class ContinuousWorker(BatchWorker):
         super().__init__(grouped, pool, metrics, max_batch=decoder.rows, batch_wait_s=batch_wait_s, max_queue=max_queue)
         self.decoder = decoder
         self._stopping = False
+        # A prefill costs about a decode step's forward, however few rows join: while rows decode,
+        # joiners are let in once a quarter of the rows is free, or after JOIN_EVERY_STEPS steps.
+        self._join_rows = max(1, decoder.rows // 4)
+        self._steps_since_join = 0
 
     def _run(self) -> None:
         while True:
@@ -64,6 +70,8 @@ class ContinuousWorker(BatchWorker):
         if self._stopping:
             return []
         wanted = self.decoder.free_rows
+        if self.decoder.active and wanted < self._join_rows and self._steps_since_join < JOIN_EVERY_STEPS:
+            return []
         candidates: list[GenerationJob] = []
         if not self.decoder.active and not self._held:
             first = self._queue.get()
@@ -103,6 +111,7 @@ class ContinuousWorker(BatchWorker):
         requests = [DecodeRequest(job.adapter, job.prompt_ids, job.max_new_tokens, tag=job) for job in routable]
         if not requests:
             return
+        self._steps_since_join = 0
         try:
             finished = self.decoder.admit(requests)
         except Exception as err:
@@ -154,6 +163,7 @@ class ContinuousWorker(BatchWorker):
         if not adapters:
             return
         finished = self.decoder.step()
+        self._steps_since_join += 1
         self.metrics.record_step(adapters)
         self._answer(finished)
 
