@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import logging
+import multiprocessing
 import random
 import shutil
 import statistics
@@ -133,6 +134,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 
+def client_process(port: int, bodies: list[dict], clients: int, max_seconds: float, root: str, versions: str,
+                   replaced: str, corrupted: str, results_file: str) -> None:
+    """Send every request from `clients` threads (replacing one adapter and corrupting another on
+    disk on the way) while polling /health; write (index, status, text, seconds) per request."""
+    root_dir, versions_dir = Path(root), Path(versions)
+    answers: list[tuple] = []
+    unsent: Counter = Counter()
+    health: list[float] = []
+    health_failures = 0
+    done = threading.Event()
+    deadline = time.monotonic() + max_seconds
+
+    def poll_health() -> None:
+        nonlocal health_failures
+        while not done.is_set():
+            try:
+                status, _, seconds = call(port, "GET", "/health")
+                health.append(seconds)
+                health_failures += status != 200
+            except OSError:
+                health_failures += 1
+            time.sleep(0.05)
+
+    def send(index: int) -> None:
+        if time.monotonic() > deadline:
+            unsent["not sent (time limit)"] += 1
+            return
+        if index == len(bodies) // 3:
+            dt.load(tiny_llama(), versions_dir / "new").save(root_dir / replaced)  # a new version, on disk, while served
+        if index == len(bodies) // 2:
+            weights = root_dir / corrupted / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:100])
+        try:
+            status, answer, seconds = call(port, "POST", "/generate", bodies[index])
+        except OSError as err:
+            answers.append((index, None, type(err).__name__, 0.0))
+            return
+        answers.append((index, status, answer.get("text"), seconds))
+
+    poller = threading.Thread(target=poll_health, daemon=True)
+    poller.start()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(send, range(len(bodies))))
+    elapsed = time.perf_counter() - started
+    done.set()
+    poller.join()
+    Path(results_file).write_text(json.dumps({"answers": answers, "unsent": unsent, "health": health,
+                                              "health_failures": health_failures, "elapsed": elapsed}))
+
+
 def references(bodies: list[dict], root: Path, versions: Path, replaced: str, tokenizer) -> dict[tuple, set[str]]:
     """Each distinct request's right answers (the replaced adapter's: either version's)."""
     print(f"references: {len({(b['adapter'], b['prompt'], b['max_new_tokens']) for b in bodies})} distinct requests run alone ...",
@@ -155,59 +207,35 @@ def run_load(mode: str, root: Path, versions: Path, names: list[str], bodies: li
     replaced, corrupted = names[1], names[2]
     app = create_app(tiny_llama(), tokenizer, root, max_resident=args.max_resident, batch_wait_ms=5,
                      max_new_tokens=args.max_new_tokens, batching=mode)
-    outcomes: Counter = Counter()
-    latencies: list[float] = []
-    health: list[float] = []
-    health_failures = 0
-    done = threading.Event()
-    deadline = time.monotonic() + args.max_seconds
-
+    # The clients run in a process of their own, as a server's clients do: in this one they would
+    # take the interpreter lock from the decoding thread between its operations.
+    results_file = root.parent / f"client-results-{mode}.json"
     with serving_in_background(app) as port:
-        def poll_health() -> None:
-            nonlocal health_failures
-            while not done.is_set():
-                try:
-                    status, _, seconds = call(port, "GET", "/health")
-                    health.append(seconds)
-                    health_failures += status != 200
-                except OSError:
-                    health_failures += 1
-                time.sleep(0.05)
-
-        def send(index: int) -> None:
-            if time.monotonic() > deadline:
-                outcomes["not sent (time limit)"] += 1
-                return
-            if index == args.requests // 3:
-                dt.load(tiny_llama(), versions / "new").save(root / replaced)  # a new version, on disk, while served
-            if index == args.requests // 2:
-                weights = root / corrupted / "adapter_model.safetensors"
-                weights.write_bytes(weights.read_bytes()[:100])
-            body = bodies[index]
-            try:
-                status, answer, seconds = call(port, "POST", "/generate", body)
-            except OSError as err:
-                outcomes[f"lost ({type(err).__name__})"] += 1
-                return
-            latencies.append(seconds)
-            if status == 200:
-                right = answer["text"] in expected[(body["adapter"], body["prompt"], body["max_new_tokens"])]
-                kind = "ok" if right else ("mixed versions" if body["adapter"] == replaced else "wrong answer")
-            elif status == 422 and body["adapter"] == corrupted:
-                kind = "422 corrupted adapter (expected)"
-            else:
-                kind = f"HTTP {status}"
-            outcomes[kind] += 1
-
-        poller = threading.Thread(target=poll_health, daemon=True)
-        poller.start()
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(send, range(args.requests)))
-        elapsed = time.perf_counter() - started
-        done.set()
-        poller.join()
+        clients = multiprocessing.get_context("spawn").Process(target=client_process, args=(
+            port, bodies, args.clients, args.max_seconds, str(root), str(versions), replaced, corrupted, str(results_file)))
+        clients.start()
+        clients.join()
         metrics = call(port, "GET", "/metrics")[1]
+    if clients.exitcode != 0:
+        raise RuntimeError(f"the client process failed (exit code {clients.exitcode})")
+    results = json.loads(results_file.read_text())
+    outcomes: Counter = Counter(results["unsent"])
+    latencies: list[float] = []
+    for index, status, text, seconds in results["answers"]:
+        body = bodies[index]
+        if status is None:
+            outcomes[f"lost ({text})"] += 1
+            continue
+        latencies.append(seconds)
+        if status == 200:
+            right = text in expected[(body["adapter"], body["prompt"], body["max_new_tokens"])]
+            kind = "ok" if right else ("mixed versions" if body["adapter"] == replaced else "wrong answer")
+        elif status == 422 and body["adapter"] == corrupted:
+            kind = "422 corrupted adapter (expected)"
+        else:
+            kind = f"HTTP {status}"
+        outcomes[kind] += 1
+    health, health_failures, elapsed = results["health"], results["health_failures"], results["elapsed"]
 
     answered = len(latencies)
     ordered = sorted(latencies)

@@ -36,6 +36,7 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3  # LlamaConfig's bos/eos ids, so generation stop
 VOCAB = 101  # tiny_llama's vocabulary size: the tokenizer must name every id the model can produce
 WORDS = [f"w{i}" for i in range(4, VOCAB)]
 ADAPTERS = ["a0", "a1", "a2", "a3"]
+BATCHING = ["whole", "continuous"]  # the server's two ways of batching requests: each must answer as a single run does
 
 
 # ---------------------------------------------------------------- model, tokenizer, adapters
@@ -166,9 +167,10 @@ def test_malformed_requests_are_400_with_a_reason(adapters_dir, tokenizer):
         assert generate(port, {"adapter": "a0", "prompt": "w5 w9", "max_new_tokens": 2})[0] == 200
 
 
-def test_concurrent_requests_across_adapters_run_in_mixed_batches(adapters_dir, tokenizer):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_concurrent_requests_across_adapters_run_in_mixed_batches(adapters_dir, tokenizer, batching):
     bodies = random_requests(50, ADAPTERS, seed=0)
-    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_batch=16, batch_wait_ms=200, max_resident=4)
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_batch=16, batch_wait_ms=200, max_resident=4, batching=batching)
     with running_server(app) as port:
         answers = generate_concurrently(port, bodies)
         _, metrics = request(port, "GET", "/metrics")
@@ -193,9 +195,10 @@ def test_concurrent_requests_across_adapters_run_in_mixed_batches(adapters_dir, 
     assert sorted(listed["resident"]) == ADAPTERS
 
 
-def test_base_rows_share_a_batch_with_adapter_rows(adapters_dir, tokenizer):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_base_rows_share_a_batch_with_adapter_rows(adapters_dir, tokenizer, batching):
     bodies = random_requests(8, [None, "a2"], seed=1)
-    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, batch_wait_ms=200)) as port:
+    with running_server(create_app(tiny_llama(), tokenizer, adapters_dir, batch_wait_ms=200, batching=batching)) as port:
         answers = generate_concurrently(port, bodies)
         _, metrics = request(port, "GET", "/metrics")
     assert [body for _, body in answers] == run_alone(adapters_dir, tokenizer, bodies)
@@ -239,7 +242,8 @@ def test_requests_join_a_running_decode_and_leave_before_a_long_one_ends(adapter
     candidates = [{"adapter": "a0", "prompt": prompt_text(rng), "max_new_tokens": 100} for _ in range(12)]
     long = next(body for body, answer in zip(candidates, run_alone(adapters_dir, tokenizer, candidates)) if answer["tokens"] == 100)
     shorts = random_requests(4, ["a1", None, "a2", "a0"], seed=8)
-    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=100, context_tokens=120, batch_wait_ms=0)
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=100, context_tokens=120, batch_wait_ms=0,
+                     batching="continuous")
     finished: list[str] = []
     with running_server(app) as port, ThreadPoolExecutor(max_workers=2) as pool:
         long_answer = pool.submit(lambda: (generate(port, long), finished.append("long"))[0])
@@ -259,26 +263,27 @@ def test_requests_join_a_running_decode_and_leave_before_a_long_one_ends(adapter
 
 
 def test_a_prompt_beyond_the_context_is_400_naming_the_option(adapters_dir, tokenizer):
-    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=8, context_tokens=12)
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=8, context_tokens=12, batching="continuous")
     with running_server(app) as port:
         status, body = generate(port, {"adapter": "a0", "prompt": " ".join(["w5"] * 6), "max_new_tokens": 8})
         fits = generate(port, {"adapter": "a0", "prompt": " ".join(["w5"] * 5), "max_new_tokens": 8})
     assert status == 400 and "context of 12 tokens (--context-tokens)" in body["error"]
     assert fits[0] == 200
     with pytest.raises(ValueError, match="context_tokens .* must exceed max_new_tokens"):
-        create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=8, context_tokens=8)
+        create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=8, context_tokens=8, batching="continuous")
     with pytest.raises(ValueError, match="batching must be one of"):
         create_app(tiny_llama(), tokenizer, adapters_dir, batching="streaming")
 
 
-def test_a_corrupt_adapter_fails_alone(adapters_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_a_corrupt_adapter_fails_alone(adapters_dir, tokenizer, tmp_path, batching):
     root = tmp_path / "adapters"
     for name in ("a0", "a1", "broken"):
         save_lora(root / name, seed=ADAPTERS.index(name) + 10 if name in ADAPTERS else 99)
     weights = root / "broken" / "adapter_model.safetensors"
     weights.write_bytes(b"\x07garbage, not a safetensors file" * 3)
     bodies = random_requests(12, ["a0", "broken", "a1"], seed=2)
-    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=200)) as port:
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=200, batching=batching)) as port:
         answers = generate_concurrently(port, bodies)
         later = generate(port, {"adapter": "a1", "prompt": "w7 w8 w9", "max_new_tokens": 3})
         _, listed = request(port, "GET", "/adapters")
@@ -296,8 +301,9 @@ def test_a_corrupt_adapter_fails_alone(adapters_dir, tokenizer, tmp_path):
     assert metrics["adapters"]["broken"]["errors"] == 4 and metrics["adapters"]["broken"]["load_failures"] >= 1
 
 
-def test_least_recently_used_adapters_are_evicted(adapters_dir, tokenizer):
-    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_resident=2, batch_wait_ms=200)
+@pytest.mark.parametrize("batching", BATCHING)
+def test_least_recently_used_adapters_are_evicted(adapters_dir, tokenizer, batching):
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_resident=2, batch_wait_ms=200, batching=batching)
     names = ["a0", "a1", "a2"]
     sequential = random_requests(6, names, seed=3)  # a0 a1 a2 a0 a1 a2: every request after the second evicts
     concurrent = random_requests(15, names, seed=4)
@@ -314,7 +320,8 @@ def test_least_recently_used_adapters_are_evicted(adapters_dir, tokenizer):
     assert len(metrics["resident"]) <= 2 and metrics["max_adapters_in_batch"] <= 2
 
 
-def test_adapters_of_a_method_without_per_row_routing_run_one_group_at_a_time(tokenizer, tmp_path, caplog):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_adapters_of_a_method_without_per_row_routing_run_one_group_at_a_time(tokenizer, tmp_path, caplog, batching):
     caplog.set_level(logging.INFO, logger="deltatune.serve")
     root = tmp_path / "adapters"
     # Partial fine-tuning copies whole blocks, so it cannot share a block with LoRA: block 0 is LoRA's.
@@ -323,14 +330,15 @@ def test_adapters_of_a_method_without_per_row_routing_run_one_group_at_a_time(to
     randomize_adapters(partial, seed=6, scale=0.05)
     partial.save(root / "partial")
     bodies = random_requests(8, ["lora", "partial", None], seed=5)
-    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=200)) as port:
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=200, batching=batching)) as port:
         answers = generate_concurrently(port, bodies)
     assert [status for status, _ in answers] == [200] * 8
     assert [body for _, body in answers] == run_alone(root, tokenizer, bodies)
     assert "running one adapter at a time" in caplog.text
 
 
-def test_soft_prompt_adapters_are_served_like_a_single_run(tokenizer, tmp_path):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_soft_prompt_adapters_are_served_like_a_single_run(tokenizer, tmp_path, batching):
     """Prefix tuning and prompt tuning reach generate() through the model's key/value cache, whose
     argument transformers renamed in 5.24: the server answers them as a single uncached run does."""
     root = tmp_path / "adapters"
@@ -340,7 +348,7 @@ def test_soft_prompt_adapters_are_served_like_a_single_run(tokenizer, tmp_path):
         randomize_adapters(model, seed=7, scale=0.5)
         model.save(root / name)
     bodies = random_requests(6, ["prefix", "prompt", None], seed=9)
-    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=100)) as port:
+    with running_server(create_app(tiny_llama(), tokenizer, root, batch_wait_ms=100, batching=batching)) as port:
         answers = generate_concurrently(port, bodies)
     assert [status for status, _ in answers] == [200] * 6, answers
     assert [body for _, body in answers] == run_alone(root, tokenizer, bodies)
@@ -468,7 +476,8 @@ def test_a_folder_named_like_the_base_is_not_an_adapter(adapters_dir, tokenizer,
         assert status == 404 and body["known"] == ["real"]
 
 
-def test_an_adapter_replaced_on_disk_while_served_answers_from_one_version_at_a_time(tokenizer, tmp_path):
+@pytest.mark.parametrize("batching", BATCHING)
+def test_an_adapter_replaced_on_disk_while_served_answers_from_one_version_at_a_time(tokenizer, tmp_path, batching):
     """One adapter resident at a time forces reloads while another thread keeps re-saving "a"."""
     root, versions = tmp_path / "adapters", tmp_path / "versions"
     # The versions differ in their config too (rsLoRA's scaling), so a config read from one save
@@ -489,7 +498,7 @@ def test_an_adapter_replaced_on_disk_while_served_answers_from_one_version_at_a_
                 models[name].save(root / "a")
 
     writer = threading.Thread(target=keep_replacing)
-    with running_server(create_app(tiny_llama(), tokenizer, root, max_resident=1, batch_wait_ms=0)) as port:
+    with running_server(create_app(tiny_llama(), tokenizer, root, max_resident=1, batch_wait_ms=0, batching=batching)) as port:
         writer.start()
         try:
             answers = [generate(port, body) for body in bodies]

@@ -47,6 +47,7 @@ class GenerationJob:
     prompt_ids: list[int]
     max_new_tokens: int
     future: Future = field(default_factory=Future)
+    passed_over: int = 0  # admission rounds its adapter did not fit (continuous batching)
 
 
 # generate_rows(jobs) -> new token ids per job, each at most its job's max_new_tokens long.

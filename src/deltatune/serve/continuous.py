@@ -24,6 +24,7 @@ from .metrics import Metrics
 log = logging.getLogger("deltatune.serve")
 
 JOIN_EVERY_STEPS = 4
+MAX_PASSED_OVER = 8  # admission rounds a job may be passed over for its adapter before it blocks the rest
 
 
 class ContinuousWorker(BatchWorker):
@@ -69,9 +70,11 @@ class ContinuousWorker(BatchWorker):
         up to the free rows. An idle decoder waits for the first one (then batch_wait_s for more)."""
         if self._stopping:
             return []
-        wanted = self.decoder.free_rows
-        if self.decoder.active and wanted < self._join_rows and self._steps_since_join < JOIN_EVERY_STEPS:
+        free = self.decoder.free_rows
+        if self.decoder.active and (free == 0 or free < self._join_rows and self._steps_since_join < JOIN_EVERY_STEPS):
             return []
+        # Look past the free rows: jobs whose adapter cannot join now may stand before ones that can.
+        wanted = free + self.max_batch
         candidates: list[GenerationJob] = []
         if not self.decoder.active and not self._held:
             first = self._queue.get()
@@ -125,8 +128,9 @@ class ContinuousWorker(BatchWorker):
 
     def _choose(self, candidates: list[GenerationJob]) -> tuple[list[GenerationJob], list[GenerationJob]]:
         """(jobs that join now, jobs held for a later step). Jobs join in order; one whose
-        adapter would not fit beside the running ones is passed over, and the first that finds
-        no room in the cache holds everything after it (so a long request is not overtaken forever)."""
+        adapter would not fit beside the running ones is passed over (MAX_PASSED_OVER times at
+        most), and the first that finds no room in the cache holds everything after it (so a long
+        request is not overtaken for ever)."""
         running = {request.tag.adapter for request in self.decoder.active}
         joining: list[GenerationJob] = []
         held: list[GenerationJob] = []
@@ -142,6 +146,12 @@ class ContinuousWorker(BatchWorker):
                 continue
             adapters = running | {j.adapter for j in joining} | {job.adapter}
             if self._adapter_count(adapters) > self.pool.max_resident:
+                job.passed_over += 1
+                if job.passed_over > MAX_PASSED_OVER:
+                    # Nothing after it joins until it can: the running rows drain until one adapter
+                    # has none left, so a busy adapter cannot keep a rare one out for ever.
+                    held.extend(candidates[index:])
+                    break
                 held.append(job)
                 continue
             if not self.decoder.fits(requests + [request]):

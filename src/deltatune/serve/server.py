@@ -1,8 +1,8 @@
 """The HTTP server: one base causal LM, many adapters, requests batched across adapters.
 
-Requests join the running decode between its steps and leave as they end (continuous batching,
-serve/continuous.py) where the model allows it (a static cache without sliding-window layers);
-otherwise waiting requests are gathered into one generate() call at a time (serve/batching.py).
+Waiting requests are gathered into one generate() call at a time (serve/batching.py); with
+batching="continuous" they join the running decode between its steps and leave as they end
+(serve/continuous.py), where the model allows it (a static cache without sliding-window layers).
 
     POST /generate  {"adapter": "name" | null, "prompt": "...", "max_new_tokens": n}
                     -> {"adapter": ..., "text": ..., "tokens": n}
@@ -72,7 +72,7 @@ class ServeLimits:
     max_queue: int = 1024
     max_prompt_chars: int = 100_000
     max_body_bytes: int = 1_000_000
-    batching: str = "continuous"  # or "whole": one generate() per gathered batch
+    batching: str = "whole"  # one generate() per gathered batch, or "continuous"
     context_tokens: int = 2048  # continuous batching: cache columns per row (prompt + new tokens must fit)
 
     def validate(self) -> None:
@@ -234,16 +234,16 @@ def create_app(
     max_queue: int = 1024,
     max_prompt_chars: int = 100_000,
     max_body_bytes: int = 1_000_000,
-    batching: str = "continuous",
+    batching: str = "whole",
     context_tokens: int = 2048,
     api_key: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving `model` (a causal LM, plain or a DeltaModel without adapters) with
     the adapters in `adapters_dir/<name>`. Its batch worker runs while the app is started.
     api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
-    batching: "continuous" (requests join and leave the running decode between steps, where the
-    model allows it, with `context_tokens` cache columns per row) or "whole" (one generate() per
-    gathered batch)."""
+    batching: "whole" (one generate() per gathered batch, its decode steps replayed as CUDA graphs
+    on a GPU) or "continuous" (requests join and leave the running decode between steps, where
+    the model allows it, with `context_tokens` cache columns per row; its steps run eagerly)."""
     limits = ServeLimits(max_resident, max_batch, batch_wait_ms, max_new_tokens, max_queue, max_prompt_chars, max_body_bytes,
                          batching, context_tokens)
     service = GenerationService(_as_delta_model(model), tokenizer, adapters_dir, limits)
