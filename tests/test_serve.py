@@ -262,6 +262,50 @@ def test_requests_join_a_running_decode_and_leave_before_a_long_one_ends(adapter
     assert metrics["decode_steps"] < 100 + sum(body["max_new_tokens"] for body in shorts)  # steps were shared
 
 
+def test_a_busy_adapter_cannot_keep_a_rare_one_out_of_a_continuous_decode(adapters_dir, tokenizer):
+    # One resident adapter, two rows: while a0 rows run, an a1 request cannot join. It is passed
+    # over a few times, then nothing joins before it: the a0 rows drain and it runs long before
+    # the 40 a0 requests queued behind it are done.
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, max_resident=1, max_batch=2, batch_wait_ms=0, batching="continuous")
+    worker = app.state.service.worker
+    order: list[str] = []
+    futures = []
+    for index in range(42):
+        adapter = "a1" if index == 2 else "a0"
+        future = worker.submit(adapter, [5 + index % 7, 9, 11], 2 if index == 0 else 6)  # the two rows never end together
+        future.add_done_callback(lambda _, adapter=adapter: order.append(adapter))
+        futures.append(future)
+    worker.start()
+    try:
+        for future in futures:
+            future.result(timeout=120)
+    finally:
+        worker.stop()
+    assert order.index("a1") < 20, order
+
+
+def test_a_failed_decode_step_fails_its_rows_and_the_server_keeps_serving(adapters_dir, tokenizer, monkeypatch):
+    from deltatune.continuous import ContinuousDecoder
+
+    step = ContinuousDecoder.step
+    calls = {"n": 0}
+
+    def failing_once(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device lost")
+        return step(self)
+
+    monkeypatch.setattr(ContinuousDecoder, "step", failing_once)
+    bodies = [{"adapter": "a0", "prompt": "w5 w6 w7", "max_new_tokens": 8}, {"adapter": None, "prompt": "w9 w4", "max_new_tokens": 8}]
+    app = create_app(tiny_llama(), tokenizer, adapters_dir, batch_wait_ms=200, batching="continuous")
+    with running_server(app) as port:
+        failed = generate_concurrently(port, bodies)
+        later = [generate(port, body) for body in bodies]
+    assert [status for status, _ in failed] == [500, 500] and all("device lost" in body["error"] for _, body in failed)
+    assert later == [(200, answer) for answer in run_alone(adapters_dir, tokenizer, bodies)]
+
+
 def test_a_prompt_beyond_the_context_is_400_naming_the_option(adapters_dir, tokenizer):
     app = create_app(tiny_llama(), tokenizer, adapters_dir, max_new_tokens=8, context_tokens=12, batching="continuous")
     with running_server(app) as port:

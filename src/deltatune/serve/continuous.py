@@ -51,15 +51,18 @@ class ContinuousWorker(BatchWorker):
 
     def _run(self) -> None:
         while True:
+            candidates: list[GenerationJob] = []
             try:
-                self._admit(self._candidates())
+                candidates = self._candidates()
+                self._admit(candidates)
                 self._step()
             except Exception as err:
-                # This thread must survive anything, or every later request would wait forever;
-                # the cache may be half written, so the running rows fail and start over.
+                # This thread must survive anything, or every later request would wait for ever;
+                # the cache may be half written: the running rows and the joiners fail, the rest
+                # (held for later) stay queued, and decoding starts over.
                 log.exception("continuous decoding failed")
-                self._fail_unfinished([request.tag for request in self.decoder.active],
-                                      GenerationError(f"Generation failed: {err}"))
+                failed = [request.tag for request in self.decoder.active] + [job for job in candidates if job.future.running()]
+                self._fail_unfinished(failed, GenerationError(f"Generation failed: {err}"))
                 self.decoder.reset()
             if self._stopping and not self.decoder.active:
                 return
@@ -136,8 +139,8 @@ class ContinuousWorker(BatchWorker):
         held: list[GenerationJob] = []
         requests: list[DecodeRequest] = []
         for index, job in enumerate(candidates):
-            if job.future.cancelled():
-                continue  # its client went away
+            if job.future.done():
+                continue  # its client went away (cancelled), or it failed in an earlier round
             request = DecodeRequest(job.adapter, job.prompt_ids, job.max_new_tokens, tag=job)
             if not self.decoder.could_ever_fit(request):
                 job.future.set_exception(GenerationError(
