@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import hf_compat
-from .generation import GenerationError, supports_static_decode
+from .generation import GenerationError, left_pad, supports_static_decode
 from .layer import BASE_ROW, RowAdapters
 
 __all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
@@ -175,13 +175,8 @@ class ContinuousDecoder:
 
     def _prefill(self, requests: Sequence[DecodeRequest]) -> tuple[list[int], Any, int]:
         """Run the joiners' prompts (left-padded together) over a cache of their own."""
-        width = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.zeros((len(requests), width), dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, request in enumerate(requests):
-            input_ids[i, width - len(request.prompt_ids):] = torch.tensor(list(request.prompt_ids), dtype=torch.long)
-            mask[i, width - len(request.prompt_ids):] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        input_ids, mask = left_pad([list(r.prompt_ids) for r in requests], 0, self.device)
+        width = input_ids.shape[1]
         cache = hf_compat.new_static_cache(self.forward.config, width)
         kwargs = hf_compat.static_decode_kwargs(self.forward, cache, torch.arange(width, device=self.device))
         with torch.inference_mode(), self._route([r.adapter for r in requests]):

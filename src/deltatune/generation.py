@@ -29,7 +29,7 @@ from torch import nn
 from . import hf_compat
 from .layer import index_tensor
 
-__all__ = ["GenerationError", "greedy_generate", "supports_static_decode"]
+__all__ = ["GenerationError", "greedy_generate", "left_pad", "supports_static_decode"]
 
 
 class GenerationError(ValueError):
@@ -100,6 +100,18 @@ def greedy_generate(
     if eos is not None:
         new_tokens = _pad_after_eos(new_tokens, eos, pad_token_id)
     return torch.cat([input_ids, new_tokens], dim=1)
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row right-aligned: a decoder-only model continues
+    each prompt from the last column, so the padding must go on the left."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
 def _forward_and_routing(model: nn.Module, adapter_names: Sequence[str | None] | None) -> tuple[nn.Module, Any]:

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generation import greedy_generate, supports_static_decode
+from ..generation import greedy_generate, left_pad, supports_static_decode
 from ..model import DeltaModel
 from .adapters import AdapterPool
 from .metrics import Metrics
@@ -207,18 +207,6 @@ class BatchWorker:
 
 
 # ---------------------------------------------------------------- generation
-def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) with every row right-aligned: a decoder-only model continues
-    each prompt from the last column, so the padding must go on the left."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def trim_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     """Tokens up to and including the first end-of-sequence token (the rest is padding)."""
     for i, token in enumerate(tokens):
