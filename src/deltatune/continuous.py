@@ -109,6 +109,7 @@ class ContinuousDecoder:
         self._cache = hf_compat.new_static_cache(self.forward.config, self.context)
         self._allocated = False
         self.t = 0  # the column the next step writes
+        self._layers_at_t = True  # whether the cache's layers would write at t (a step advances both)
         self._ids = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
         self._positions = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
         self._mask = torch.zeros((self.rows, self.context), dtype=torch.long, device=self.device)
@@ -189,6 +190,7 @@ class ContinuousDecoder:
         if not self._allocated:
             hf_compat.allocate_static_cache(self._cache, self.rows, like=prefill_cache)
             self._allocated = True
+            self._layers_at_t = False
         with torch.inference_mode():
             for (keys, values), (new_keys, new_values) in zip(hf_compat.cache_key_values(self._cache),
                                                               hf_compat.cache_key_values(prefill_cache)):
@@ -217,6 +219,7 @@ class ContinuousDecoder:
             for row in live:
                 row.start += shift
         self.t = column
+        self._layers_at_t = False
 
     # -- decoding ---------------------------------------------------------------------------
     def step(self) -> list[tuple[DecodeRequest, list[int]]]:
@@ -226,7 +229,9 @@ class ContinuousDecoder:
         if self.t >= self.context:  # admission keeps every row within the cache
             raise GenerationError(f"the decoder ran past its {self.context} columns")
         self._cache_position.fill_(self.t)
-        hf_compat.set_static_cache_length(self._cache, self.t)
+        if not self._layers_at_t:  # after a move of the window or the first placement: tell them
+            hf_compat.set_static_cache_length(self._cache, self.t)
+            self._layers_at_t = True
         kwargs = hf_compat.static_decode_kwargs(self.forward, self._cache, self._cache_position)
         with torch.inference_mode(), self._decode_routing():
             self._mask[:, self.t] = 1  # the token fed now is visible to itself
