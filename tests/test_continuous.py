@@ -166,3 +166,17 @@ def test_layers_stack_their_adapters_once_while_rows_come_and_go(monkeypatch):
     lora_layers = sum(1 for _, layer in model.delta_layers() if isinstance(layer, LoraLinear))
     assert len(builds) == lora_layers  # each layer once, though the rows' adapters changed many times
     assert all(results[r.tag] == alone(model, r) for r in requests)
+
+
+def test_an_adapter_reloaded_as_another_method_is_routed_as_what_it_is_now():
+    # The server may evict an adapter and load a new version under the same name: routing decided
+    # for the old one (LoRA, routed by rows) must not be kept for the new one (a soft prompt, which
+    # cannot be): requests for the base and the other adapter still decode.
+    model = two_adapters()
+    decoder = ContinuousDecoder(model, rows=2, context=24)
+    first = random_requests(3, ["b", None], seed=11)
+    assert run_arrivals(decoder, first, seed=12) == {r.tag: alone(model, r) for r in first}
+    model.delete_adapter("b")
+    model.add_adapter("b", dt.PromptTuningConfig(num_virtual_tokens=4), activate=False)
+    base_only = random_requests(3, [None, "a"], seed=13)
+    assert run_arrivals(decoder, base_only, seed=14) == {r.tag: alone(model, r) for r in base_only}

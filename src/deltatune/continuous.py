@@ -98,7 +98,7 @@ class ContinuousDecoder:
         self.eos_ids = set(eos_ids)
         self.device = next(self.forward.parameters()).device
         self._routed: tuple[tuple[str | None, ...], RowAdapters] | None = None  # the rows' adapters, their routing
-        self._routable: tuple[tuple[str, ...], set[str]] | None = None  # the model's adapters, those that route rows
+        self._routable: tuple[tuple, set[str]] | None = None  # the model's adapters, those that route rows
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -277,9 +277,10 @@ class ContinuousDecoder:
         """Rows routed over every adapter the model can route, in one fixed order, rather than
         over the rows' own: the layers' stacked adapters then stay valid while rows come and go
         (rebuilt only when the model's adapters change)."""
-        held = tuple(self.model.adapter_names)
+        # Keyed by the config objects too: an adapter reloaded under its name may be another method.
+        held = tuple((n, id(self.model.configs[n])) for n in self.model.adapter_names)
         if self._routable is None or self._routable[0] != held:
-            self._routable = (held, {n for n in held if self.model.mixed_batch_refusal([n]) is None})
+            self._routable = (held, {n for n, _ in held if self.model.mixed_batch_refusal([n]) is None})
         named = {a for a in adapters if a is not None and a != BASE_ROW}
         names = tuple(sorted(self._routable[1] | named))
         return RowAdapters(names, tuple(len(names) if a is None or a == BASE_ROW else names.index(a) for a in adapters))
