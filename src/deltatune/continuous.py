@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import hf_compat
-from .generation import GenerationError, left_pad, supports_static_decode
+from .generation import GenerationError, inner_model, left_pad, supports_static_decode
 from .layer import BASE_ROW, RowAdapters
 
 __all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
@@ -65,16 +65,10 @@ def supports_continuous_decode(model: nn.Module) -> str | None:
     reason = supports_static_decode(model)
     if reason is not None:
         return reason
-    inner = _inner(model)
+    inner = inner_model(model)
     if hf_compat.static_cache_has_sliding_layers(hf_compat.new_static_cache(inner.config, 1)):
         return "its sliding-window cache layers keep a ring buffer, whose columns cannot be moved between rows"
     return None
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    from .model import DeltaModel
-
-    return model.model if isinstance(model, DeltaModel) else model
 
 
 class ContinuousDecoder:
@@ -92,7 +86,7 @@ class ContinuousDecoder:
         if rows < 1 or context < 2:
             raise GenerationError(f"rows must be at least 1 and context at least 2, got rows={rows}, context={context}.")
         self.model = model
-        self.forward = _inner(model)
+        self.forward = inner_model(model)
         self.rows = rows
         self.context = context
         self.eos_ids = set(eos_ids)
@@ -114,6 +108,8 @@ class ContinuousDecoder:
         self._positions = torch.zeros((self.rows, 1), dtype=torch.long, device=self.device)
         self._mask = torch.zeros((self.rows, self.context), dtype=torch.long, device=self.device)
         self._cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
+        # What every step passes beside ids, mask and positions: the cache and its write column.
+        self._step_kwargs = hf_compat.static_decode_kwargs(self.forward, self._cache, self._cache_position)
 
     @property
     def active(self) -> list[DecodeRequest]:
@@ -232,10 +228,9 @@ class ContinuousDecoder:
         if not self._layers_at_t:  # after a move of the window or the first placement: tell them
             hf_compat.set_static_cache_length(self._cache, self.t)
             self._layers_at_t = True
-        kwargs = hf_compat.static_decode_kwargs(self.forward, self._cache, self._cache_position)
         with torch.inference_mode(), self._decode_routing():
             self._mask[:, self.t] = 1  # the token fed now is visible to itself
-            logits = self.forward(input_ids=self._ids, attention_mask=self._mask, position_ids=self._positions, **kwargs).logits
+            logits = self.forward(input_ids=self._ids, attention_mask=self._mask, position_ids=self._positions, **self._step_kwargs).logits
             self._ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
             self._positions.add_(1)
         self.t += 1
@@ -277,13 +272,24 @@ class ContinuousDecoder:
         """Rows routed over every adapter the model can route, in one fixed order, rather than
         over the rows' own: the layers' stacked adapters then stay valid while rows come and go
         (rebuilt only when the model's adapters change)."""
-        # Keyed by the config objects too: an adapter reloaded under its name may be another method.
+        named = {a for a in adapters if a is not None and a != BASE_ROW}
+        names = tuple(sorted(self._routable_adapters() | named))
+        return RowAdapters(names, tuple(len(names) if a is None or a == BASE_ROW else names.index(a) for a in adapters))
+
+    def routes_rows(self, adapter: str | None) -> bool:
+        """Whether a request for `adapter` can decode here (None, the base, always can): its
+        method routes batch rows. Others are run one adapter at a time by the caller."""
+        from .model import DeltaModel
+
+        return adapter is None or adapter == BASE_ROW or not isinstance(self.model, DeltaModel) or adapter in self._routable_adapters()
+
+    def _routable_adapters(self) -> set[str]:
+        """The model's adapters whose method routes batch rows, found again when they change
+        (keyed by the config objects too: an adapter reloaded under its name may be another method)."""
         held = tuple((n, id(self.model.configs[n])) for n in self.model.adapter_names)
         if self._routable is None or self._routable[0] != held:
             self._routable = (held, {n for n, _ in held if self.model.mixed_batch_refusal([n]) is None})
-        named = {a for a in adapters if a is not None and a != BASE_ROW}
-        names = tuple(sorted(self._routable[1] | named))
-        return RowAdapters(names, tuple(len(names) if a is None or a == BASE_ROW else names.index(a) for a in adapters))
+        return self._routable[1]
 
     def _decode_routing(self) -> Any:
         return self._route([row.request.adapter if row is not None else None for row in self._slots])

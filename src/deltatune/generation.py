@@ -46,11 +46,18 @@ class _StepBuffers:
     cache_position: torch.Tensor  # (1,): the cache slot the next token is written to
 
 
+def inner_model(model: nn.Module) -> nn.Module:
+    """The transformers model a DeltaModel wraps (the model itself otherwise): what decoding calls."""
+    from .model import DeltaModel
+
+    return model.model if isinstance(model, DeltaModel) else model
+
+
 def supports_static_decode(model: nn.Module) -> str | None:
     """None if greedy_generate can run `model`, else the reason it cannot."""
     from .model import DeltaModel
 
-    inner = model.model if isinstance(model, DeltaModel) else model
+    inner = inner_model(model)
     if not hf_compat.supports_static_cache(inner):
         return f"{type(inner).__name__} does not support a static key/value cache"
     if isinstance(model, DeltaModel):

@@ -401,9 +401,8 @@ def static_cache_has_sliding_layers(cache: Any) -> bool:
 def allocate_static_cache(cache: Any, batch: int, like: Any) -> None:
     """Allocate every layer of `cache` for `batch` rows with the heads, head size, dtype and
     device of the same layer in `like`, an allocated StaticCache of the same model."""
-    shapes = [keys.shape for keys, _ in cache_key_values(like)]
-    first_keys = cache_key_values(like)[0][0]
-    cache.early_initialization(batch, [s[1] for s in shapes], [s[3] for s in shapes], first_keys.dtype, first_keys.device)
+    keys = [layer_keys for layer_keys, _ in cache_key_values(like)]
+    cache.early_initialization(batch, [k.shape[1] for k in keys], [k.shape[3] for k in keys], keys[0].dtype, keys[0].device)
 
 
 def set_static_cache_length(cache: Any, length: int) -> None:

@@ -16,7 +16,6 @@ import logging
 import time
 
 from ..continuous import ContinuousDecoder, DecodeRequest
-from ..model import DeltaModel
 from .adapters import AdapterPool
 from .batching import _STOP, BatchWorker, GenerateRows, GenerationError, GenerationJob
 from .metrics import Metrics
@@ -102,21 +101,22 @@ class ContinuousWorker(BatchWorker):
         if not joining:
             return
         running = [request.tag.adapter for request in self.decoder.active]
-        failures = self.pool.prepare([name for name in running + [job.adapter for job in joining] if name is not None])
-        routable, grouped = [], []
-        for job in joining:
+        failures = self.pool.prepare([name for name in running + [r.adapter for r in joining] if name is not None])
+        requests, grouped = [], []
+        for request in joining:
+            job: GenerationJob = request.tag
             if job.adapter in failures:
                 self.metrics.count(job.adapter, errors=1)
                 job.future.set_exception(failures[job.adapter])
-            elif self._routes_rows(job.adapter):
-                routable.append(job)
+            elif self.decoder.routes_rows(job.adapter):
+                requests.append(request)
             else:
                 grouped.append(job)
         if grouped:
             self._generate(grouped)  # the batch worker's way: one adapter group at a time
-        requests = [DecodeRequest(job.adapter, job.prompt_ids, job.max_new_tokens, tag=job) for job in routable]
         if not requests:
             return
+        routable = [request.tag for request in requests]
         self._steps_since_join = 0
         try:
             finished = self.decoder.admit(requests)
@@ -129,13 +129,12 @@ class ContinuousWorker(BatchWorker):
         self.metrics.record_batch([job.adapter for job in routable])
         self._answer(finished)
 
-    def _choose(self, candidates: list[GenerationJob]) -> tuple[list[GenerationJob], list[GenerationJob]]:
-        """(jobs that join now, jobs held for a later step). Jobs join in order; one whose
-        adapter would not fit beside the running ones is passed over (MAX_PASSED_OVER times at
-        most), and the first that finds no room in the cache holds everything after it (so a long
-        request is not overtaken for ever)."""
+    def _choose(self, candidates: list[GenerationJob]) -> tuple[list[DecodeRequest], list[GenerationJob]]:
+        """(requests that join now, each tagged with its job; jobs held for a later step). Jobs
+        join in order; one whose adapter would not fit beside the running ones is passed over
+        (MAX_PASSED_OVER times at most), and the first that finds no room in the cache holds
+        everything after it (so a long request is not overtaken for ever)."""
         running = {request.tag.adapter for request in self.decoder.active}
-        joining: list[GenerationJob] = []
         held: list[GenerationJob] = []
         requests: list[DecodeRequest] = []
         for index, job in enumerate(candidates):
@@ -143,11 +142,12 @@ class ContinuousWorker(BatchWorker):
                 continue  # its client went away (cancelled), or it failed in an earlier round
             request = DecodeRequest(job.adapter, job.prompt_ids, job.max_new_tokens, tag=job)
             if not self.decoder.could_ever_fit(request):
+                self.metrics.count(job.adapter, errors=1)
                 job.future.set_exception(GenerationError(
                     f"The prompt ({len(job.prompt_ids)} tokens) and max_new_tokens={job.max_new_tokens} exceed the "
                     f"server's context of {self.decoder.context} tokens."))
                 continue
-            adapters = running | {j.adapter for j in joining} | {job.adapter}
+            adapters = running | {r.adapter for r in requests} | {job.adapter}
             if self._adapter_count(adapters) > self.pool.max_resident:
                 job.passed_over += 1
                 if job.passed_over > MAX_PASSED_OVER:
@@ -162,13 +162,8 @@ class ContinuousWorker(BatchWorker):
                 break
             if not job.future.set_running_or_notify_cancel():
                 continue
-            joining.append(job)
             requests.append(request)
-        return joining, held
-
-    def _routes_rows(self, adapter: str | None) -> bool:
-        model = self.pool.model
-        return adapter is None or not isinstance(model, DeltaModel) or model.mixed_batch_refusal([adapter]) is None
+        return requests, held
 
     # -- decoding ---------------------------------------------------------------------------
     def _step(self) -> None:
