@@ -15,6 +15,9 @@ weights and the same adapters (B random too, so every adapter changes the output
   peft       PeftModel(..., adapter_names=rows), the adapters loaded from the files deltatune saved
              (only for batches over at most --peft-max-adapters adapters, --peft-repeats times: its
              generate() slows with the number of adapters, ~40 s a call at 32);
+  +continuous deltatune's rows admitted together to a deltatune.continuous.ContinuousDecoder (the
+             server's --batching continuous) and stepped to the end; its steps too are replayed as a
+             CUDA graph on CUDA, captured once for all calls;
   +graph     merged and deltatune decoded by deltatune.generation.greedy_generate: a static key/value
              cache and, on CUDA, the one-token step captured once as a CUDA graph and replayed
              (deltatune's step then adds the rows' products with two Triton kernels, SGMV-style).
@@ -221,6 +224,7 @@ class Mode:
     routing: dict
     decode: str = "hf"
     repeats: int | None = None  # fewer repeats for a slow mode (peft with many adapters)
+    decoder: object = None  # the continuous mode's ContinuousDecoder, kept across calls as a server keeps it
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, **self.routing).logits
@@ -230,10 +234,27 @@ class Mode:
             from deltatune.generation import greedy_generate
 
             return greedy_generate(self.model, prompt_ids, new_tokens, **self.routing)
+        if self.decode == "continuous":
+            return self.continuous(prompt_ids, new_tokens)
         return self.model.generate(
             input_ids=prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             pad_token_id=0, use_cache=True, **self.routing,
         )
+
+
+    def continuous(self, prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Every row admitted at once to a ContinuousDecoder and stepped to its end."""
+        from deltatune.continuous import ContinuousDecoder, DecodeRequest
+
+        batch, prompt = prompt_ids.shape
+        if self.decoder is None:
+            self.decoder = ContinuousDecoder(self.model, rows=batch, context=prompt + new_tokens)
+        names = self.routing.get("adapter_names") or [None] * batch
+        requests = [DecodeRequest(name, ids, new_tokens, tag=i) for i, (name, ids) in enumerate(zip(names, prompt_ids.tolist()))]
+        done = dict((request.tag, tokens) for request, tokens in self.decoder.admit(requests))
+        while self.decoder.active:
+            done.update((request.tag, tokens) for request, tokens in self.decoder.step())
+        return torch.cat([prompt_ids, torch.tensor([done[i] for i in range(batch)], device=prompt_ids.device)], dim=1)
 
 
 def measure(modes: dict[str, Mode], args, device: torch.device) -> dict[str, Timing]:
@@ -256,7 +277,7 @@ def measure(modes: dict[str, Mode], args, device: torch.device) -> dict[str, Tim
         tokens = {name: mode.generate(prompt_ids, args.new_tokens)[:, args.prompt_len:] for name, mode in modes.items()}
     timings = {}
     for name, mode in modes.items():
-        prefill_name = name.removesuffix("+graph")
+        prefill_name = name.split("+")[0]
         seconds, spread = prefill[prefill_name]
         generate_seconds, generate_spread = generate[name]
         timings[name] = Timing(
@@ -280,14 +301,14 @@ SPREAD_LIMIT = 0.05
 
 def format_table(title: str, results: dict[int, dict[str, Timing]]) -> str:
     """Throughput per mode, then ours against the merged adapter and against peft."""
-    lines = [title, f"{'adapters':>8}{'mode':>18}{'prefill tok/s':>15}{'generate tok/s':>16}{'spread p/g':>12}"]
+    lines = [title, f"{'adapters':>8}{'mode':>22}{'prefill tok/s':>15}{'generate tok/s':>16}{'spread p/g':>12}"]
     flagged = []
     for count, modes in results.items():
         for mode, timing in modes.items():
-            graph = mode.endswith("+graph")
+            graph = "+" in mode
             prefill = "(as above)" if graph else f"{timing.prefill_tokens_per_s:,.0f}"
             spread = f"{'-' if graph else f'{timing.prefill_spread:.0%}'}/{timing.generate_spread:.0%}"
-            lines.append(f"{count:>8}{mode:>18}{prefill:>15}{timing.generate_tokens_per_s:>16,.0f}{spread:>12}")
+            lines.append(f"{count:>8}{mode:>22}{prefill:>15}{timing.generate_tokens_per_s:>16,.0f}{spread:>12}")
             if max(timing.prefill_spread, timing.generate_spread) > SPREAD_LIMIT:
                 flagged.append(f"{count} adapters {mode}")
     lines += ["", f"{'adapters':>8}{'prefill':>9}{'generate':>10}{'generate':>10}{'generate':>10}"
@@ -297,6 +318,10 @@ def format_table(title: str, results: dict[int, dict[str, Timing]]) -> str:
         ours, graphed, merged, merged_graphed = modes["deltatune"], modes["deltatune+graph"], modes["merged"], modes["merged+graph"]
         peft_ = modes.get("peft")
         check = f"graph tokens = generate()'s: {token_agreement(graphed.tokens, ours.tokens):.0%}"
+        continuous = modes.get("deltatune+continuous")
+        if continuous is not None:
+            check += (f"; continuous {continuous.generate_tokens_per_s / graphed.generate_tokens_per_s:.2f}x graph-decoded,"
+                      f" tokens equal: {token_agreement(continuous.tokens, graphed.tokens):.0%}")
         if count == 1:  # every row on the merged adapter: the same model
             check += f"; logits vs merged {relative_difference(ours.logits, merged.logits):.1e}"
         peft_cols = f"{'-':>9}{'-':>10}"
@@ -374,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [f"a{i % count}" for i in range(args.batch)]
         started = time.time()
         modes = {"merged": merged, "merged+graph": Mode(merged.model, {}, "graph"),
-                 "deltatune": Mode(ours, {"adapter_names": rows}), "deltatune+graph": Mode(ours, {"adapter_names": rows}, "graph")}
+                 "deltatune": Mode(ours, {"adapter_names": rows}), "deltatune+graph": Mode(ours, {"adapter_names": rows}, "graph"),
+                 "deltatune+continuous": Mode(ours, {"adapter_names": rows}, "continuous")}
         if count <= args.peft_max_adapters:
             modes["peft"] = Mode(peft_, {"adapter_names": rows}, repeats=args.peft_repeats)
         results[count] = measure(modes, args, device)

@@ -180,3 +180,79 @@ def test_an_adapter_reloaded_as_another_method_is_routed_as_what_it_is_now():
     model.add_adapter("b", dt.PromptTuningConfig(num_virtual_tokens=4), activate=False)
     base_only = random_requests(3, [None, "a"], seed=13)
     assert run_arrivals(decoder, base_only, seed=14) == {r.tag: alone(model, r) for r in base_only}
+
+
+def same_objects(these, those) -> bool:
+    return len(these) == len(those) and all(a is b for a, b in zip(these, those))
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """CUDA graph capture stood in for on the CPU, as strict as a graph: a replay runs the step
+    under the routing it was captured with (whose slot tensors the decoder rewrites in place) and
+    fails if the layers' stacked adapters are no longer the tensors it was captured over."""
+    import deltatune.continuous as continuous
+
+    def capture(step):
+        captured = {}
+
+        def run():
+            if not captured:
+                model = captured["model"] = current_model[0]
+                captured["rows"] = next(layer.row_adapters for _, layer in model.delta_layers())
+                step()
+                captured["stacks"] = model.mixed_batch_stacks()
+                return
+            model = captured["model"]
+            assert same_objects(model.mixed_batch_stacks(), captured["stacks"]), "replayed over stale stacks"
+            with model.mixed_batch(captured["rows"]):
+                step()
+            assert same_objects(model.mixed_batch_stacks(), captured["stacks"]), "a replay would have restacked"
+
+        return run
+
+    current_model = []
+    monkeypatch.setattr(continuous, "replayed_as_cuda_graph", capture)
+    return current_model
+
+
+def test_one_captured_step_serves_rows_coming_and_going_until_the_adapters_change(fake_graphs, tmp_path):
+    model = two_adapters()
+    fake_graphs.append(model)
+    decoder = ContinuousDecoder(model, rows=3, context=24)
+    decoder.cuda_graph = True  # on the CPU, with the stand-in above
+    requests = random_requests(16, ["a", "b", None], seed=21)
+    assert run_arrivals(decoder, requests, seed=22) == {r.tag: alone(model, r) for r in requests}
+    assert decoder.captures == 1  # rows joined and left many times: their slots were rewritten in place
+
+    # A retrained "a" copied into the same tensors: the steps must see it, so the step is captured again.
+    retrained = two_adapters()
+    randomize_adapters(retrained, seed=77, scale=0.5)
+    retrained.save(tmp_path / "a", "a")
+    assert model.replace_adapter(tmp_path / "a", "a") == "in_place"
+    more = random_requests(8, ["a", "b"], seed=23)
+    assert run_arrivals(decoder, more, seed=24) == {r.tag: alone(model, r) for r in more}
+    assert decoder.captures == 2
+    assert any(alone(model, r) != alone(two_adapters(), r) for r in more if r.adapter == "a")  # "a" did change
+
+    model.add_adapter("c", dt.IA3Config(), activate=False)  # a new adapter joins the routing
+    randomize_adapters(model, seed=78, scale=0.5)
+    last = random_requests(8, ["c", "a", None], seed=25)
+    assert run_arrivals(decoder, last, seed=26) == {r.tag: alone(model, r) for r in last}
+    assert decoder.captures == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_captured_steps_decode_as_eager_steps_on_cuda():
+    model = two_adapters().to("cuda", torch.bfloat16)
+    requests = random_requests(24, ["a", "b", None], seed=31)
+    graphed = ContinuousDecoder(model, rows=4, context=32)
+    eager = ContinuousDecoder(model, rows=4, context=32, cuda_graph=False)
+    assert graphed.cuda_graph and not eager.cuda_graph
+    assert run_arrivals(graphed, requests, seed=32) == run_arrivals(eager, requests, seed=32)
+    assert graphed.captures == 1 and eager.captures == 0
+    model.add_adapter("c", dt.LoraConfig(r=4, target_modules=["k_proj"]), activate=False)
+    randomize_adapters(model, seed=33, scale=0.5)
+    more = random_requests(12, ["c", "a", None], seed=34)
+    assert run_arrivals(graphed, more, seed=35) == run_arrivals(eager, more, seed=35)
+    assert graphed.captures == 2

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deltatune as dt
 from deltatune.methods import lora as lora_module
+from deltatune.layer import RowAdapters
 
 ROWS = ["a", "b", None, "a"]  # two adapters, a base row, one adapter on two rows
 TOLERANCE = 1e-5
@@ -338,3 +339,51 @@ def test_a_whole_block_copy_no_row_names_stays_out_of_the_batch():
     assert_rows_match_alone(model, token_batch(batch=3), ["a", None, "a"])
     with pytest.raises(ValueError, match="not supported by partial"):
         model(input_ids=token_batch(batch=2), adapter_names=["whole", "a"])
+
+
+# -- rows given new slots in place (a decoder whose rows change between graph replays) ---------
+ASSIGN_CASES = {
+    # "b" on fewer layers than "a": those layers map the batch's slots onto their own
+    "lora-different-targets": {"a": dt.LoraConfig(r=4), "b": dt.LoraConfig(r=8, target_modules=["q_proj", "down_proj"])},
+    "ia3": METHOD_CASES["ia3"],
+    "parallel": METHOD_CASES["parallel"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ASSIGN_CASES))
+@pytest.mark.parametrize("length", [1, 12])  # a decoding step (LoRA's masked form) and a prefill (gathered)
+def test_rows_given_new_slots_in_place_compute_what_a_fresh_routing_computes(case, length):
+    model = with_adapters(tiny_llama(), ASSIGN_CASES[case])
+    inputs = token_batch(length=length)
+    rows = RowAdapters(("a", "b"), (0, 1, 2, 0))
+    with torch.no_grad():
+        with model.mixed_batch(rows):
+            before = output_of(model(input_ids=inputs))
+        for slots in [(1, 2, 0, 1), (2, 2, 2, 2), (0, 1, 2, 0)]:
+            assert rows.assignable
+            rows.assign(slots)
+            with model.mixed_batch(rows):  # the layers reuse what they derived from `rows`
+                reassigned = output_of(model(input_ids=inputs))
+            with model.mixed_batch(RowAdapters(("a", "b"), slots)):
+                fresh = output_of(model(input_ids=inputs))
+            assert torch.equal(reassigned, fresh), slots
+    assert torch.equal(reassigned, before)  # back to the first slots
+    assert relative_error(fresh[0], fresh[1]) > 1e-4  # rows on different adapters differ: a stale routing would show
+
+
+def test_assign_refuses_bad_slots_and_rows_split_into_groups():
+    rows = RowAdapters(("a", "b"), (0, 1, 2))
+    with pytest.raises(ValueError, match="3 slots in 0..2"):
+        rows.assign((0, 3, 1))
+    with pytest.raises(ValueError, match="3 slots"):
+        rows.assign((0, 1))
+    # A modules_to_save copy groups rows on the host, which no in-place write could update.
+    configs = {name: dt.LoraConfig(r=4, modules_to_save=["classifier"]) for name in ("a", "b")}
+    model = with_adapters(tiny_bert_classifier(), configs)
+    rows = RowAdapters(("a", "b"), (0, 1, 2, 0))
+    with torch.no_grad(), model.mixed_batch(rows):
+        model(input_ids=token_batch())
+    assert not rows.assignable
+    with pytest.raises(ValueError, match="route them anew"):
+        rows.assign((1, 0, 2, 1))
+    assert rows.slots == (0, 1, 2, 0)

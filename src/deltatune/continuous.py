@@ -17,8 +17,12 @@ A joiner whose prompt is longer than t, or rows that would run past the cache's 
 window of live columns (one copy of the cache, only then). A request whose prompt and new tokens
 together exceed the cache can never join: `fits` says so before `admit`.
 
-Rows name their adapter as in DeltaModel's mixed batches. Each step is one forward of the whole
-row set; the routing is rebuilt only when the rows' adapters change.
+Rows name their adapter as in DeltaModel's mixed batches, routed over every adapter the model can
+route in one fixed order, so that rows coming and going only rewrite the rows' slot tensors in
+place. Each step is one forward of the whole row set that reads and advances buffers at fixed
+addresses; on CUDA it is captured once as a CUDA graph and replayed, captured again only when the
+model's adapters change (loaded, deleted, replaced, restacked) or the rows' routing cannot be
+rewritten in place (per-row modules_to_save copies split rows into groups on the host).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from . import hf_compat
-from .generation import GenerationError, inner_model, left_pad, supports_static_decode
+from .generation import GenerationError, inner_model, left_pad, replayed_as_cuda_graph, supports_static_decode
 from .layer import BASE_ROW, RowAdapters
 
 __all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
@@ -79,7 +83,9 @@ class ContinuousDecoder:
     model.generate returns it). Not thread-safe: one thread owns a decoder.
     """
 
-    def __init__(self, model: nn.Module, rows: int, context: int, *, eos_ids: Iterable[int] = ()) -> None:
+    def __init__(self, model: nn.Module, rows: int, context: int, *, eos_ids: Iterable[int] = (),
+                 cuda_graph: bool | None = None) -> None:
+        """cuda_graph: replay each step as a CUDA graph (default: on CUDA)."""
         reason = supports_continuous_decode(model)
         if reason is not None:
             raise GenerationError(f"Continuous batching cannot run this model: {reason}.")
@@ -91,14 +97,19 @@ class ContinuousDecoder:
         self.context = context
         self.eos_ids = set(eos_ids)
         self.device = next(self.forward.parameters()).device
-        self._routed: tuple[tuple[str | None, ...], RowAdapters] | None = None  # the rows' adapters, their routing
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise GenerationError(f"cuda_graph=True needs the model on a CUDA device, not {self.device}.")
         self._routable: tuple[tuple, set[str]] | None = None  # the model's adapters, those that route rows
+        self.captures = 0  # how many times a step was captured as a CUDA graph
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
     def reset(self) -> None:
         """Drop every row (after a failed step the cache may be half written)."""
-        self._routed = None
+        # The steps' routing (rewritten in place as rows change) and the model's adapters it was made for.
+        self._step_rows: tuple[tuple | None, RowAdapters] | None = None
+        self._graph: _CapturedStep | None = None
         self._slots: list[_Row | None] = [None] * self.rows
         self._cache = hf_compat.new_static_cache(self.forward.config, self.context)
         self._allocated = False
@@ -176,7 +187,7 @@ class ContinuousDecoder:
         width = input_ids.shape[1]
         cache = hf_compat.new_static_cache(self.forward.config, width)
         kwargs = hf_compat.static_decode_kwargs(self.forward, cache, torch.arange(width, device=self.device))
-        with torch.inference_mode(), self._route([r.adapter for r in requests]):
+        with torch.inference_mode(), self._route(self._row_adapters(tuple(r.adapter for r in requests))):
             logits = self.forward(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
                                   **kwargs).logits
         return logits[:, -1].argmax(-1).tolist(), cache, width
@@ -228,13 +239,40 @@ class ContinuousDecoder:
         if not self._layers_at_t:  # after a move of the window or the first placement: tell them
             hf_compat.set_static_cache_length(self._cache, self.t)
             self._layers_at_t = True
-        with torch.inference_mode(), self._decode_routing():
-            self._mask[:, self.t] = 1  # the token fed now is visible to itself
-            logits = self.forward(input_ids=self._ids, attention_mask=self._mask, position_ids=self._positions, **self._step_kwargs).logits
-            self._ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
-            self._positions.add_(1)
+        rows = self._rows_of_step()
+        with torch.inference_mode():
+            if self.cuda_graph and (rows is None or rows.assignable):
+                self._replay(rows)
+            else:
+                with self._route(rows):
+                    self._step_in_place()
         self.t += 1
         return self._collect(self._ids[:, 0].tolist())
+
+    def _step_in_place(self) -> None:
+        """The step itself: reads and advances buffers at fixed addresses, so it can be captured."""
+        self._mask.index_fill_(1, self._cache_position, 1)  # the token fed now is visible to itself
+        logits = self.forward(input_ids=self._ids, attention_mask=self._mask, position_ids=self._positions, **self._step_kwargs).logits
+        self._ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self._positions.add_(1)
+
+    def _replay(self, rows: RowAdapters | None) -> None:
+        """The step as a CUDA graph, captured again when what it was captured over changed."""
+        stacks = self._stacks_in_use()
+        graph = self._graph
+        if graph is None or graph.rows is not rows or not _same_objects(graph.stacks, stacks):
+            with self._route(rows):
+                run = replayed_as_cuda_graph(self._step_in_place)
+                run()  # the first call runs the step eagerly (which may restack), then captures it
+            self._graph = graph = _CapturedStep(run, rows, self._stacks_in_use())
+            self.captures += 1
+            return
+        graph.run()
+
+    def _stacks_in_use(self) -> tuple:
+        from .model import DeltaModel
+
+        return self.model.mixed_batch_stacks() if isinstance(self.model, DeltaModel) else ()
 
     def _collect(self, new_tokens: list[int]) -> list[tuple[DecodeRequest, list[int]]]:
         finished = []
@@ -255,23 +293,37 @@ class ContinuousDecoder:
             self._ids[slot, 0] = 0
 
     # -- adapter routing --------------------------------------------------------------------
-    def _route(self, adapters: Sequence[str | None]) -> Any:
-        """Row routing for one forward, reused while the rows' adapters stay the same."""
+    def _route(self, rows: RowAdapters | None) -> Any:
+        """The context that routes a forward's rows (nothing to route for a plain model)."""
+        return contextlib.nullcontext() if rows is None else self.model.mixed_batch(rows)
+
+    def _rows_of_step(self) -> RowAdapters | None:
+        """The steps' routing, kept while the adapters the model can route stay the same: rows
+        coming and going rewrite its slots in place (a captured step reads them there)."""
+        rows = self._row_adapters(tuple(row.request.adapter if row is not None else None for row in self._slots))
+        if rows is None:
+            return None
+        held = self._routable[0] if self._routable is not None else None
+        if self._step_rows is not None:
+            kept_held, kept = self._step_rows
+            # A new routing when the model's adapters changed: layers check their stacks only for new rows.
+            if kept_held == held and kept.names == rows.names and kept.assignable:
+                if kept.slots != rows.slots:
+                    kept.assign(rows.slots)
+                return kept
+        self._step_rows = (held, rows)
+        return rows
+
+    def _row_adapters(self, adapters: tuple[str | None, ...]) -> RowAdapters | None:
+        """Rows routed over every adapter the model can route, in one fixed order, rather than
+        over the rows' own: the layers' stacked adapters then stay valid while rows come and go
+        (rebuilt only when the model's adapters change). None for a plain model."""
         from .model import DeltaModel
 
         if not isinstance(self.model, DeltaModel):
             if any(a is not None for a in adapters):
                 raise GenerationError("Requests name adapters, which needs a DeltaModel (deltatune.wrap or deltatune.load).")
-            return contextlib.nullcontext()
-        adapters = tuple(adapters)
-        if self._routed is None or self._routed[0] != adapters:
-            self._routed = (adapters, self._row_adapters(adapters))
-        return self.model.mixed_batch(self._routed[1])
-
-    def _row_adapters(self, adapters: tuple[str | None, ...]) -> RowAdapters:
-        """Rows routed over every adapter the model can route, in one fixed order, rather than
-        over the rows' own: the layers' stacked adapters then stay valid while rows come and go
-        (rebuilt only when the model's adapters change)."""
+            return None
         named = {a for a in adapters if a is not None and a != BASE_ROW}
         names = tuple(sorted(self._routable_adapters() | named))
         return RowAdapters(names, tuple(len(names) if a is None or a == BASE_ROW else names.index(a) for a in adapters))
@@ -291,8 +343,19 @@ class ContinuousDecoder:
             self._routable = (held, {n for n, _ in held if self.model.mixed_batch_refusal([n]) is None})
         return self._routable[1]
 
-    def _decode_routing(self) -> Any:
-        return self._route([row.request.adapter if row is not None else None for row in self._slots])
+
+def _same_objects(these: tuple, those: tuple) -> bool:
+    return len(these) == len(those) and all(a is b for a, b in zip(these, those))
+
+
+@dataclass(eq=False)
+class _CapturedStep:
+    """A step captured as a CUDA graph, and what it was captured over: the rows' routing (whose
+    slot tensors it reads in place) and the layers' stacked adapters (kept alive here)."""
+
+    run: Any
+    rows: RowAdapters | None
+    stacks: tuple
 
 
 def _check_request(request: DecodeRequest) -> None:

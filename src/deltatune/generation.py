@@ -163,7 +163,7 @@ def _decode(forward: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     tokens = torch.zeros((batch, max_new_tokens), dtype=input_ids.dtype, device=device)
     tokens[:, 0] = buffers.ids[:, 0]
     step = _step_function(forward, buffers, hf_compat.static_decode_kwargs(forward, cache, buffers.cache_position))
-    run = _graphed(step) if use_graph and max_new_tokens > 2 else step
+    run = replayed_as_cuda_graph(step) if use_graph and max_new_tokens > 2 else step
     for index in range(1, max_new_tokens):
         if eos is not None and index % EOS_CHECK_EVERY == 0 and bool(torch.isin(tokens[:, :index], eos).any(1).all()):
             break  # every row has ended: the rest is padding
@@ -185,7 +185,7 @@ def _step_function(forward: nn.Module, buffers: _StepBuffers, kwargs: dict) -> C
     return step
 
 
-def _graphed(step: Callable[[], None]) -> Callable[[], None]:
+def replayed_as_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
     """`step` captured as a CUDA graph. The first call runs it eagerly on a side stream (lazy
     initialisation and library workspaces must happen outside the capture); that call is a real step."""
     state: dict[str, Any] = {}

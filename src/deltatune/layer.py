@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -53,6 +53,36 @@ class RowAdapters:
         if key not in self._cache:
             self._cache[key] = index_tensor(self.slots, device)
         return self._cache[key]
+
+    def derive(self, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A tensor computed from the slots by `make` (from slot_index, with tensor ops only), made
+        once per key and shared by every layer that asks; `assign` rewrites it in place."""
+        derived = self._cache.setdefault("derived", {})
+        if key not in derived:
+            derived[key] = (make(), make)
+        return derived[key][0]
+
+    @property
+    def assignable(self) -> bool:
+        """Whether `assign` can give the rows new slots: nothing was derived from them but tensors
+        (a layer that split rows into Python-side groups needs a new RowAdapters instead)."""
+        return not any(key[0] == "groups" for key in self._cache if isinstance(key, tuple))
+
+    def assign(self, slots: Sequence[int]) -> None:
+        """Give the rows new slots in place: every tensor derived from them is rewritten where it
+        lies, so layers (and a CUDA graph captured over them) read the new routing. For a decoder
+        whose rows change between steps over the same adapters."""
+        if len(slots) != len(self.slots) or any(not 0 <= s <= self.base_slot for s in slots):
+            raise ValueError(f"assign needs {len(self.slots)} slots in 0..{self.base_slot}, got {list(slots)}.")
+        if not self.assignable:
+            raise ValueError("These rows were split into groups by a layer (modules_to_save); route them anew instead.")
+        object.__setattr__(self, "slots", tuple(slots))
+        with torch.inference_mode():
+            for key, value in self._cache.items():
+                if isinstance(key, tuple) and key[0] == "slots":
+                    value.copy_(index_tensor(self.slots, value.device))
+            for tensor, make in self._cache.get("derived", {}).values():
+                tensor.copy_(make())
 
     def groups(self, device: torch.device) -> list[tuple[str | None, torch.Tensor]]:
         """(adapter name or None for base rows, row indices) per slot that has rows."""
@@ -199,6 +229,12 @@ class DeltaLayer(nn.Module):
             if adapter_name in container:
                 del container[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def mixed_batch_stacks(self) -> object | None:
+        """The stacked adapters this layer's latest mixed batch used; None for layers that stack
+        none (those keep a `_mixed_stacks` StackCache, see mixed_batch.py)."""
+        cache = self.__dict__.get("_mixed_stacks")
+        return None if cache is None else cache.current
 
     def active_unmerged(self) -> list[str]:
         if self.disabled:

@@ -25,19 +25,22 @@ class SlotPlan:
 
     names: the layer's adapters among the batch's, in slot order; slot len(names) is "unchanged".
     row_slot: (batch,) LongTensor, each row's slot.
+    rows: the batch's routing, which makes (and rewrites in place, RowAdapters.assign) every
+    tensor derived from the slots.
     """
 
     names: tuple[str, ...]
     row_slot: torch.Tensor
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    rows: RowAdapters = field(compare=False, repr=False)
 
     def one_hot(self, dtype: torch.dtype) -> torch.Tensor:
         """(batch, len(names)) with a 1 at each row's adapter; all zeros for unchanged rows."""
-        key = ("one_hot", len(self.names), dtype, str(self.row_slot.device))
-        if key not in self._cache:
-            hot = torch.nn.functional.one_hot(self.row_slot, len(self.names) + 1)[:, : len(self.names)]
-            self._cache[key] = hot.to(dtype)
-        return self._cache[key]
+        count = len(self.names)
+
+        def make() -> torch.Tensor:
+            return torch.nn.functional.one_hot(self.row_slot, count + 1)[:, :count].to(dtype)
+
+        return self.rows.derive(("one_hot", self.names, dtype, str(self.row_slot.device)), make)
 
     def gather(self, per_slot: torch.Tensor) -> torch.Tensor:
         """Each row's entry of a tensor indexed by slot in its first dimension: (batch, ...).
@@ -54,12 +57,12 @@ def plan_slots(rows: RowAdapters, held: Container[str], device: torch.device) ->
     names = tuple(name for name in rows.names if name in held)
     if not names:
         return None
+    batch_slots = rows.slot_index(device)
     if len(names) == len(rows.names):
-        # The batch's slots are the layer's slots (base rows included: both are len(names)), so
-        # what is derived from them is shared by every such layer: the plan caches into the batch's.
-        return SlotPlan(names, rows.slot_index(device), rows._cache)
-    local = [names.index(n) if n in names else len(names) for n in rows.names] + [len(names)]
-    return SlotPlan(names, index_tensor(local, device)[rows.slot_index(device)])
+        # The batch's slots are the layer's slots (base rows included: both are len(names)).
+        return SlotPlan(names, batch_slots, rows)
+    local = index_tensor([names.index(n) if n in names else len(names) for n in rows.names] + [len(names)], device)
+    return SlotPlan(names, rows.derive(("local_slots", names, str(device)), lambda: local[batch_slots]), rows)
 
 
 def tensor_versions(tensors: Iterable[torch.Tensor]) -> tuple:
@@ -96,6 +99,11 @@ class StackCache(Generic[Stacks]):
         self._entry: tuple[Stacks, SlotPlan] | None = None
         self._key: tuple | None = None
         self._stacks: Stacks | None = None
+
+    @property
+    def current(self) -> Stacks | None:
+        """The stacks the latest mixed batch used (None before one, or while autograd needed them)."""
+        return self._stacks
 
     def get(
         self,

@@ -253,6 +253,12 @@ class DeltaModel(nn.Module):
             layers = self.__dict__["_mixed_batch_layers"] = [layer for _, layer in self.delta_layers()]
         return layers
 
+    def mixed_batch_stacks(self) -> tuple:
+        """Each layer's stacked adapters of its latest mixed batch (None where it has none). A CUDA
+        graph captured over a mixed batch reads these tensors: it stays valid while every layer
+        holds the same objects (a layer restacks when its adapters' tensors change)."""
+        return tuple(layer.mixed_batch_stacks() for layer in self._all_delta_layers())
+
     def mixed_batch_refusal(self, adapter_names: Iterable[str | None]) -> str | None:
         """None if these adapters can share a batch row by row, else why not (some method's layers
         cannot route rows)."""
