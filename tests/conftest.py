@@ -103,7 +103,7 @@ def randomize_adapters(model, seed: int = 3, scale: float = 0.1) -> None:
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale)
+                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype).to(param.device) * scale)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import hf_compat
 from .generation import GenerationError, inner_model, left_pad, replayed_as_cuda_graph, supports_static_decode
-from .layer import BASE_ROW, RowAdapters
+from .layer import BASE_ROW, RowAdapters, index_tensor
 
 __all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
 
@@ -193,22 +193,30 @@ class ContinuousDecoder:
         return logits[:, -1].argmax(-1).tolist(), cache, width
 
     def _place(self, placements: list[tuple[int, int, int]], prefill_cache: Any, width: int, first_tokens: list[int]) -> None:
-        """Copy each joiner's keys and values into its row, its prompt ending at column t."""
+        """Copy the joiners' keys and values into their rows, each prompt ending at column t.
+
+        The prefill is left-padded to `width`, so every joiner's prompt ends at its last column:
+        one copy per layer moves all joiners' columns [0, width) to [t - width, t). The padding
+        columns before a shorter prompt land on columns its row's mask hides (t >= width: admission
+        leaves room before t for the longest prompt)."""
         if not self._allocated:
             hf_compat.allocate_static_cache(self._cache, self.rows, like=prefill_cache)
             self._allocated = True
             self._layers_at_t = False
+        slots = index_tensor([slot for slot, _, _ in placements], self.device)
+        joiners = index_tensor([index for _, index, _ in placements], self.device)
+        lengths = index_tensor([length for _, _, length in placements], self.device)
         with torch.inference_mode():
             for (keys, values), (new_keys, new_values) in zip(hf_compat.cache_key_values(self._cache),
                                                               hf_compat.cache_key_values(prefill_cache)):
-                for slot, index, length in placements:
-                    keys[slot, :, self.t - length:self.t] = new_keys[index, :, width - length:]
-                    values[slot, :, self.t - length:self.t] = new_values[index, :, width - length:]
-            for slot, index, length in placements:
-                self._mask[slot].zero_()
-                self._mask[slot, self.t - length:self.t] = 1
-                self._ids[slot, 0] = first_tokens[index]
-                self._positions[slot, 0] = length
+                keys[:, :, self.t - width:self.t].index_copy_(0, slots, new_keys.index_select(0, joiners))
+                values[:, :, self.t - width:self.t].index_copy_(0, slots, new_values.index_select(0, joiners))
+            columns = torch.arange(self.context, device=self.device)
+            visible = (columns >= self.t - lengths[:, None]) & (columns < self.t)  # each joiner's prompt
+            self._mask.index_copy_(0, slots, visible.to(self._mask.dtype))
+            tokens = index_tensor(first_tokens, self.device).index_select(0, joiners)
+            self._ids.index_copy_(0, slots, tokens[:, None])
+            self._positions.index_copy_(0, slots, lengths[:, None])
 
     def _move_window(self, column: int) -> None:
         """Shift every live column by column - t, so that the next step writes at `column`."""

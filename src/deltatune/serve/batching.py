@@ -180,7 +180,7 @@ class BatchWorker:
                 self.metrics.count(job.adapter, errors=1)
                 job.future.set_exception(GenerationError(f"Generation failed: {err}"))
             return
-        self.metrics.record_batch([job.adapter for job in jobs])
+        self.metrics.record_batch([job.adapter for job in jobs], time.perf_counter() - started)
         for job, tokens in zip(jobs, outputs):
             self.metrics.count(job.adapter, completed=1, tokens=len(tokens))
             job.future.set_result(tokens)

@@ -118,6 +118,7 @@ class ContinuousWorker(BatchWorker):
             return
         routable = [request.tag for request in requests]
         self._steps_since_join = 0
+        started = time.perf_counter()
         try:
             finished = self.decoder.admit(requests)
         except Exception as err:
@@ -126,7 +127,7 @@ class ContinuousWorker(BatchWorker):
             if any(request.tag in routable for request in self.decoder.active):
                 raise  # some were placed before the failure: the running rows cannot be trusted
             return
-        self.metrics.record_batch([job.adapter for job in routable])
+        self.metrics.record_batch([job.adapter for job in routable], time.perf_counter() - started)
         self._answer(finished)
 
     def _choose(self, candidates: list[GenerationJob]) -> tuple[list[DecodeRequest], list[GenerationJob]]:
@@ -170,9 +171,10 @@ class ContinuousWorker(BatchWorker):
         adapters = [request.tag.adapter for request in self.decoder.active]
         if not adapters:
             return
+        started = time.perf_counter()
         finished = self.decoder.step()
         self._steps_since_join += 1
-        self.metrics.record_step(adapters)
+        self.metrics.record_step(adapters, time.perf_counter() - started, self.decoder.captures)
         self._answer(finished)
 
     def _answer(self, finished: list[tuple[DecodeRequest, list[int]]]) -> None:

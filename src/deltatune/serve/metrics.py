@@ -39,6 +39,9 @@ class Metrics:
         self.stepped_rows = 0
         self.mixed_steps = 0
         self.max_adapters_in_step = 0
+        self.prefill_seconds = 0.0  # worker time in prefills (joiners' prompts; whole batches: generate calls)
+        self.decode_seconds = 0.0  # continuous batching: worker time in decode steps
+        self.graph_captures = 0  # continuous batching: decode steps captured as CUDA graphs
 
     def _counters(self, adapter: str | None) -> AdapterCounters:
         return self._adapters.setdefault(adapter_key(adapter), AdapterCounters())
@@ -50,21 +53,25 @@ class Metrics:
             for name, amount in increments.items():
                 setattr(counters, name, getattr(counters, name) + amount)
 
-    def record_batch(self, adapters: Sequence[str | None]) -> None:
+    def record_batch(self, adapters: Sequence[str | None], seconds: float = 0.0) -> None:
         """One generate() call over rows using `adapters` (base rows count as one kind); under
-        continuous batching, the rows that joined the decode together (one prefill)."""
+        continuous batching, the rows that joined the decode together (one prefill). seconds: its time."""
         distinct = len(set(adapters))
         with self._lock:
+            self.prefill_seconds += seconds
             self.batches += 1
             self.batched_rows += len(adapters)
             self.max_batch_size = max(self.max_batch_size, len(adapters))
             self.max_adapters_in_batch = max(self.max_adapters_in_batch, distinct)
             self.mixed_batches += distinct > 1
 
-    def record_step(self, adapters: Sequence[str | None]) -> None:
-        """One decode step of continuous batching over rows using `adapters`."""
+    def record_step(self, adapters: Sequence[str | None], seconds: float, graph_captures: int) -> None:
+        """One decode step of continuous batching over rows using `adapters`, its time, and the
+        decoder's CUDA graph captures so far."""
         distinct = len(set(adapters))
         with self._lock:
+            self.decode_seconds += seconds
+            self.graph_captures = graph_captures
             self.decode_steps += 1
             self.stepped_rows += len(adapters)
             self.mixed_steps += distinct > 1
@@ -84,6 +91,9 @@ class Metrics:
                 "mean_rows_per_step": self.stepped_rows / self.decode_steps if self.decode_steps else 0.0,
                 "mixed_steps": self.mixed_steps,
                 "max_adapters_in_step": self.max_adapters_in_step,
+                "prefill_seconds": round(self.prefill_seconds, 3),
+                "decode_seconds": round(self.decode_seconds, 3),
+                "graph_captures": self.graph_captures,
             }
         totals = {name: sum(c[name] for c in adapters.values()) for name in AdapterCounters.__dataclass_fields__}
         return {**{f"total_{k}": v for k, v in totals.items()}, **summary, "adapters": adapters}
