@@ -72,6 +72,14 @@ and the captured one (Triton) round bf16 differently, and a random-init model's 
 near-ties (one adapter's unmerged logits differ from the merged model's by 3.8e-2 in norm); in
 float32 on the CPU the two decoders give identical tokens (tests/test_generation.py). On the
 2-core CPU (hidden 256, 4 layers, --threads 1) no CUDA graphs are made.
+
+2026-12-02, same machine and command, with the continuous mode: deltatune+continuous generated
+1.09x / 1.11x / 1.13x deltatune+graph's tokens/s over 1 / 8 / 32 adapters (one capture each;
+32 adapters: 6,037 against merged+graph's 8,004 and deltatune+graph's 5,360). Its tokens equal
+the graph-decoded ones at 29% / 75% / 78%: its prefill attends over a cache as wide as the longest
+prompt rather than the whole call's, and routes over all 32 adapters (1 adapter: the gathered form
+rather than the masked one), so bf16 rounds differently on the same near-ties;
+tests/test_continuous.py holds captured steps to eager ones on CUDA and to each request run alone on the CPU.
 """
 
 from __future__ import annotations
