@@ -39,7 +39,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -47,25 +47,22 @@ import torch
 
 import deltatune as dt
 from deltatune.serve import create_app, serving_in_background
+from multi_adapter import LORA_RANK, TARGET_MODULES, Shape  # this script's folder: the shapes are shared
+from multi_adapter import SHAPES as MODEL_SHAPES
 
 
 
 @dataclass(frozen=True)
-class Shape:
-    hidden: int
-    layers: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    rank: int
-    targets: tuple[str, ...]
+class ServedShape(Shape):
+    """A model shape of benchmarks/multi_adapter.py and the LoRA adapters served over it."""
+
+    rank: int = LORA_RANK
+    targets: tuple[str, ...] = tuple(TARGET_MODULES)
 
 
 SHAPES = {
-    "tiny": Shape(64, 2, 128, 4, 2, vocab=101, rank=4, targets=("q_proj", "v_proj", "down_proj")),
-    "1b": Shape(2048, 16, 8192, 32, 8, vocab=32000, rank=16,
-                targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "tiny": ServedShape("tiny", 64, 2, 128, 4, 2, vocab=101, rank=4, targets=("q_proj", "v_proj", "down_proj")),
+    "1b": ServedShape(**asdict(MODEL_SHAPES["1b"])),  # r=16 on all seven projections, as multi_adapter.py
 }
 EOS = 2
 

@@ -241,6 +241,11 @@ def test_one_captured_step_serves_rows_coming_and_going_until_the_adapters_chang
     assert run_arrivals(decoder, last, seed=26) == {r.tag: alone(model, r) for r in last}
     assert decoder.captures == 3
 
+    model.delete_adapter("b")  # and one leaves it
+    after = random_requests(6, ["c", "a", None], seed=27)
+    assert run_arrivals(decoder, after, seed=28) == {r.tag: alone(model, r) for r in after}
+    assert decoder.captures == 4
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
 def test_captured_steps_decode_as_eager_steps_on_cuda():

@@ -191,6 +191,8 @@ def test_concurrent_requests_across_adapters_run_in_mixed_batches(adapters_dir, 
     assert metrics["batches"] < 50 and metrics["max_batch_size"] <= 16
     assert metrics["mixed_batches"] >= 1 and metrics["max_adapters_in_batch"] > 1
     assert metrics["total_loads"] == 4 and metrics["total_evictions"] == 0
+    assert metrics["prefill_seconds"] > 0 and metrics["graph_captures"] == 0  # no CUDA graphs on the CPU
+    assert (metrics["decode_seconds"] > 0) == (batching == "continuous")
     assert listed == {"known": ADAPTERS, "resident": listed["resident"], "max_resident": 4}
     assert sorted(listed["resident"]) == ADAPTERS
 
