@@ -312,7 +312,8 @@ def run_load(mode: str, shape: Shape, root: Path, versions: Path, names: list[st
     steps = f", {metrics['decode_steps']} decode steps of {metrics['mean_rows_per_step']:.1f} rows" if metrics.get("decode_steps") else ""
     print(f"server: {metrics.get('total_loads')} loads, {metrics.get('total_evictions')} evictions, "
           f"{metrics.get('batches')} batches of {metrics.get('mean_batch_size', 0):.1f}{steps}")
-    decode = f", decode steps {metrics['decode_seconds']:.1f} s ({metrics['graph_captures']} CUDA graph captures)" \
+    decode = (f", decode steps {metrics['decode_seconds']:.1f} s (CUDA graph captures: {metrics['graph_captures']} of the step, "
+              f"{metrics.get('prefill_graph_captures', 0)} of prefill shapes)") \
         if metrics.get("decode_steps") else ""
     print(f"worker time: {'prefills' if metrics.get('decode_steps') else 'generate calls'} {metrics['prefill_seconds']:.1f} s{decode}")
     bad = sum(c for k, c in outcomes.items() if k not in ("ok", "ok (not checked)", "422 corrupted adapter (expected)"))

@@ -193,7 +193,7 @@ def fake_graphs(monkeypatch):
     fails if the layers' stacked adapters are no longer the tensors it was captured over."""
     import deltatune.continuous as continuous
 
-    def capture(step):
+    def capture(step, pool=None):
         captured = {}
 
         def run():
@@ -220,10 +220,16 @@ def test_one_captured_step_serves_rows_coming_and_going_until_the_adapters_chang
     model = two_adapters()
     fake_graphs.append(model)
     decoder = ContinuousDecoder(model, rows=3, context=24)
-    decoder.cuda_graph = True  # on the CPU, with the stand-in above
+    decoder.cuda_graph = decoder.padded_prefill = True  # on the CPU, with the stand-in above
     requests = random_requests(16, ["a", "b", None], seed=21)
     assert run_arrivals(decoder, requests, seed=22) == {r.tag: alone(model, r) for r in requests}
     assert decoder.captures == 1  # rows joined and left many times: their slots were rewritten in place
+    # Joiners were prefilled padded to power-of-two shapes, each captured once (when met a second
+    # time) and replayed after.
+    shapes = decoder.prefill_shapes
+    assert 1 < len(shapes) < 16 and all(rows in (1, 2, 3) and width in (8, 16) for rows, width in shapes)
+    assert 0 < decoder.prefill_captures <= len(shapes)
+    captured_prefills = decoder.prefill_captures
 
     # A retrained "a" copied into the same tensors: the steps must see it, so the step is captured again.
     retrained = two_adapters()
@@ -233,6 +239,7 @@ def test_one_captured_step_serves_rows_coming_and_going_until_the_adapters_chang
     more = random_requests(8, ["a", "b"], seed=23)
     assert run_arrivals(decoder, more, seed=24) == {r.tag: alone(model, r) for r in more}
     assert decoder.captures == 2
+    assert decoder.prefill_captures > captured_prefills  # the prefills read the new stacks too
     assert any(alone(model, r) != alone(two_adapters(), r) for r in more if r.adapter == "a")  # "a" did change
 
     model.add_adapter("c", dt.IA3Config(), activate=False)  # a new adapter joins the routing
@@ -253,9 +260,11 @@ def test_captured_steps_decode_as_eager_steps_on_cuda():
     requests = random_requests(24, ["a", "b", None], seed=31)
     graphed = ContinuousDecoder(model, rows=4, context=32)
     eager = ContinuousDecoder(model, rows=4, context=32, cuda_graph=False)
-    assert graphed.cuda_graph and not eager.cuda_graph
+    eager.padded_prefill = True  # the same prefill shapes, run eagerly: bf16 rounding then agrees too
+    assert graphed.cuda_graph and graphed.padded_prefill and not eager.cuda_graph
     assert run_arrivals(graphed, requests, seed=32) == run_arrivals(eager, requests, seed=32)
     assert graphed.captures == 1 and eager.captures == 0
+    assert 0 < graphed.prefill_captures <= len(graphed.prefill_shapes) and eager.prefill_captures == 0
     model.add_adapter("c", dt.LoraConfig(r=4, target_modules=["k_proj"]), activate=False)
     randomize_adapters(model, seed=33, scale=0.5)
     more = random_requests(12, ["c", "a", None], seed=34)

@@ -90,3 +90,38 @@ def test_load_and_unload_on_a_live_model_keep_the_base_storage(tmp_path):
     model.delete_adapter("b")
     assert {n: p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n} == base_ptrs
     assert relative_error(model(input_ids=token_batch()).logits, plain) < 1e-7
+
+
+def test_adapters_loaded_in_the_base_dtype_route_rows_in_it_and_keep_it_when_rebuilt(tmp_path):
+    """A server loads adapters in a bf16 base's dtype (dtype=...): each row of a mixed batch still
+    gets its own adapter, and a replacement of another shape is held in that dtype too."""
+    first, _ = saved_lora(tmp_path, "a", seed=1, r=4)
+    second, _ = saved_lora(tmp_path, "b", seed=2, r=8)
+    model = dt.DeltaModel(tiny_llama().to(torch.bfloat16)).eval()
+    model.load_adapter(first, "a", dtype=torch.bfloat16)
+    model.load_adapter(second, "b", dtype=torch.bfloat16)
+    assert {t.dtype for t in model.adapter_state_dict("a").values()} == {torch.bfloat16}
+    tokens = token_batch(batch=4)
+    names = ["a", "b", None, "a"]
+    with torch.no_grad():
+        mixed = model(input_ids=tokens, adapter_names=names).logits.float()
+        alone = []
+        for row, name in enumerate(names):
+            if name is None:
+                with model.disable_adapters():
+                    alone.append(model(input_ids=tokens[row:row + 1]).logits.float())
+            else:
+                model.set_adapter(name)
+                alone.append(model(input_ids=tokens[row:row + 1]).logits.float())
+        with model.disable_adapters():
+            base = model(input_ids=tokens).logits.float()
+    for row in range(len(names)):
+        assert relative_error(mixed[row], alone[row][0]) < 2e-2  # bf16 rounding only
+    assert relative_error(mixed[0], base[0]) > 0.05 and relative_error(mixed[1], base[1]) > 0.05  # adapters act
+
+    third, _ = saved_lora(tmp_path, "c", seed=3, r=2)
+    assert model.replace_adapter(third, "b") == "rebuilt"
+    assert {t.dtype for t in model.adapter_state_dict("b").values()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        model.load_adapter(first, "d", dtype="bf16")
+    assert "d" not in model.adapter_names

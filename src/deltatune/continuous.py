@@ -23,6 +23,13 @@ place. Each step is one forward of the whole row set that reads and advances buf
 addresses; on CUDA it is captured once as a CUDA graph and replayed, captured again only when the
 model's adapters change (loaded, deleted, replaced, restacked) or the rows' routing cannot be
 rewritten in place (per-row modules_to_save copies split rows into groups on the host).
+
+Joiners' prefills are captured too: an eager prefill of a few short prompts costs the host ten
+decode steps (a forward's Python over every layer and adapter), which under a server's steady
+arrivals outweighs decoding. On CUDA the joiners are padded to a power-of-two count of rows
+(base rows with one token) and a power-of-two width (left padding the mask hides), and each such
+shape is captured once, with its own cache and inputs at fixed addresses, in one memory pool
+shared by all prefill shapes (they never run at once).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from torch import nn
 
 from . import hf_compat
 from .generation import GenerationError, inner_model, left_pad, replayed_as_cuda_graph, supports_static_decode
+
+PREFILL_MIN_WIDTH = 8  # the narrowest captured prefill: prompts shorter than this share one shape
 from .layer import BASE_ROW, RowAdapters, index_tensor
 
 __all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
@@ -101,7 +110,13 @@ class ContinuousDecoder:
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError(f"cuda_graph=True needs the model on a CUDA device, not {self.device}.")
         self._routable: tuple[tuple, set[str]] | None = None  # the model's adapters, those that route rows
-        self.captures = 0  # how many times a step was captured as a CUDA graph
+        self.captures = 0  # how many times a decode step was captured as a CUDA graph
+        self.prefill_captures = 0  # and how many times a prefill shape was
+        # Prefills padded to captured shapes (rows, width): on CUDA graphs, eager steps pad too
+        # only where a caller asks (tests comparing the two).
+        self.padded_prefill = self.cuda_graph
+        self._prefills: dict[tuple[int, int], _PaddedPrefill] = {}
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -110,6 +125,8 @@ class ContinuousDecoder:
         # The steps' routing (rewritten in place as rows change) and the model's adapters it was made for.
         self._step_rows: tuple[tuple | None, RowAdapters] | None = None
         self._graph: _CapturedStep | None = None
+        for prefill in self._prefills.values():  # their caches hold nothing between admissions: keep them
+            prefill.routing, prefill.graph = None, None
         self._slots: list[_Row | None] = [None] * self.rows
         self._cache = hf_compat.new_static_cache(self.forward.config, self.context)
         self._allocated = False
@@ -130,6 +147,11 @@ class ContinuousDecoder:
     @property
     def free_rows(self) -> int:
         return self._slots.count(None)
+
+    @property
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """The padded (rows, width) shapes joiners were prefilled at so far."""
+        return sorted(self._prefills)
 
     # -- admission --------------------------------------------------------------------------
     def fits(self, requests: Sequence[DecodeRequest]) -> bool:
@@ -182,23 +204,54 @@ class ContinuousDecoder:
         return finished
 
     def _prefill(self, requests: Sequence[DecodeRequest]) -> tuple[list[int], Any, int]:
-        """Run the joiners' prompts (left-padded together) over a cache of their own."""
-        input_ids, mask = left_pad([list(r.prompt_ids) for r in requests], 0, self.device)
+        """Run the joiners' prompts (left-padded together) over a cache of their own; returns each
+        one's first token, that cache (every prompt ending at its last column) and the longest prompt."""
+        prompts = [list(r.prompt_ids) for r in requests]
+        adapters = tuple(r.adapter for r in requests)
+        if self.padded_prefill:
+            return self._prefill_padded(prompts, adapters)
+        input_ids, mask = left_pad(prompts, 0, self.device)
         width = input_ids.shape[1]
         cache = hf_compat.new_static_cache(self.forward.config, width)
         kwargs = hf_compat.static_decode_kwargs(self.forward, cache, torch.arange(width, device=self.device))
-        with torch.inference_mode(), self._route(self._row_adapters(tuple(r.adapter for r in requests))):
+        with torch.inference_mode(), self._route(self._row_adapters(adapters)):
             logits = self.forward(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
                                   **kwargs).logits
         return logits[:, -1].argmax(-1).tolist(), cache, width
 
+    def _prefill_padded(self, prompts: list[list[int]], adapters: tuple[str | None, ...]) -> tuple[list[int], Any, int]:
+        """The prefill at its padded shape, replayed as a CUDA graph once that shape was captured."""
+        width = max(len(prompt) for prompt in prompts)
+        shape = (_padded_size(len(prompts), self.rows), _padded_size(width, self.context, PREFILL_MIN_WIDTH))
+        prefill = self._prefills.get(shape)
+        if prefill is None:
+            prefill = self._prefills[shape] = _PaddedPrefill.allocate(self.forward, *shape, self.device)
+        padding = shape[0] - len(prompts)  # base rows of one token, whose results nobody reads
+        input_ids, mask = left_pad(prompts + [[0]] * padding, 0, self.device, width=shape[1])
+        with torch.inference_mode():
+            prefill.input_ids.copy_(input_ids)
+            prefill.mask.copy_(mask)
+            prefill.positions.copy_((mask.cumsum(-1) - 1).clamp_min(0))
+            prefill.routing, rows = self._kept_routing(prefill.routing, adapters + (None,) * padding)
+            graph = self._run(prefill.graph, lambda: self._prefill_in_place(prefill), rows, self._prefill_pool)
+            self.prefill_captures += _captured_anew(prefill.graph, graph)
+            prefill.graph = graph
+        return prefill.first_tokens[: len(prompts)].tolist(), prefill.cache, width
+
+    def _prefill_in_place(self, prefill: "_PaddedPrefill") -> None:
+        """One padded prefill: reads and writes only `prefill`'s buffers, so it can be captured."""
+        hf_compat.set_static_cache_length(prefill.cache, 0)  # every run writes columns [0, width) afresh
+        logits = self.forward(input_ids=prefill.input_ids, attention_mask=prefill.mask, position_ids=prefill.positions,
+                              **prefill.kwargs).logits
+        prefill.first_tokens.copy_(logits[:, -1].argmax(-1))
+
     def _place(self, placements: list[tuple[int, int, int]], prefill_cache: Any, width: int, first_tokens: list[int]) -> None:
         """Copy the joiners' keys and values into their rows, each prompt ending at column t.
 
-        The prefill is left-padded to `width`, so every joiner's prompt ends at its last column:
-        one copy per layer moves all joiners' columns [0, width) to [t - width, t). The padding
-        columns before a shorter prompt land on columns its row's mask hides (t >= width: admission
-        leaves room before t for the longest prompt)."""
+        The prefill is left-padded, so every joiner's prompt ends at the cache's last column: one
+        copy per layer moves all joiners' last `width` columns (the longest prompt's) to
+        [t - width, t). The padding columns before a shorter prompt land on columns its row's mask
+        hides (t >= width: admission leaves room before t for the longest prompt)."""
         if not self._allocated:
             hf_compat.allocate_static_cache(self._cache, self.rows, like=prefill_cache)
             self._allocated = True
@@ -209,8 +262,8 @@ class ContinuousDecoder:
         with torch.inference_mode():
             for (keys, values), (new_keys, new_values) in zip(hf_compat.cache_key_values(self._cache),
                                                               hf_compat.cache_key_values(prefill_cache)):
-                keys[:, :, self.t - width:self.t].index_copy_(0, slots, new_keys.index_select(0, joiners))
-                values[:, :, self.t - width:self.t].index_copy_(0, slots, new_values.index_select(0, joiners))
+                keys[:, :, self.t - width:self.t].index_copy_(0, slots, new_keys[:, :, -width:].index_select(0, joiners))
+                values[:, :, self.t - width:self.t].index_copy_(0, slots, new_values[:, :, -width:].index_select(0, joiners))
             columns = torch.arange(self.context, device=self.device)
             visible = (columns >= self.t - lengths[:, None]) & (columns < self.t)  # each joiner's prompt
             self._mask.index_copy_(0, slots, visible.to(self._mask.dtype))
@@ -247,13 +300,12 @@ class ContinuousDecoder:
         if not self._layers_at_t:  # after a move of the window or the first placement: tell them
             hf_compat.set_static_cache_length(self._cache, self.t)
             self._layers_at_t = True
-        rows = self._rows_of_step()
+        self._step_rows, rows = self._kept_routing(
+            self._step_rows, tuple(row.request.adapter if row is not None else None for row in self._slots))
         with torch.inference_mode():
-            if self.cuda_graph and (rows is None or rows.assignable):
-                self._replay(rows)
-            else:
-                with self._route(rows):
-                    self._step_in_place()
+            graph = self._run(self._graph, self._step_in_place, rows)
+            self.captures += _captured_anew(self._graph, graph)
+            self._graph = graph
         self.t += 1
         return self._collect(self._ids[:, 0].tolist())
 
@@ -264,18 +316,29 @@ class ContinuousDecoder:
         self._ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self._positions.add_(1)
 
-    def _replay(self, rows: RowAdapters | None) -> None:
-        """The step as a CUDA graph, captured again when what it was captured over changed."""
-        stacks = self._stacks_in_use()
-        graph = self._graph
-        if graph is None or graph.rows is not rows or not _same_objects(graph.stacks, stacks):
+    def _run(self, graph: "_CapturedStep | None", step: Any, rows: RowAdapters | None,
+             pool: Any = None) -> "_CapturedStep | None":
+        """Run `step` under `rows` and return what to keep for the next run.
+
+        On CUDA graphs `graph` is replayed if it was captured over the same routing and stacks.
+        Otherwise the step runs eagerly the first time it meets a routing and stacks, and is
+        captured the second time in a row: a capture costs two eager runs, and a server loading
+        adapters one by one changes them at every admission until all are resident."""
+        if not self.cuda_graph or (rows is not None and not rows.assignable):
             with self._route(rows):
-                run = replayed_as_cuda_graph(self._step_in_place)
-                run()  # the first call runs the step eagerly (which may restack), then captures it
-            self._graph = graph = _CapturedStep(run, rows, self._stacks_in_use())
-            self.captures += 1
-            return
-        graph.run()
+                step()
+            return None
+        seen = graph is not None and graph.rows is rows and _same_objects(graph.stacks, self._stacks_in_use())
+        if seen and graph.run is not None:
+            graph.run()
+            return graph
+        with self._route(rows):
+            if not seen:
+                step()  # may restack: the stacks to compare next time are those after it
+                return _CapturedStep(None, rows, self._stacks_in_use())
+            run = replayed_as_cuda_graph(step, pool=pool)
+            run()  # the first call runs the step eagerly, then captures it
+        return _CapturedStep(run, rows, self._stacks_in_use())
 
     def _stacks_in_use(self) -> tuple:
         from .model import DeltaModel
@@ -305,22 +368,23 @@ class ContinuousDecoder:
         """The context that routes a forward's rows (nothing to route for a plain model)."""
         return contextlib.nullcontext() if rows is None else self.model.mixed_batch(rows)
 
-    def _rows_of_step(self) -> RowAdapters | None:
-        """The steps' routing, kept while the adapters the model can route stay the same: rows
-        coming and going rewrite its slots in place (a captured step reads them there)."""
-        rows = self._row_adapters(tuple(row.request.adapter if row is not None else None for row in self._slots))
+    def _kept_routing(self, kept: tuple[tuple | None, RowAdapters] | None, adapters: tuple[str | None, ...]
+                      ) -> tuple[tuple[tuple | None, RowAdapters] | None, RowAdapters | None]:
+        """The routing of rows naming `adapters`: `kept` (a routing and the model's adapters it was
+        made for) with its slots rewritten in place while the adapters the model can route stay the
+        same (a captured step reads them there), else a new one. Returns (what to keep, the routing)."""
+        rows = self._row_adapters(adapters)
         if rows is None:
-            return None
+            return None, None
         held = self._routable[0] if self._routable is not None else None
-        if self._step_rows is not None:
-            kept_held, kept = self._step_rows
+        if kept is not None:
+            kept_held, kept_rows = kept
             # A new routing when the model's adapters changed: layers check their stacks only for new rows.
-            if kept_held == held and kept.names == rows.names and kept.assignable:
-                if kept.slots != rows.slots:
-                    kept.assign(rows.slots)
-                return kept
-        self._step_rows = (held, rows)
-        return rows
+            if kept_held == held and kept_rows.names == rows.names and kept_rows.assignable:
+                if kept_rows.slots != rows.slots:
+                    kept_rows.assign(rows.slots)
+                return kept, kept_rows
+        return (held, rows), rows
 
     def _row_adapters(self, adapters: tuple[str | None, ...]) -> RowAdapters | None:
         """Rows routed over every adapter the model can route, in one fixed order, rather than
@@ -352,18 +416,50 @@ class ContinuousDecoder:
         return self._routable[1]
 
 
+def _padded_size(size: int, ceiling: int, floor: int = 1) -> int:
+    """The size a captured prefill runs at: the next power of two, at least `floor`, at most `ceiling`."""
+    return min(ceiling, max(floor, 1 << (size - 1).bit_length()))
+
+
+@dataclass(eq=False)
+class _PaddedPrefill:
+    """The joiners' prefill at one padded shape, at fixed addresses: inputs written before each
+    run, the cache and each row's first token read after it."""
+
+    input_ids: torch.Tensor  # (rows, width)
+    mask: torch.Tensor  # (rows, width), left padding hidden
+    positions: torch.Tensor  # (rows, width)
+    cache: Any  # a static cache of `width` columns
+    kwargs: dict  # the cache and what else each forward passes
+    first_tokens: torch.Tensor  # (rows,)
+    routing: tuple | None = None  # (the model's adapters it was made for, RowAdapters), as the steps'
+    graph: "_CapturedStep | None" = None
+
+    @classmethod
+    def allocate(cls, forward: nn.Module, rows: int, width: int, device: torch.device) -> "_PaddedPrefill":
+        cache = hf_compat.new_static_cache(forward.config, width)
+        kwargs = hf_compat.static_decode_kwargs(forward, cache, torch.arange(width, device=device))
+        ids = torch.zeros((rows, width), dtype=torch.long, device=device)
+        return cls(ids, torch.zeros_like(ids), torch.zeros_like(ids), cache, kwargs, torch.zeros(rows, dtype=torch.long, device=device))
+
+
 def _same_objects(these: tuple, those: tuple) -> bool:
     return len(these) == len(those) and all(a is b for a, b in zip(these, those))
 
 
 @dataclass(eq=False)
 class _CapturedStep:
-    """A step captured as a CUDA graph, and what it was captured over: the rows' routing (whose
-    slot tensors it reads in place) and the layers' stacked adapters (kept alive here)."""
+    """A step captured as a CUDA graph (run: its replay; None while it has run eagerly once), and
+    what it was captured over: the rows' routing (whose slot tensors it reads in place) and the
+    layers' stacked adapters (kept alive here)."""
 
     run: Any
     rows: RowAdapters | None
     stacks: tuple
+
+
+def _captured_anew(before: _CapturedStep | None, after: _CapturedStep | None) -> bool:
+    return after is not None and after.run is not None and after is not before
 
 
 def _check_request(request: DecodeRequest) -> None:

@@ -109,10 +109,15 @@ def greedy_generate(
     return torch.cat([input_ids, new_tokens], dim=1)
 
 
-def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with every row right-aligned: a decoder-only model continues
-    each prompt from the last column, so the padding must go on the left."""
-    width = max(len(row) for row in rows)
+    each prompt from the last column, so the padding must go on the left. `width`: pad to this
+    many columns (default: the longest row's)."""
+    longest = max(len(row) for row in rows)
+    if width is not None and width < longest:
+        raise ValueError(f"width={width} is shorter than the longest row ({longest} tokens)")
+    width = longest if width is None else width
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -185,9 +190,11 @@ def _step_function(forward: nn.Module, buffers: _StepBuffers, kwargs: dict) -> C
     return step
 
 
-def replayed_as_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
+def replayed_as_cuda_graph(step: Callable[[], None], pool: Any = None) -> Callable[[], None]:
     """`step` captured as a CUDA graph. The first call runs it eagerly on a side stream (lazy
-    initialisation and library workspaces must happen outside the capture); that call is a real step."""
+    initialisation and library workspaces must happen outside the capture); that call is a real step.
+    pool: a memory pool shared with other captures that never run at the same time
+    (torch.cuda.graph_pool_handle()); default: the graph's own."""
     state: dict[str, Any] = {}
 
     def run() -> None:
@@ -200,7 +207,7 @@ def replayed_as_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
             step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             step()  # recorded, not run: the next call's replay runs it
         state["graph"] = graph
 

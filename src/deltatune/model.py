@@ -710,13 +710,20 @@ class DeltaModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         print(self.trainable_parameters())
 
-    def load_adapter(self, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False, activate: bool = True) -> None:
-        """Add an adapter from a folder written by deltatune or Hugging Face peft."""
+    def load_adapter(self, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False,
+                     activate: bool = True, dtype: torch.dtype | None = None) -> None:
+        """Add an adapter from a folder written by deltatune or Hugging Face peft.
+
+        dtype: hold the adapter's floating-point weights in this dtype (default: float32 over a
+        bf16/fp16 base, as for training). A server passes the base's dtype: its mixed batches then
+        add every row's adapter product in that dtype, in place (the fused kernels need one dtype)."""
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype (torch.bfloat16, ...), got {dtype!r}.")
         config, tensors = _read_folder(directory)
-        self._add_loaded(adapter_name, config.replace(inference_mode=not is_trainable), tensors, directory, activate)
+        self._add_loaded(adapter_name, config.replace(inference_mode=not is_trainable), tensors, directory, activate, dtype)
 
     def _add_loaded(self, adapter_name: str, config: AdapterConfig, tensors: dict[str, torch.Tensor],
-                    directory: str | Path, activate: bool) -> None:
+                    directory: str | Path, activate: bool, dtype: torch.dtype | None = None) -> None:
         # The file's tensors let a method skip data-dependent setup (a Fisher mask, a prompt from text).
         self.add_adapter(adapter_name, config, activate=activate, saved_tensors=tensors)
         try:
@@ -724,6 +731,15 @@ class DeltaModel(nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        if dtype is not None:
+            with torch.no_grad():
+                for param in self._adapter_params(adapter_name):
+                    if param.is_floating_point():
+                        param.data = param.data.to(dtype)  # a new storage: stacked copies are rebuilt
+
+    def _adapter_dtype(self, adapter_name: str) -> torch.dtype | None:
+        """The dtype of the adapter's floating-point weights (None if it has none)."""
+        return next((p.dtype for p in self._adapter_params(adapter_name) if p.is_floating_point()), None)
 
     def replace_adapter(self, directory: str | Path, adapter_name: str) -> str:
         """Swap the weights of adapter `adapter_name` for those in `directory` on a live model.
@@ -747,8 +763,9 @@ class DeltaModel(nn.Module):
             self.configs[adapter_name] = new.replace(base_model_name_or_path=old.base_model_name_or_path)
             return "in_place"
         was_active = adapter_name in self.active_adapters
+        dtype = self._adapter_dtype(adapter_name)  # the new version is held as the old one was
         self.delete_adapter(adapter_name)
-        self._add_loaded(adapter_name, new, tensors, directory, activate=False)
+        self._add_loaded(adapter_name, new, tensors, directory, activate=False, dtype=dtype)
         others = [n for n in self.active_adapters if n != adapter_name]
         self.set_adapter([*others, adapter_name] if was_active else others)
         return "rebuilt"

@@ -15,6 +15,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
 
+import torch
+
 from ..config import CONFIG_NAME
 from ..inspection import is_adapter_folder, summarize_adapter
 from ..model import DeltaModel
@@ -58,6 +60,16 @@ class AdapterLoadError(RuntimeError):
         self.name = name
 
 
+def compute_dtype(model: DeltaModel) -> torch.dtype | None:
+    """The dtype the base model computes in: its input embeddings' (a 4-bit base keeps them in its
+    compute dtype), else its first floating-point weight's."""
+    embeddings = getattr(model.model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return next((p.dtype for p in model.model.parameters() if p.is_floating_point()), None)
+
+
 class AdapterPool:
     """Loads adapters from `adapters_dir/<name>` into `model`, keeping at most `max_resident`.
 
@@ -76,6 +88,9 @@ class AdapterPool:
         self._resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self._module_names: list[str] | None = None
+        # Adapters are held in the base's dtype: mixed batches of a bf16 base then add each row's
+        # product in bf16, in place (float32 adapters would cast every layer's input up and back).
+        self.dtype = compute_dtype(model)
 
     def known(self) -> list[str]:
         """Adapter folders on disk now (re-read each time, so new folders need no restart); a
@@ -159,7 +174,7 @@ class AdapterPool:
     def _load(self, name: str) -> None:
         folder = self.adapters_dir / name
         try:
-            self.model.load_adapter(folder, adapter_name=name, activate=False)
+            self.model.load_adapter(folder, adapter_name=name, activate=False, dtype=self.dtype)
         except Exception as err:
             # A bad adapter file may fail in many ways (corrupt header, foreign method, another
             # base model's shapes); each must fail only the requests for this adapter.

@@ -42,6 +42,7 @@ class Metrics:
         self.prefill_seconds = 0.0  # worker time in prefills (joiners' prompts; whole batches: generate calls)
         self.decode_seconds = 0.0  # continuous batching: worker time in decode steps
         self.graph_captures = 0  # continuous batching: decode steps captured as CUDA graphs
+        self.prefill_graph_captures = 0  # and joiners' padded prefill shapes
 
     def _counters(self, adapter: str | None) -> AdapterCounters:
         return self._adapters.setdefault(adapter_key(adapter), AdapterCounters())
@@ -65,13 +66,15 @@ class Metrics:
             self.max_adapters_in_batch = max(self.max_adapters_in_batch, distinct)
             self.mixed_batches += distinct > 1
 
-    def record_step(self, adapters: Sequence[str | None], seconds: float, graph_captures: int) -> None:
+    def record_step(self, adapters: Sequence[str | None], seconds: float, graph_captures: int,
+                    prefill_graph_captures: int = 0) -> None:
         """One decode step of continuous batching over rows using `adapters`, its time, and the
-        decoder's CUDA graph captures so far."""
+        decoder's CUDA graph captures so far (of steps, and of prefill shapes)."""
         distinct = len(set(adapters))
         with self._lock:
             self.decode_seconds += seconds
             self.graph_captures = graph_captures
+            self.prefill_graph_captures = prefill_graph_captures
             self.decode_steps += 1
             self.stepped_rows += len(adapters)
             self.mixed_steps += distinct > 1
@@ -94,6 +97,7 @@ class Metrics:
                 "prefill_seconds": round(self.prefill_seconds, 3),
                 "decode_seconds": round(self.decode_seconds, 3),
                 "graph_captures": self.graph_captures,
+                "prefill_graph_captures": self.prefill_graph_captures,
             }
         totals = {name: sum(c[name] for c in adapters.values()) for name in AdapterCounters.__dataclass_fields__}
         return {**{f"total_{k}": v for k, v in totals.items()}, **summary, "adapters": adapters}
