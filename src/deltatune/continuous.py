@@ -116,7 +116,7 @@ class ContinuousDecoder:
         # only where a caller asks (tests comparing the two).
         self.padded_prefill = self.cuda_graph
         self._prefills: dict[tuple[int, int], _PaddedPrefill] = {}
-        self._prefill_pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
+        self._prefill_pool: Any = None  # the memory pool prefill captures share (_shared_prefill_pool)
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -233,10 +233,17 @@ class ContinuousDecoder:
             prefill.mask.copy_(mask)
             prefill.positions.copy_((mask.cumsum(-1) - 1).clamp_min(0))
             prefill.routing, rows = self._kept_routing(prefill.routing, adapters + (None,) * padding)
-            graph = self._run(prefill.graph, lambda: self._prefill_in_place(prefill), rows, self._prefill_pool)
+            graph = self._run(prefill.graph, lambda: self._prefill_in_place(prefill), rows, self._shared_prefill_pool())
             self.prefill_captures += _captured_anew(prefill.graph, graph)
             prefill.graph = graph
         return prefill.first_tokens[: len(prompts)].tolist(), prefill.cache, width
+
+    def _shared_prefill_pool(self) -> Any:
+        """The memory pool of prefill captures (they never run at once). CUDA releases a pool with
+        the last graph captured into it, so once no captured prefill lives a fresh pool is taken."""
+        if self.device.type == "cuda" and not any(p.graph is not None and p.graph.run is not None for p in self._prefills.values()):
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        return self._prefill_pool
 
     def _prefill_in_place(self, prefill: "_PaddedPrefill") -> None:
         """One padded prefill: reads and writes only `prefill`'s buffers, so it can be captured."""
