@@ -6,7 +6,9 @@
 
 Each batching mode serves the same requests in turn (continuous: requests join and leave the
 running decode between steps; whole: one generate() per gathered batch), and the ratio of the two
-is printed last.
+is printed last. Before timing, a warm-up sends --warmup-rounds requests for every adapter and the
+base (a warm server: adapters resident, CUDA graphs captured); the server's figures printed are
+those of the timed part.
 
 A Llama built from a config (`--shape tiny`: 2 layers of 64, the default; `1b`: the 1B shape of
 benchmarks/multi_adapter.py, bf16 on CUDA, LoRA r=16 on all seven projections) and LoRA adapters
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (rows decoded at once)")
     parser.add_argument("--context-tokens", type=int, default=2048, help="the server's --context-tokens")
+    parser.add_argument("--warmup-rounds", type=int, default=1,
+                        help="before timing, this many requests per adapter and the base (loads them; on CUDA, captures "
+                             "the decode step and prefill shapes); not counted")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(2)
@@ -172,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(2, 8))) for _ in range(16)]
         bodies = [{"adapter": rng.choice([*names, None]), "prompt": rng.choice(prompts),
                    "max_new_tokens": rng.randint(1, args.max_new_tokens)} for _ in range(args.requests)]
+        warmup = [{"adapter": name, "prompt": rng.choice(prompts), "max_new_tokens": rng.randint(1, args.max_new_tokens)}
+                  for _ in range(args.warmup_rounds) for name in [*names, None]]
         checked = args.device == "cpu"
         expected = references(shape, bodies, pristine, versions, replaced=names[1], tokenizer=tokenizer) if checked else None
         results = {}
         for mode in args.batching:
             root = Path(tmp) / f"served-{mode}"
             shutil.copytree(pristine, root)
-            results[mode] = run_load(mode, shape, root, versions, names, bodies, expected, tokenizer, args)
+            results[mode] = run_load(mode, shape, root, versions, names, warmup, bodies, expected, tokenizer, args)
     if len(results) == 2:
         continuous, whole = results["continuous"], results["whole"]
         print(f"continuous / whole: throughput {continuous['throughput'] / whole['throughput']:.2f}x "
@@ -187,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 
-def client_process(port: int, bodies: list[dict], clients: int, max_seconds: float, root: str, versions: str,
-                   replaced: str, corrupted: str, results_file: str) -> None:
-    """Send every request from `clients` threads (replacing one adapter and corrupting another on
-    disk on the way) while polling /health; write (index, status, text, seconds) per request."""
+def client_process(port: int, warmup: list[dict], bodies: list[dict], clients: int, max_seconds: float, root: str,
+                   versions: str, replaced: str, corrupted: str, results_file: str) -> None:
+    """Send the warm-up requests, then every request from `clients` threads (replacing one adapter
+    and corrupting another on disk on the way) while polling /health; write (index, status, text,
+    seconds) per request and the server's /metrics as the timed part began."""
     root_dir, versions_dir = Path(root), Path(versions)
     answers: list[tuple] = []
     unsent: Counter = Counter()
@@ -226,6 +234,9 @@ def client_process(port: int, bodies: list[dict], clients: int, max_seconds: flo
             return
         answers.append((index, status, answer.get("text"), seconds, answer.get("tokens", 0)))
 
+    with ThreadPoolExecutor(clients) as pool:  # a warm server: adapters resident, CUDA graphs captured
+        warm_statuses = Counter(status for status, _, _ in pool.map(lambda body: call(port, "POST", "/generate", body), warmup))
+    metrics_before = call(port, "GET", "/metrics")[1]
     poller = threading.Thread(target=poll_health, daemon=True)
     poller.start()
     started = time.perf_counter()
@@ -235,7 +246,8 @@ def client_process(port: int, bodies: list[dict], clients: int, max_seconds: flo
     done.set()
     poller.join()
     Path(results_file).write_text(json.dumps({"answers": answers, "unsent": unsent, "health": health,
-                                              "health_failures": health_failures, "elapsed": elapsed}))
+                                              "health_failures": health_failures, "elapsed": elapsed,
+                                              "warmup_statuses": warm_statuses, "metrics_before": metrics_before}))
 
 
 def references(shape: Shape, bodies: list[dict], root: Path, versions: Path, replaced: str, tokenizer) -> dict[tuple, set[str]]:
@@ -255,7 +267,7 @@ def references(shape: Shape, bodies: list[dict], root: Path, versions: Path, rep
     return expected
 
 
-def run_load(mode: str, shape: Shape, root: Path, versions: Path, names: list[str], bodies: list[dict],
+def run_load(mode: str, shape: Shape, root: Path, versions: Path, names: list[str], warmup: list[dict], bodies: list[dict],
              expected: dict[tuple, set[str]] | None, tokenizer, args: argparse.Namespace) -> dict:
     """Serve `bodies` in batching `mode`; expected: each request's right answers (None: not checked)."""
     replaced, corrupted = names[1], names[2]
@@ -267,7 +279,8 @@ def run_load(mode: str, shape: Shape, root: Path, versions: Path, names: list[st
     results_file = root.parent / f"client-results-{mode}.json"
     with serving_in_background(app) as port:
         clients = multiprocessing.get_context("spawn").Process(target=client_process, args=(
-            port, bodies, args.clients, args.max_seconds, str(root), str(versions), replaced, corrupted, str(results_file)))
+            port, warmup, bodies, args.clients, args.max_seconds, str(root), str(versions), replaced, corrupted,
+            str(results_file)))
         clients.start()
         clients.join()
         metrics = call(port, "GET", "/metrics")[1]
@@ -309,17 +322,32 @@ def run_load(mode: str, shape: Shape, root: Path, versions: Path, names: list[st
     for kind, count in sorted(outcomes.items()):
         print(f"  {kind}: {count}")
     print(f"/health: {len(health)} polls, {health_failures} failed, slowest {max(health) * 1000:.0f} ms")
-    steps = f", {metrics['decode_steps']} decode steps of {metrics['mean_rows_per_step']:.1f} rows" if metrics.get("decode_steps") else ""
-    print(f"server: {metrics.get('total_loads')} loads, {metrics.get('total_evictions')} evictions, "
-          f"{metrics.get('batches')} batches of {metrics.get('mean_batch_size', 0):.1f}{steps}")
-    decode = (f", decode steps {metrics['decode_seconds']:.1f} s (CUDA graph captures: {metrics['graph_captures']} of the step, "
-              f"{metrics.get('prefill_graph_captures', 0)} of prefill shapes)") \
-        if metrics.get("decode_steps") else ""
-    print(f"worker time: {'prefills' if metrics.get('decode_steps') else 'generate calls'} {metrics['prefill_seconds']:.1f} s{decode}")
+    warm = results["warmup_statuses"]
+    print(f"warm-up before timing: {sum(warm.values())} requests ({', '.join(f'HTTP {k}: {v}' for k, v in sorted(warm.items()))}), "
+          f"{results['metrics_before'].get('total_loads')} loads")
+    print_server_metrics(metrics, results["metrics_before"])
     bad = sum(c for k, c in outcomes.items() if k not in ("ok", "ok (not checked)", "422 corrupted adapter (expected)"))
     ok = not bad and not health_failures
     print("result: " + ("every answer checked out" if ok else f"{bad} bad answers, {health_failures} health failures"))
     return {"throughput": answered / elapsed, "tokens_per_s": generated / elapsed, "p50": p50, "p99": p99, "ok": ok}
+
+
+def print_server_metrics(metrics: dict, before: dict) -> None:
+    """The server's /metrics over the timed part: the end's minus the warm-up's."""
+    def timed(key: str) -> float:
+        return metrics.get(key, 0) - before.get(key, 0)
+
+    steps = timed("decode_steps")
+    rows = metrics.get("mean_rows_per_step", 0) * metrics.get("decode_steps", 0) - \
+        before.get("mean_rows_per_step", 0) * before.get("decode_steps", 0)
+    batches = timed("batches")
+    batch_rows = metrics.get("mean_batch_size", 0) * metrics.get("batches", 0) - before.get("mean_batch_size", 0) * before.get("batches", 0)
+    stepped = f", {steps:.0f} decode steps of {rows / steps:.1f} rows" if steps else ""
+    print(f"server (timed part): {timed('total_loads'):.0f} loads, {timed('total_evictions'):.0f} evictions, "
+          f"{batches:.0f} batches of {batch_rows / max(batches, 1):.1f}{stepped}")
+    decode = (f", decode steps {timed('decode_seconds'):.1f} s (CUDA graph captures: {timed('graph_captures'):.0f} of the step, "
+              f"{timed('prefill_graph_captures'):.0f} of prefill shapes)") if steps else ""
+    print(f"worker time: {'prefills' if steps else 'generate calls'} {timed('prefill_seconds'):.1f} s{decode}")
 
 
 if __name__ == "__main__":

@@ -227,11 +227,8 @@ class ContinuousDecoder:
         if prefill is None:
             prefill = self._prefills[shape] = _PaddedPrefill.allocate(self.forward, *shape, self.device)
         padding = shape[0] - len(prompts)  # base rows of one token, whose results nobody reads
-        input_ids, mask = left_pad(prompts + [[0]] * padding, 0, self.device, width=shape[1])
         with torch.inference_mode():
-            prefill.input_ids.copy_(input_ids)
-            prefill.mask.copy_(mask)
-            prefill.positions.copy_((mask.cumsum(-1) - 1).clamp_min(0))
+            prefill.inputs.copy_(_left_padded_inputs(prompts + [[0]] * padding, shape[1]))  # one copy to the device
             prefill.routing, rows = self._kept_routing(prefill.routing, adapters + (None,) * padding)
             graph = self._run(prefill.graph, lambda: self._prefill_in_place(prefill), rows, self._shared_prefill_pool())
             self.prefill_captures += _captured_anew(prefill.graph, graph)
@@ -248,8 +245,8 @@ class ContinuousDecoder:
     def _prefill_in_place(self, prefill: "_PaddedPrefill") -> None:
         """One padded prefill: reads and writes only `prefill`'s buffers, so it can be captured."""
         hf_compat.set_static_cache_length(prefill.cache, 0)  # every run writes columns [0, width) afresh
-        logits = self.forward(input_ids=prefill.input_ids, attention_mask=prefill.mask, position_ids=prefill.positions,
-                              **prefill.kwargs).logits
+        input_ids, mask, positions = prefill.inputs
+        logits = self.forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, **prefill.kwargs).logits
         prefill.first_tokens.copy_(logits[:, -1].argmax(-1))
 
     def _place(self, placements: list[tuple[int, int, int]], prefill_cache: Any, width: int, first_tokens: list[int]) -> None:
@@ -263,14 +260,20 @@ class ContinuousDecoder:
             hf_compat.allocate_static_cache(self._cache, self.rows, like=prefill_cache)
             self._allocated = True
             self._layers_at_t = False
-        slots = index_tensor([slot for slot, _, _ in placements], self.device)
-        joiners = index_tensor([index for _, index, _ in placements], self.device)
-        lengths = index_tensor([length for _, _, length in placements], self.device)
+        # One copy to the device: each placement's row, prefill row and prompt length.
+        slots, joiners, lengths = index_tensor([index for placement in placements for index in placement], self.device).view(-1, 3).T
+        # Usually every joiner is placed (none ended at its first token): its rows are then a slice.
+        in_order = [index for _, index, _ in placements] == list(range(len(placements)))
+
+        def placed(new: torch.Tensor) -> torch.Tensor:
+            new = new[:, :, -width:]
+            return new[: len(placements)] if in_order else new.index_select(0, joiners)
+
         with torch.inference_mode():
             for (keys, values), (new_keys, new_values) in zip(hf_compat.cache_key_values(self._cache),
                                                               hf_compat.cache_key_values(prefill_cache)):
-                keys[:, :, self.t - width:self.t].index_copy_(0, slots, new_keys[:, :, -width:].index_select(0, joiners))
-                values[:, :, self.t - width:self.t].index_copy_(0, slots, new_values[:, :, -width:].index_select(0, joiners))
+                keys[:, :, self.t - width:self.t].index_copy_(0, slots, placed(new_keys))
+                values[:, :, self.t - width:self.t].index_copy_(0, slots, placed(new_values))
             columns = torch.arange(self.context, device=self.device)
             visible = (columns >= self.t - lengths[:, None]) & (columns < self.t)  # each joiner's prompt
             self._mask.index_copy_(0, slots, visible.to(self._mask.dtype))
@@ -428,14 +431,20 @@ def _padded_size(size: int, ceiling: int, floor: int = 1) -> int:
     return min(ceiling, max(floor, 1 << (size - 1).bit_length()))
 
 
+def _left_padded_inputs(prompts: list[list[int]], width: int) -> torch.Tensor:
+    """(3, rows, width) on the host: token ids, attention mask and positions, each prompt ending at
+    the last column (padding: id 0, hidden, position 0)."""
+    rows = [([0] * (width - len(p)) + p, [0] * (width - len(p)) + [1] * len(p), [0] * (width - len(p)) + list(range(len(p))))
+            for p in prompts]
+    return torch.tensor(rows, dtype=torch.long).transpose(0, 1)
+
+
 @dataclass(eq=False)
 class _PaddedPrefill:
     """The joiners' prefill at one padded shape, at fixed addresses: inputs written before each
     run, the cache and each row's first token read after it."""
 
-    input_ids: torch.Tensor  # (rows, width)
-    mask: torch.Tensor  # (rows, width), left padding hidden
-    positions: torch.Tensor  # (rows, width)
+    inputs: torch.Tensor  # (3, rows, width): token ids, attention mask (left padding hidden), positions
     cache: Any  # a static cache of `width` columns
     kwargs: dict  # the cache and what else each forward passes
     first_tokens: torch.Tensor  # (rows,)
@@ -446,8 +455,8 @@ class _PaddedPrefill:
     def allocate(cls, forward: nn.Module, rows: int, width: int, device: torch.device) -> "_PaddedPrefill":
         cache = hf_compat.new_static_cache(forward.config, width)
         kwargs = hf_compat.static_decode_kwargs(forward, cache, torch.arange(width, device=device))
-        ids = torch.zeros((rows, width), dtype=torch.long, device=device)
-        return cls(ids, torch.zeros_like(ids), torch.zeros_like(ids), cache, kwargs, torch.zeros(rows, dtype=torch.long, device=device))
+        inputs = torch.zeros((3, rows, width), dtype=torch.long, device=device)
+        return cls(inputs, cache, kwargs, torch.zeros(rows, dtype=torch.long, device=device))
 
 
 def _same_objects(these: tuple, those: tuple) -> bool:

@@ -118,12 +118,10 @@ def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device,
     if width is not None and width < longest:
         raise ValueError(f"width={width} is shorter than the longest row ({longest} tokens)")
     width = longest if width is None else width
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return input_ids.to(device), attention_mask.to(device)
+    # Built as lists, one tensor each: a server's worker pays for every torch call it makes.
+    input_ids = [[pad_id] * (width - len(row)) + list(row) for row in rows]
+    attention_mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
+    return torch.tensor(input_ids, dtype=torch.long, device=device), torch.tensor(attention_mask, dtype=torch.long, device=device)
 
 
 def _forward_and_routing(model: nn.Module, adapter_names: Sequence[str | None] | None) -> tuple[nn.Module, Any]:
