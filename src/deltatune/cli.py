@@ -308,8 +308,8 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the first request of an idle server waits for others")
     parser.add_argument("--batching", choices=["whole", "continuous"], default="whole",
                         help="whole: one generate() per gathered batch (CUDA-graph decode steps on a GPU); continuous: "
-                             "requests join and leave the running decode between steps (eager steps; where the model's "
-                             "cache allows it)")
+                             "requests join and leave the running decode between steps (CUDA-graph steps and prefills on a "
+                             "GPU; where the model's cache allows it)")
     parser.add_argument("--context-tokens", type=int, default=2048,
                         help="continuous batching: cache columns per row; a prompt and its new tokens must fit")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default and upper bound of a request's max_new_tokens")

@@ -243,7 +243,8 @@ def create_app(
     api_key: when set, every route but /health needs `Authorization: Bearer <api_key>`.
     batching: "whole" (one generate() per gathered batch, its decode steps replayed as CUDA graphs
     on a GPU) or "continuous" (requests join and leave the running decode between steps, where
-    the model allows it, with `context_tokens` cache columns per row; its steps run eagerly)."""
+    the model allows it, with `context_tokens` cache columns per row; on a GPU its steps and the
+    joiners' padded prefills are replayed as CUDA graphs)."""
     limits = ServeLimits(max_resident, max_batch, batch_wait_ms, max_new_tokens, max_queue, max_prompt_chars, max_body_bytes,
                          batching, context_tokens)
     service = GenerationService(_as_delta_model(model), tokenizer, adapters_dir, limits)
