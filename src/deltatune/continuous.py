@@ -27,9 +27,9 @@ rewritten in place (per-row modules_to_save copies split rows into groups on the
 Joiners' prefills are captured too: an eager prefill of a few short prompts costs the host ten
 decode steps (a forward's Python over every layer and adapter), which under a server's steady
 arrivals outweighs decoding. On CUDA the joiners are padded to a power-of-two count of rows
-(base rows with one token) and a power-of-two width (left padding the mask hides), and each such
-shape is captured once, with its own cache and inputs at fixed addresses, in one memory pool
-shared by all prefill shapes (they never run at once).
+(base rows with one token) and a power-of-two width (left padding the mask hides); each such
+shape has its own cache and inputs at fixed addresses and is captured the second time it is met
+under the same adapters, in one memory pool shared by all prefill shapes (they never run at once).
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from torch import nn
 
 from . import hf_compat
 from .generation import GenerationError, inner_model, left_pad, replayed_as_cuda_graph, supports_static_decode
-
-PREFILL_MIN_WIDTH = 8  # the narrowest captured prefill: prompts shorter than this share one shape
 from .layer import BASE_ROW, RowAdapters, index_tensor
 
 __all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
+
+PREFILL_MIN_WIDTH = 8  # the narrowest padded prefill: prompts shorter than this share one shape
 
 
 @dataclass(eq=False)
@@ -112,8 +112,8 @@ class ContinuousDecoder:
         self._routable: tuple[tuple, set[str]] | None = None  # the model's adapters, those that route rows
         self.captures = 0  # how many times a decode step was captured as a CUDA graph
         self.prefill_captures = 0  # and how many times a prefill shape was
-        # Prefills padded to captured shapes (rows, width): on CUDA graphs, eager steps pad too
-        # only where a caller asks (tests comparing the two).
+        # Prefills padded to power-of-two shapes (rows, width), as graphs need; an eager decoder
+        # pads only if asked (a test compares graphs and eager steps at equal shapes).
         self.padded_prefill = self.cuda_graph
         self._prefills: dict[tuple[int, int], _PaddedPrefill] = {}
         self._prefill_pool: Any = None  # the memory pool prefill captures share (_shared_prefill_pool)
