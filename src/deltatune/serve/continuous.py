@@ -26,6 +26,12 @@ JOIN_EVERY_STEPS = 4
 MAX_PASSED_OVER = 8  # admission rounds a job may be passed over for its adapter before it blocks the rest
 
 
+def free_rows_to_join(rows: int) -> int:
+    """While rows decode, joiners are let in once this many rows are free (or every JOIN_EVERY_STEPS
+    steps): a prefill costs about a decode step's forward, however few rows join."""
+    return max(1, rows // 4)
+
+
 class ContinuousWorker(BatchWorker):
     def __init__(
         self,
@@ -43,9 +49,7 @@ class ContinuousWorker(BatchWorker):
         super().__init__(grouped, pool, metrics, max_batch=decoder.rows, batch_wait_s=batch_wait_s, max_queue=max_queue)
         self.decoder = decoder
         self._stopping = False
-        # A prefill costs about a decode step's forward, however few rows join: while rows decode,
-        # joiners are let in once a quarter of the rows is free, or after JOIN_EVERY_STEPS steps.
-        self._join_rows = max(1, decoder.rows // 4)
+        self._join_rows = free_rows_to_join(decoder.rows)
         self._steps_since_join = 0
 
     def _run(self) -> None:
