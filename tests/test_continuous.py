@@ -270,3 +270,24 @@ def test_captured_steps_decode_as_eager_steps_on_cuda():
     more = random_requests(12, ["c", "a", None], seed=34)
     assert run_arrivals(graphed, more, seed=35) == run_arrivals(eager, more, seed=35)
     assert graphed.captures == 2
+
+
+def test_padded_prefill_caches_stay_within_the_decode_cache_size():
+    """Prompts of every length meet many padded shapes: their caches are dropped, least recently
+    used first, so that together they never hold more than rows x context columns."""
+    model = two_adapters()
+    decoder = ContinuousDecoder(model, rows=4, context=40)
+    decoder.padded_prefill = True
+    requests = random_requests(40, ["a", "b", None], seed=41, longest_prompt=30, most_new=6)
+    kept = []
+    original = decoder._padded_prefill_buffers
+
+    def watched(shape):
+        buffers = original(shape)
+        kept.append(decoder.prefill_cache_tokens)
+        return buffers
+
+    decoder._padded_prefill_buffers = watched
+    assert run_arrivals(decoder, requests, seed=42) == {r.tag: alone(model, r) for r in requests}
+    assert len(decoder.prefill_shapes) >= 5 and any(width == 32 for _, width in decoder.prefill_shapes)
+    assert max(kept) <= 4 * 40 and len(decoder._prefills) < len(decoder.prefill_shapes)  # some were dropped

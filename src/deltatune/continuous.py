@@ -30,6 +30,8 @@ arrivals outweighs decoding. On CUDA the joiners are padded to a power-of-two co
 (base rows with one token) and a power-of-two width (left padding the mask hides); each such
 shape has its own cache and inputs at fixed addresses and is captured the second time it is met
 under the same adapters, in one memory pool shared by all prefill shapes (they never run at once).
+The shapes' caches together hold at most as many columns as the decode cache: the least recently
+used shape is dropped first.
 """
 
 from __future__ import annotations
@@ -115,7 +117,10 @@ class ContinuousDecoder:
         # Prefills padded to power-of-two shapes (rows, width), as graphs need; an eager decoder
         # pads only if asked (a test compares graphs and eager steps at equal shapes).
         self.padded_prefill = self.cuda_graph
+        # The padded shapes' buffers, least recently used first, holding together at most as many
+        # cache columns as the decode cache (rows x context): varied prompt lengths meet many shapes.
         self._prefills: dict[tuple[int, int], _PaddedPrefill] = {}
+        self._shapes_met: set[tuple[int, int]] = set()
         self._prefill_pool: Any = None  # the memory pool prefill captures share (_shared_prefill_pool)
         self.reset()
 
@@ -151,7 +156,12 @@ class ContinuousDecoder:
     @property
     def prefill_shapes(self) -> list[tuple[int, int]]:
         """The padded (rows, width) shapes joiners were prefilled at so far."""
-        return sorted(self._prefills)
+        return sorted(self._shapes_met)
+
+    @property
+    def prefill_cache_tokens(self) -> int:
+        """Rows x columns of the prefill caches kept now (bounded by rows x context)."""
+        return sum(rows * width for rows, width in self._prefills)
 
     # -- admission --------------------------------------------------------------------------
     def fits(self, requests: Sequence[DecodeRequest]) -> bool:
@@ -223,9 +233,7 @@ class ContinuousDecoder:
         """The prefill at its padded shape, replayed as a CUDA graph once that shape was captured."""
         width = max(len(prompt) for prompt in prompts)
         shape = (_padded_size(len(prompts), self.rows), _padded_size(width, self.context, PREFILL_MIN_WIDTH))
-        prefill = self._prefills.get(shape)
-        if prefill is None:
-            prefill = self._prefills[shape] = _PaddedPrefill.allocate(self.forward, *shape, self.device)
+        prefill = self._padded_prefill_buffers(shape)
         padding = shape[0] - len(prompts)  # base rows of one token, whose results nobody reads
         with torch.inference_mode():
             prefill.inputs.copy_(_left_padded_inputs(prompts + [[0]] * padding, shape[1]))  # one copy to the device
@@ -234,6 +242,18 @@ class ContinuousDecoder:
             self.prefill_captures += _captured_anew(prefill.graph, graph)
             prefill.graph = graph
         return prefill.first_tokens[: len(prompts)].tolist(), prefill.cache, width
+
+    def _padded_prefill_buffers(self, shape: tuple[int, int]) -> "_PaddedPrefill":
+        """The buffers of `shape`, made most recently used; a new shape first drops the least
+        recently used ones (their caches and graphs) beyond the budget of rows x context."""
+        self._shapes_met.add(shape)
+        prefill = self._prefills.pop(shape, None)
+        if prefill is None:
+            while self._prefills and self.prefill_cache_tokens + shape[0] * shape[1] > self.rows * self.context:
+                del self._prefills[next(iter(self._prefills))]
+            prefill = _PaddedPrefill.allocate(self.forward, *shape, self.device)
+        self._prefills[shape] = prefill
+        return prefill
 
     def _shared_prefill_pool(self) -> Any:
         """The memory pool of prefill captures (they never run at once). CUDA releases a pool with
