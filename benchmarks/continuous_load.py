@@ -35,13 +35,15 @@ from deltatune.serve.continuous import JOIN_EVERY_STEPS, free_rows_to_join
 
 
 def build_model(build: str, base: torch.nn.Module, paths: list[Path], dtype: torch.dtype) -> torch.nn.Module:
+    """bench: multi_adapter.py's model; server: as `deltatune serve` builds it."""
     if build == "bench":
         return load_deltatune(base, paths, dtype)
     import deltatune as dt
+    from deltatune.serve.adapters import compute_dtype
 
     model = dt.DeltaModel(base).eval()
-    for path in paths:
-        model.load_adapter(path, path.name, activate=False, dtype=dtype)
+    for path in paths:  # as the server's AdapterPool loads them
+        model.load_adapter(path, path.name, activate=False, dtype=compute_dtype(model))
     return model
 
 

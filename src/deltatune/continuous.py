@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from . import hf_compat
-from .generation import GenerationError, inner_model, left_pad, replayed_as_cuda_graph, supports_static_decode
+from .generation import GenerationError, inner_model, replayed_as_cuda_graph, supports_static_decode
 from .layer import BASE_ROW, RowAdapters, index_tensor
 
 __all__ = ["ContinuousDecoder", "DecodeRequest", "supports_continuous_decode"]
@@ -218,22 +218,13 @@ class ContinuousDecoder:
         one's first token, that cache (every prompt ending at its last column) and the longest prompt."""
         prompts = [list(r.prompt_ids) for r in requests]
         adapters = tuple(r.adapter for r in requests)
-        if self.padded_prefill:
-            return self._prefill_padded(prompts, adapters)
-        input_ids, mask = left_pad(prompts, 0, self.device)
-        width = input_ids.shape[1]
-        cache = hf_compat.new_static_cache(self.forward.config, width)
-        kwargs = hf_compat.static_decode_kwargs(self.forward, cache, torch.arange(width, device=self.device))
-        with torch.inference_mode(), self._route(self._row_adapters(adapters)):
-            logits = self.forward(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                                  **kwargs).logits
-        return logits[:, -1].argmax(-1).tolist(), cache, width
-
-    def _prefill_padded(self, prompts: list[list[int]], adapters: tuple[str | None, ...]) -> tuple[list[int], Any, int]:
-        """The prefill at its padded shape, replayed as a CUDA graph once that shape was captured."""
         width = max(len(prompt) for prompt in prompts)
-        shape = (_padded_size(len(prompts), self.rows), _padded_size(width, self.context, PREFILL_MIN_WIDTH))
-        prefill = self._padded_prefill_buffers(shape)
+        if self.padded_prefill:  # kept buffers of the padded shape, replayed as a CUDA graph once captured
+            shape = (_padded_size(len(prompts), self.rows), _padded_size(width, self.context, PREFILL_MIN_WIDTH))
+            prefill = self._padded_prefill_buffers(shape)
+        else:  # buffers of this admission only, exactly the joiners and the longest prompt
+            shape = (len(prompts), width)
+            prefill = _PaddedPrefill.allocate(self.forward, *shape, self.device)
         padding = shape[0] - len(prompts)  # base rows of one token, whose results nobody reads
         with torch.inference_mode():
             prefill.inputs.copy_(_left_padded_inputs(prompts + [[0]] * padding, shape[1]))  # one copy to the device
@@ -258,7 +249,7 @@ class ContinuousDecoder:
     def _shared_prefill_pool(self) -> Any:
         """The memory pool of prefill captures (they never run at once). CUDA releases a pool with
         the last graph captured into it, so once no captured prefill lives a fresh pool is taken."""
-        if self.device.type == "cuda" and not any(p.graph is not None and p.graph.run is not None for p in self._prefills.values()):
+        if self.cuda_graph and self.device.type == "cuda" and not any(p.graph is not None and p.graph.run is not None for p in self._prefills.values()):
             self._prefill_pool = torch.cuda.graph_pool_handle()
         return self._prefill_pool
 
@@ -454,15 +445,17 @@ def _padded_size(size: int, ceiling: int, floor: int = 1) -> int:
 def _left_padded_inputs(prompts: list[list[int]], width: int) -> torch.Tensor:
     """(3, rows, width) on the host: token ids, attention mask and positions, each prompt ending at
     the last column (padding: id 0, hidden, position 0)."""
-    rows = [([0] * (width - len(p)) + p, [0] * (width - len(p)) + [1] * len(p), [0] * (width - len(p)) + list(range(len(p))))
-            for p in prompts]
+    rows = []
+    for prompt in prompts:
+        padding = [0] * (width - len(prompt))
+        rows.append((padding + prompt, padding + [1] * len(prompt), padding + list(range(len(prompt)))))
     return torch.tensor(rows, dtype=torch.long).transpose(0, 1)
 
 
 @dataclass(eq=False)
 class _PaddedPrefill:
-    """The joiners' prefill at one padded shape, at fixed addresses: inputs written before each
-    run, the cache and each row's first token read after it."""
+    """The joiners' prefill at one shape (padded, or exactly theirs), at fixed addresses: inputs
+    written before each run, the cache and each row's first token read after it."""
 
     inputs: torch.Tensor  # (3, rows, width): token ids, attention mask (left padding hidden), positions
     cache: Any  # a static cache of `width` columns

@@ -109,15 +109,10 @@ def greedy_generate(
     return torch.cat([input_ids, new_tokens], dim=1)
 
 
-def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device,
-             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with every row right-aligned: a decoder-only model continues
-    each prompt from the last column, so the padding must go on the left. `width`: pad to this
-    many columns (default: the longest row's)."""
-    longest = max(len(row) for row in rows)
-    if width is not None and width < longest:
-        raise ValueError(f"width={width} is shorter than the longest row ({longest} tokens)")
-    width = longest if width is None else width
+    each prompt from the last column, so the padding must go on the left."""
+    width = max(len(row) for row in rows)
     # Built as lists, one tensor each: a server's worker pays for every torch call it makes.
     input_ids = [[pad_id] * (width - len(row)) + list(row) for row in rows]
     attention_mask = [[0] * (width - len(row)) + [1] * len(row) for row in rows]
