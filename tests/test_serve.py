@@ -39,15 +39,6 @@ ADAPTERS = ["a0", "a1", "a2", "a3"]
 BATCHING = ["whole", "continuous"]  # the server's two ways of batching requests: each must answer as a single run does
 
 
-def overlap_decoders(monkeypatch) -> None:
-    """Make continuous decoders overlap host and device, as they do on a GPU (on the CPU they wait
-    for each step): requests then end with a later step than they would, and must answer the same."""
-    from deltatune.continuous import ContinuousDecoder
-
-    init = ContinuousDecoder.__init__
-    monkeypatch.setattr(ContinuousDecoder, "__init__", lambda self, *args, **kwargs: init(self, *args, **{**kwargs, "overlap": True}))
-
-
 # ---------------------------------------------------------------- model, tokenizer, adapters
 def tiny_tokenizer():
     """A word-level tokenizer over exactly the model's 101 ids, built in memory (no download)."""
@@ -176,11 +167,8 @@ def test_malformed_requests_are_400_with_a_reason(adapters_dir, tokenizer):
         assert generate(port, {"adapter": "a0", "prompt": "w5 w9", "max_new_tokens": 2})[0] == 200
 
 
-@pytest.mark.parametrize("batching", BATCHING + ["continuous, overlapping"])
-def test_concurrent_requests_across_adapters_run_in_mixed_batches(adapters_dir, tokenizer, batching, monkeypatch):
-    if batching == "continuous, overlapping":
-        overlap_decoders(monkeypatch)
-        batching = "continuous"
+@pytest.mark.parametrize("batching", BATCHING)
+def test_concurrent_requests_across_adapters_run_in_mixed_batches(adapters_dir, tokenizer, batching):
     bodies = random_requests(50, ADAPTERS, seed=0)
     app = create_app(tiny_llama(), tokenizer, adapters_dir, max_batch=16, batch_wait_ms=200, max_resident=4, batching=batching)
     with running_server(app) as port:
@@ -249,12 +237,9 @@ def test_batches_decode_through_greedy_generate_and_soft_prompts_through_generat
     assert [body for _, body in answers] == run_alone(root, tokenizer, prompted) and calls == []
 
 
-@pytest.mark.parametrize("overlapping", [False, True])
-def test_requests_join_a_running_decode_and_leave_before_a_long_one_ends(adapters_dir, tokenizer, overlapping, monkeypatch):
+def test_requests_join_a_running_decode_and_leave_before_a_long_one_ends(adapters_dir, tokenizer):
     # A long request decodes; short ones sent while it runs join its steps and are answered first
     # (whole batches would hold them until the long one ends). Every answer is still its own run's.
-    if overlapping:
-        overlap_decoders(monkeypatch)
     rng = random.Random(7)
     candidates = [{"adapter": "a0", "prompt": prompt_text(rng), "max_new_tokens": 100} for _ in range(12)]
     long = next(body for body, answer in zip(candidates, run_alone(adapters_dir, tokenizer, candidates)) if answer["tokens"] == 100)

@@ -32,13 +32,6 @@ shape has its own cache and inputs at fixed addresses and is captured the second
 under the same adapters, in one memory pool shared by all prefill shapes (they never run at once).
 The shapes' caches together hold at most as many columns as the decode cache: the least recently
 used shape is dropped first.
-
-On CUDA the host does not wait for the device between steps (`overlap`): a step is queued before
-the tokens of the one before it are read back, and joiners are prefilled and placed without
-reading their first tokens, which come back with the next step. The host's work between steps
-(admission, answering, a server's HTTP thread taking the interpreter lock) then runs while the
-device computes. A row that ended is known one step late; it runs once more, for nothing, and the
-next joiner overwrites what that step wrote.
 """
 
 from __future__ import annotations
