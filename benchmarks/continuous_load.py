@@ -8,8 +8,7 @@ tokens, 1..--max-new-tokens new tokens), all waiting from the start; they join t
 by the server's rule (deltatune.serve.continuous: once a quarter of the rows is free, or every few
 steps) and the decoder steps until every one has ended. A first pass over a few requests warms it
 up (on CUDA: captures the step and prefill shapes). Prints generated tokens/s, the admissions
-(count, joiners, the host's time in them: overlapping, they only queue work) and the steps (count,
-median time, including the wait for the tokens read back), and the CUDA graph captures.
+(count, joiners, time) and the steps (count, median time), and the CUDA graph captures.
 
 --build bench: the model of benchmarks/multi_adapter.py (fused=False, everything cast to the
 dtype); server: as `deltatune serve` builds it (fused="auto", adapters loaded in the base's dtype).
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from multi_adapter import LORA_RANK, SHAPES, build_base, load_deltatune, save_adapters  # this script's folder
+from multi_adapter import LORA_RANK, SHAPES, build_base, load_deltatune, save_adapters, synchronize  # this script's folder
 
 from deltatune.continuous import ContinuousDecoder, DecodeRequest
 from deltatune.serve.continuous import JOIN_EVERY_STEPS, free_rows_to_join
@@ -48,7 +47,7 @@ def build_model(build: str, base: torch.nn.Module, paths: list[Path], dtype: tor
     return model
 
 
-def serve_requests(decoder: ContinuousDecoder, requests: list[DecodeRequest]) -> dict:
+def serve_requests(decoder: ContinuousDecoder, requests: list[DecodeRequest], device: torch.device) -> dict:
     """Every request decoded, joining by the server's rule; the figures of the run."""
     waiting, generated, since_join = list(requests), 0, 0
     admissions, joiners, steps = [], [], []
@@ -65,14 +64,15 @@ def serve_requests(decoder: ContinuousDecoder, requests: list[DecodeRequest]) ->
             if joining:
                 del waiting[: len(joining)]
                 began = time.perf_counter()
-                finished = decoder.admit(joining)  # overlapping, only queued: its time is the host's
+                finished = decoder.admit(joining)
+                synchronize(device)
                 admissions.append(time.perf_counter() - began)
                 joiners.append(len(joining))
                 generated += sum(len(tokens) for _, tokens in finished)
                 since_join = 0
         if decoder.active:
             began = time.perf_counter()
-            generated += sum(len(tokens) for _, tokens in decoder.step())  # waits for the tokens it reads back
+            generated += sum(len(tokens) for _, tokens in decoder.step())  # step() reads its tokens back: synchronized
             steps.append(time.perf_counter() - began)
             since_join += 1
     seconds = time.perf_counter() - started
@@ -90,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--build", default="server", choices=["bench", "server"])
     parser.add_argument("--warmup-requests", type=int, default=100)
-    parser.add_argument("--no-overlap", action="store_true",
-                        help="the host waits for each step's tokens before it goes on (the decoder's overlap=False)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -108,14 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     names = [path.name for path in paths] + [None]
     requests = [DecodeRequest(rng.choice(names), [rng.randrange(4, shape.vocab) for _ in range(rng.randint(3, 9))],
                               rng.randint(1, args.max_new_tokens)) for _ in range(args.warmup_requests + args.requests)]
-    decoder = ContinuousDecoder(model, rows=args.rows, context=args.context_tokens, overlap=False if args.no_overlap else None)
+    decoder = ContinuousDecoder(model, rows=args.rows, context=args.context_tokens)
     with torch.inference_mode():
-        serve_requests(decoder, requests[: args.warmup_requests])
+        serve_requests(decoder, requests[: args.warmup_requests], device)
         captured = (decoder.captures, decoder.prefill_captures)
-        run = serve_requests(decoder, requests[args.warmup_requests:])
+        run = serve_requests(decoder, requests[args.warmup_requests:], device)
     admissions, steps = run["admissions"], run["steps"]
     print(f"{shape.name}, {args.build} build, {args.adapters} adapters, {args.requests} requests of 1..{args.max_new_tokens} "
-          f"new tokens, {args.rows} rows, context {args.context_tokens}, on {device.type}, overlap {decoder.overlap}")
+          f"new tokens, {args.rows} rows, context {args.context_tokens}, on {device.type}")
     print(f"generated {run['tokens']:,} tokens in {run['seconds']:.2f} s: {run['tokens'] / run['seconds']:,.0f} tokens/s")
     print(f"admissions: {len(admissions)} of {statistics.mean(run['joiners']):.1f} joiners, {sum(admissions):.2f} s, "
           f"median {1e3 * statistics.median(admissions):.1f} ms; steps: {len(steps)}, {sum(steps):.2f} s, "

@@ -57,11 +57,10 @@ def run_arrivals(decoder: ContinuousDecoder, requests: list[DecodeRequest], seed
     return results
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_requests_joining_and_leaving_between_steps_get_their_tokens_alone(overlap):
+def test_requests_joining_and_leaving_between_steps_get_their_tokens_alone():
     model = two_adapters()
     requests = random_requests(24, ["a", "b", None], seed=1)
-    decoder = ContinuousDecoder(model, rows=4, context=24, overlap=overlap)
+    decoder = ContinuousDecoder(model, rows=4, context=24)
     results = run_arrivals(decoder, requests, seed=2)
     assert len(results) == len(requests)
     for request in requests:
@@ -101,24 +100,6 @@ def test_the_window_moves_both_ways_and_rows_keep_their_tokens():
         assert results[request.tag] == alone(model, request), request.tag
 
 
-def test_overlapping_steps_return_each_request_one_call_later_and_launch_nothing_past_its_budget():
-    model = two_adapters()
-    request, other = DecodeRequest("a", [5, 6, 7], 3, tag="a"), DecodeRequest("b", [9, 8], 5, tag="b")
-    decoder = ContinuousDecoder(model, rows=2, context=16, overlap=True)
-    assert decoder.admit([request, other]) == []  # first tokens come from the prefill
-    t = decoder.t
-    assert decoder.step() == []  # launched the second tokens; nothing to read back yet
-    assert decoder.step() == []  # launched the third; read back the second
-    assert decoder.t == t + 2
-    ended = decoder.step()  # launched the fourth token of `other` only; read back the third
-    assert [(r.tag, tokens) for r, tokens in ended] == [("a", alone(model, request))]
-    assert decoder.active == [other] and decoder.free_rows == 1
-    while decoder.active:
-        ended = decoder.step()
-    assert [(r.tag, tokens) for r, tokens in ended] == [("b", alone(model, other))]
-    assert decoder.t == t + 4  # five tokens of `other`: the prefill's and four steps, none launched past them
-
-
 def test_a_request_that_can_never_fit_is_refused_and_others_run():
     model = two_adapters()
     decoder = ContinuousDecoder(model, rows=2, context=10)
@@ -136,13 +117,12 @@ def test_a_request_that_can_never_fit_is_refused_and_others_run():
         ContinuousDecoder(model, rows=0, context=10)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_requests_end_at_their_eos_token_and_free_their_row(overlap):
+def test_requests_end_at_their_eos_token_and_free_their_row():
     model = tiny_llama().eval()
     requests = random_requests(12, [None], seed=3, most_new=10)
     # an end token that these prompts do produce
     eos = {alone(model, requests[0])[2]}
-    decoder = ContinuousDecoder(model, rows=3, context=30, eos_ids=eos, overlap=overlap)
+    decoder = ContinuousDecoder(model, rows=3, context=30, eos_ids=eos)
     results = run_arrivals(decoder, requests, seed=4)
     for request in requests:
         assert results[request.tag] == alone(model, request, eos), request

@@ -67,34 +67,12 @@ class DecodeRequest:
 class _Row:
     request: DecodeRequest
     start: int  # the cache column of the prompt's first token
-    tokens: list[int] = field(default_factory=list)  # generated so far and read back
-    in_flight: int = 1  # tokens launched (the prefill's, then steps') and not read back yet
-    ended: bool = False  # returned to the caller: a step still in flight for its row is read for nothing
+    tokens: list[int] = field(default_factory=list)  # generated so far; the last is fed next
 
     @property
     def steps_left(self) -> int:
-        """Decode steps this row still needs launched (each writes one column)."""
-        return self.request.max_new_tokens - len(self.tokens) - self.in_flight
-
-
-@dataclass(eq=False)
-class _Launched:
-    """A step or prefill queued on the device: the row each of its tokens belongs to (None: a free
-    or padding row) and the tokens, copied to the host once `ready` (a CUDA event; None: there now)."""
-
-    rows: list[_Row | None]
-    tokens: torch.Tensor  # (len(rows),) on the host
-    ready: Any = None
-
-    @classmethod
-    def read_back(cls, rows: list[_Row | None], tokens: torch.Tensor) -> "_Launched":
-        """Queue the copy of `tokens` (on the device) to the host; the host does not wait for it."""
-        if not tokens.is_cuda:
-            return cls(rows, tokens.clone())
-        launched = cls(rows, torch.empty_like(tokens, device="cpu", pin_memory=True), torch.cuda.Event())
-        launched.tokens.copy_(tokens, non_blocking=True)  # into pinned memory: in stream order
-        launched.ready.record()
-        return launched
+        """Decode steps this row still needs (each writes one column)."""
+        return self.request.max_new_tokens - len(self.tokens)
 
 
 def supports_continuous_decode(model: nn.Module) -> str | None:
@@ -117,13 +95,8 @@ class ContinuousDecoder:
     """
 
     def __init__(self, model: nn.Module, rows: int, context: int, *, eos_ids: Iterable[int] = (),
-                 cuda_graph: bool | None = None, overlap: bool | None = None) -> None:
-        """cuda_graph: replay each step as a CUDA graph (default: on CUDA). overlap: the host never
-        waits for the device but to read back tokens of a step it launched before the current one
-        (default: on CUDA): `admit` queues the joiners' prefill and placement, and `step` queues the
-        next step before it reads back what was queued before it, so that the host's work between
-        steps (admission, answering, a server's other threads) runs while the device computes. A
-        request then ends with a later call to `step` than without overlap (`admit` returns none)."""
+                 cuda_graph: bool | None = None) -> None:
+        """cuda_graph: replay each step as a CUDA graph (default: on CUDA)."""
         reason = supports_continuous_decode(model)
         if reason is not None:
             raise GenerationError(f"Continuous batching cannot run this model: {reason}.")
@@ -138,7 +111,6 @@ class ContinuousDecoder:
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise GenerationError(f"cuda_graph=True needs the model on a CUDA device, not {self.device}.")
-        self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
         self._routable: tuple[tuple, set[str]] | None = None  # the model's adapters, those that route rows
         self.captures = 0  # how many times a decode step was captured as a CUDA graph
         self.prefill_captures = 0  # and how many times a prefill shape was
@@ -161,8 +133,6 @@ class ContinuousDecoder:
         for prefill in self._prefills.values():  # their caches hold nothing between admissions: keep them
             prefill.routing, prefill.graph = None, None
         self._slots: list[_Row | None] = [None] * self.rows
-        self._launched: list[_Launched] = []  # prefills and steps queued and not read back yet, in order
-        self._unseated: list[_Row] = []  # joiners of a one-token budget: their prefill's token ends them
         self._cache = hf_compat.new_static_cache(self.forward.config, self.context)
         self._allocated = False
         self.t = 0  # the column the next step writes
@@ -176,9 +146,8 @@ class ContinuousDecoder:
 
     @property
     def active(self) -> list[DecodeRequest]:
-        """The requests admitted and not returned yet: those decoding, in row order, then any whose
-        only token is still being read back."""
-        return [row.request for row in self._slots if row is not None] + [row.request for row in self._unseated]
+        """The requests decoding now, in row order."""
+        return [row.request for row in self._slots if row is not None]
 
     @property
     def free_rows(self) -> int:
@@ -219,9 +188,8 @@ class ContinuousDecoder:
         return lowest if lowest + steps <= self.context else None
 
     def admit(self, requests: Sequence[DecodeRequest]) -> list[tuple[DecodeRequest, list[int]]]:
-        """Prefill `requests` and give each a free row (a budget of one token needs none). Without
-        overlap, returns those already finished (a budget of one token, or an end-of-sequence token
-        first) with their tokens; overlapping, the next `step` returns them."""
+        """Prefill `requests` and give each a free row; returns those already finished (a budget
+        of one token, or an end-of-sequence token first) with their tokens."""
         if not requests:
             return []
         for request in requests:
@@ -229,28 +197,25 @@ class ContinuousDecoder:
         column = self._column_after_admitting(requests) if len(requests) <= self.free_rows else None
         if column is None:
             raise GenerationError(f"{len(requests)} requests do not fit the decoder now; ask fits() first.")
-        prefill, width = self._prefill(requests)
+        first_tokens, prefill_cache, width = self._prefill(requests)
         if column != self.t:
             self._move_window(column)
-        joiners, placements = [], []
-        for index, request in enumerate(requests):
-            row = _Row(request, start=self.t - len(request.prompt_ids))
-            joiners.append(row)
-            if request.max_new_tokens == 1:
-                self._unseated.append(row)
+        finished: list[tuple[DecodeRequest, list[int]]] = []
+        placements = []
+        for index, (request, token) in enumerate(zip(requests, first_tokens)):
+            if request.max_new_tokens == 1 or token in self.eos_ids:
+                finished.append((request, [token]))
                 continue
-            # A row whose first token turns out to end it is seated too (that token is not read yet).
             slot = self._slots.index(None)
-            self._slots[slot] = row
+            self._slots[slot] = _Row(request, start=self.t - len(request.prompt_ids), tokens=[token])
             placements.append((slot, index, len(request.prompt_ids)))
         if placements:
-            self._place(placements, prefill.cache, width, prefill.first_tokens)
-        self._launched.append(_Launched.read_back(joiners, prefill.first_tokens[: len(requests)]))
-        return [] if self.overlap else self._read_back()
-    def _prefill(self, requests: Sequence[DecodeRequest]) -> tuple["_PaddedPrefill", int]:
-        """Queue the joiners' prompts (left-padded together) over a cache of their own; returns the
-        buffers (each joiner's first token in its row of first_tokens, the cache with every prompt
-        ending at its last column) and the longest prompt."""
+            self._place(placements, prefill_cache, width, first_tokens)
+        return finished
+
+    def _prefill(self, requests: Sequence[DecodeRequest]) -> tuple[list[int], Any, int]:
+        """Run the joiners' prompts (left-padded together) over a cache of their own; returns each
+        one's first token, that cache (every prompt ending at its last column) and the longest prompt."""
         prompts = [list(r.prompt_ids) for r in requests]
         adapters = tuple(r.adapter for r in requests)
         width = max(len(prompt) for prompt in prompts)
@@ -262,14 +227,12 @@ class ContinuousDecoder:
             prefill = _PaddedPrefill.allocate(self.forward, *shape, self.device)
         padding = shape[0] - len(prompts)  # base rows of one token, whose results nobody reads
         with torch.inference_mode():
-            inputs = _left_padded_inputs(prompts + [[0]] * padding, shape[1])
-            # One copy to the device, from pinned memory: in stream order, the host need not wait for the step in flight.
-            prefill.inputs.copy_(inputs.pin_memory() if prefill.inputs.is_cuda else inputs, non_blocking=True)
+            prefill.inputs.copy_(_left_padded_inputs(prompts + [[0]] * padding, shape[1]))  # one copy to the device
             prefill.routing, rows = self._kept_routing(prefill.routing, adapters + (None,) * padding)
             graph = self._run(prefill.graph, lambda: self._prefill_in_place(prefill), rows, self._shared_prefill_pool())
             self.prefill_captures += _captured_anew(prefill.graph, graph)
             prefill.graph = graph
-        return prefill, width
+        return prefill.first_tokens[: len(prompts)].tolist(), prefill.cache, width
 
     def _padded_prefill_buffers(self, shape: tuple[int, int]) -> "_PaddedPrefill":
         """The buffers of `shape`, made most recently used; a new shape first drops the least
@@ -297,7 +260,7 @@ class ContinuousDecoder:
         logits = self.forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, **prefill.kwargs).logits
         prefill.first_tokens.copy_(logits[:, -1].argmax(-1))
 
-    def _place(self, placements: list[tuple[int, int, int]], prefill_cache: Any, width: int, first_tokens: torch.Tensor) -> None:
+    def _place(self, placements: list[tuple[int, int, int]], prefill_cache: Any, width: int, first_tokens: list[int]) -> None:
         """Copy the joiners' keys and values into their rows, each prompt ending at column t.
 
         The prefill is left-padded, so every joiner's prompt ends at the cache's last column: one
@@ -310,22 +273,23 @@ class ContinuousDecoder:
             self._layers_at_t = False
         # One copy to the device: each placement's row, prefill row and prompt length.
         slots, joiners, lengths = index_tensor([index for placement in placements for index in placement], self.device).view(-1, 3).T
-        # Usually every joiner is placed (none has a budget of one token): its rows are then a slice.
+        # Usually every joiner is placed (none ended at its first token): its rows are then a slice.
         in_order = [index for _, index, _ in placements] == list(range(len(placements)))
 
         def placed(new: torch.Tensor) -> torch.Tensor:
-            """The placed joiners' rows of `new` (one per prefill row)."""
+            new = new[:, :, -width:]
             return new[: len(placements)] if in_order else new.index_select(0, joiners)
 
         with torch.inference_mode():
             for (keys, values), (new_keys, new_values) in zip(hf_compat.cache_key_values(self._cache),
                                                               hf_compat.cache_key_values(prefill_cache)):
-                keys[:, :, self.t - width:self.t].index_copy_(0, slots, placed(new_keys[:, :, -width:]))
-                values[:, :, self.t - width:self.t].index_copy_(0, slots, placed(new_values[:, :, -width:]))
+                keys[:, :, self.t - width:self.t].index_copy_(0, slots, placed(new_keys))
+                values[:, :, self.t - width:self.t].index_copy_(0, slots, placed(new_values))
             columns = torch.arange(self.context, device=self.device)
             visible = (columns >= self.t - lengths[:, None]) & (columns < self.t)  # each joiner's prompt
             self._mask.index_copy_(0, slots, visible.to(self._mask.dtype))
-            self._ids.index_copy_(0, slots, placed(first_tokens)[:, None])
+            tokens = index_tensor(first_tokens, self.device).index_select(0, joiners)
+            self._ids.index_copy_(0, slots, tokens[:, None])
             self._positions.index_copy_(0, slots, lengths[:, None])
 
     def _move_window(self, column: int) -> None:
@@ -348,19 +312,9 @@ class ContinuousDecoder:
 
     # -- decoding ---------------------------------------------------------------------------
     def step(self) -> list[tuple[DecodeRequest, list[int]]]:
-        """One token for every row; returns the requests that ended, with their tokens.
-
-        Overlapping, the step is queued and what was queued before it (the step before, joiners'
-        prefills) is read back while it runs: the requests returned ended with those. A step is
-        queued only while some row needs a token not yet launched; a call that queues none reads
-        back everything."""
-        launching = any(row is not None and row.steps_left > 0 for row in self._slots)
-        if launching:
-            self._launched.append(self._launch())
-        return self._read_back(keep=1 if launching and self.overlap else 0)
-
-    def _launch(self) -> _Launched:
-        """Queue one step of every row on the device, and the copy of its tokens to the host."""
+        """One token for every row; returns the requests that ended with it, with their tokens."""
+        if not any(self._slots):
+            return []
         if self.t >= self.context:  # admission keeps every row within the cache
             raise GenerationError(f"the decoder ran past its {self.context} columns")
         self._cache_position.fill_(self.t)
@@ -373,12 +327,8 @@ class ContinuousDecoder:
             graph = self._run(self._graph, self._step_in_place, rows)
             self.captures += _captured_anew(self._graph, graph)
             self._graph = graph
-            launched = _Launched.read_back(list(self._slots), self._ids[:, 0])
         self.t += 1
-        for row in self._slots:
-            if row is not None:
-                row.in_flight += 1
-        return launched
+        return self._collect(self._ids[:, 0].tolist())
 
     def _step_in_place(self) -> None:
         """The step itself: reads and advances buffers at fixed addresses, so it can be captured."""
@@ -416,30 +366,18 @@ class ContinuousDecoder:
 
         return self.model.mixed_batch_stacks() if isinstance(self.model, DeltaModel) else ()
 
-    def _read_back(self, keep: int = 0) -> list[tuple[DecodeRequest, list[int]]]:
-        """Read back every queued prefill and step but the last `keep`, in order; returns the
-        requests that ended with them, with their tokens."""
+    def _collect(self, new_tokens: list[int]) -> list[tuple[DecodeRequest, list[int]]]:
         finished = []
-        while len(self._launched) > keep:
-            launched = self._launched.pop(0)
-            if launched.ready is not None:
-                launched.ready.synchronize()
-            for row, token in zip(launched.rows, launched.tokens.tolist()):
-                if row is None or row.ended:  # a free row, or one that ended before (it ran once more, for nothing)
-                    continue
-                row.in_flight -= 1
-                row.tokens.append(token)
-                if len(row.tokens) == row.request.max_new_tokens or token in self.eos_ids:
-                    finished.append((row.request, row.tokens))
-                    self._end(row)
+        for slot, row in enumerate(self._slots):
+            if row is None:
+                continue
+            row.tokens.append(new_tokens[slot])
+            if row.steps_left == 0 or new_tokens[slot] in self.eos_ids:
+                finished.append((row.request, row.tokens))
+                self._free(slot)
         return finished
 
-    def _end(self, row: _Row) -> None:
-        row.ended = True
-        if row in self._unseated:
-            self._unseated.remove(row)
-            return
-        slot = self._slots.index(row)
+    def _free(self, slot: int) -> None:
         self._slots[slot] = None
         with torch.inference_mode():
             self._mask[slot].zero_()  # a free row attends to its own column only
