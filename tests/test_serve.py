@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -145,6 +146,26 @@ def test_unknown_adapter_is_404_listing_the_known_ones(adapters_dir, tokenizer):
         assert body["known"] == ADAPTERS and "nope" in body["error"] and "a0" in body["error"]
         # A name that climbs out of the adapters folder is just another unknown adapter.
         assert generate(port, {"adapter": "../a0", "prompt": "w5"})[0] == 404
+
+
+def test_only_adapter_folders_directly_in_the_folder_are_known(adapters_dir, tmp_path):
+    from deltatune.serve.adapters import AdapterPool, UnknownAdapterError
+    from deltatune.serve.metrics import Metrics
+
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters_dir, root)
+    shutil.copytree(root / "a1", root / "a0" / "nested" / "a1")  # an adapter, but two folders down
+    shutil.copytree(root / "a1", root / ".hidden")
+    (root / "empty").mkdir()
+    (root / "a file").write_text("not a folder")
+    pool = AdapterPool(dt.DeltaModel(tiny_llama()).eval(), root, max_resident=2, metrics=Metrics())
+    for name in ADAPTERS:
+        pool.check_known(name)
+    for name in ["nope", "../adapters/a0", "a0/nested/a1", "a0/", "/a0", ".", "..", "", ".hidden", "empty",
+                 "a file", "a0\0", "__base__"]:
+        with pytest.raises(UnknownAdapterError) as caught:
+            pool.check_known(name)
+        assert caught.value.known == ADAPTERS, name
 
 
 def test_malformed_requests_are_400_with_a_reason(adapters_dir, tokenizer):

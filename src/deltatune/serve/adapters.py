@@ -104,10 +104,12 @@ class AdapterPool:
             return list(self._resident)
 
     def check_known(self, name: str) -> None:
-        """Raise UnknownAdapterError unless `name` is an adapter folder (also stops '../x' names)."""
-        known = self.known()
-        if name not in known:
-            raise UnknownAdapterError(name, known)
+        """Raise UnknownAdapterError unless `name` is an adapter folder (also stops '../x' names).
+        Looks at that one folder: every request asks, and listing them all costs as many folders."""
+        folder = self.adapters_dir / name
+        one_folder_down = folder.parent == self.adapters_dir and folder.name == name and "\0" not in name
+        if not (one_folder_down and not name.startswith(".") and name not in RESERVED_NAMES and is_adapter_folder(folder)):
+            raise UnknownAdapterError(name, self.known())
 
     def prepare(self, names: Iterable[str]) -> dict[str, AdapterLoadError]:
         """Make every adapter in `names` resident for the next batch; returns those that failed.

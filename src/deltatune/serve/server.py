@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.datastructures import Headers
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -260,26 +261,41 @@ def create_app(
 
     app = FastAPI(title="deltatune serve", lifespan=lifespan)
     app.state.service = service
-    _add_guards(app, limits, api_key)
+    app.add_middleware(_Guards, limits=limits, api_key=api_key)
     _add_routes(app, service)
     _add_error_handlers(app)
     return app
 
 
-def _add_guards(app: FastAPI, limits: ServeLimits, api_key: str | None) -> None:
-    """The API key and the body-size limit, checked before a request body is read or parsed."""
+class _Guards:
+    """The API key and the body-size limit, checked from the headers before a request body is read
+    or parsed. Plain ASGI rather than @app.middleware: Starlette's BaseHTTPMiddleware runs every
+    request through a task group and memory streams, on the event loop thread that shares the
+    interpreter with the decoding thread."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+    def __init__(self, app: Any, limits: ServeLimits, api_key: str | None) -> None:
+        self.app = app
+        self.limits = limits
+        self.api_key = api_key
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: dict) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        if self.api_key and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 return JSONResponse({"error": "Missing or wrong API key: send 'Authorization: Bearer <key>'."}, status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return JSONResponse({"error": f"The request body is larger than the server's limit of {limits.max_body_bytes:,} bytes."},
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limits.max_body_bytes):
+            return JSONResponse({"error": f"The request body is larger than the server's limit of {self.limits.max_body_bytes:,} bytes."},
                                 status_code=413)
-        return await call_next(request)
+        return None
 
 
 def _add_routes(app: FastAPI, service: GenerationService) -> None:
