@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         serve_requests(decoder, requests[: args.warmup_requests], device)
         captured = (decoder.captures, decoder.prefill_captures)
+        device_before = (decoder.step_device_seconds, decoder.prefill_device_seconds)
         run = serve_requests(decoder, requests[args.warmup_requests:], device)
     admissions, steps = run["admissions"], run["steps"]
     print(f"{shape.name}, {args.build} build, {args.adapters} adapters, {args.requests} requests of 1..{args.max_new_tokens} "
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"admissions: {len(admissions)} of {statistics.mean(run['joiners']):.1f} joiners, {sum(admissions):.2f} s, "
           f"median {1e3 * statistics.median(admissions):.1f} ms; steps: {len(steps)}, {sum(steps):.2f} s, "
           f"median {1e3 * statistics.median(steps):.2f} ms")
+    if device.type == "cuda":
+        print(f"device time: steps {decoder.step_device_seconds - device_before[0]:.2f} s, "
+              f"prefills {decoder.prefill_device_seconds - device_before[1]:.2f} s")
     print(f"CUDA graph captures after the warm-up: {decoder.captures - captured[0]} of the step, "
           f"{decoder.prefill_captures - captured[1]} of prefill shapes ({len(decoder.prefill_shapes)} shapes met)")
     return 0

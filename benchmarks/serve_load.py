@@ -348,6 +348,8 @@ def print_server_metrics(metrics: dict, before: dict) -> None:
     decode = (f", decode steps {timed('decode_seconds'):.1f} s (CUDA graph captures: {timed('graph_captures'):.0f} of the step, "
               f"{timed('prefill_graph_captures'):.0f} of prefill shapes)") if steps else ""
     print(f"worker time: {'prefills' if steps else 'generate calls'} {timed('prefill_seconds'):.1f} s{decode}")
+    if timed("decode_device_seconds"):  # continuous batching on CUDA: what of it the device computed
+        print(f"device time: decode steps {timed('decode_device_seconds'):.1f} s, prefills {timed('prefill_device_seconds'):.1f} s")
 
 
 if __name__ == "__main__":

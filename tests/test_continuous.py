@@ -265,6 +265,7 @@ def test_captured_steps_decode_as_eager_steps_on_cuda():
     assert run_arrivals(graphed, requests, seed=32) == run_arrivals(eager, requests, seed=32)
     assert graphed.captures == 1 and eager.captures == 0
     assert 0 < graphed.prefill_captures <= len(graphed.prefill_shapes) and eager.prefill_captures == 0
+    assert graphed.step_device_seconds > 0 and graphed.prefill_device_seconds > 0  # CUDA events around them
     model.add_adapter("c", dt.LoraConfig(r=4, target_modules=["k_proj"]), activate=False)
     randomize_adapters(model, seed=33, scale=0.5)
     more = random_requests(12, ["c", "a", None], seed=34)

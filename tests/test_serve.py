@@ -213,6 +213,7 @@ def test_concurrent_requests_across_adapters_run_in_mixed_batches(adapters_dir, 
     assert metrics["mixed_batches"] >= 1 and metrics["max_adapters_in_batch"] > 1
     assert metrics["total_loads"] == 4 and metrics["total_evictions"] == 0
     assert metrics["prefill_seconds"] > 0 and metrics["graph_captures"] == metrics["prefill_graph_captures"] == 0  # CPU
+    assert metrics["decode_device_seconds"] == metrics["prefill_device_seconds"] == 0  # measured on CUDA only
     assert (metrics["decode_seconds"] > 0) == (batching == "continuous")
     assert listed == {"known": ADAPTERS, "resident": listed["resident"], "max_resident": 4}
     assert sorted(listed["resident"]) == ADAPTERS

@@ -114,6 +114,10 @@ class ContinuousDecoder:
         self._routable: tuple[tuple, set[str]] | None = None  # the model's adapters, those that route rows
         self.captures = 0  # how many times a decode step was captured as a CUDA graph
         self.prefill_captures = 0  # and how many times a prefill shape was
+        # The device's time in steps and in prefills (CUDA only): set beside the host's time around
+        # step() and admit(), it tells a device-bound decoder from a host-bound one.
+        self.step_device_seconds = 0.0
+        self.prefill_device_seconds = 0.0
         # Prefills padded to power-of-two shapes (rows, width), as graphs need; an eager decoder
         # pads only if asked (a test compares graphs and eager steps at equal shapes).
         self.padded_prefill = self.cuda_graph
@@ -229,10 +233,13 @@ class ContinuousDecoder:
         with torch.inference_mode():
             prefill.inputs.copy_(_left_padded_inputs(prompts + [[0]] * padding, shape[1]))  # one copy to the device
             prefill.routing, rows = self._kept_routing(prefill.routing, adapters + (None,) * padding)
-            graph = self._run(prefill.graph, lambda: self._prefill_in_place(prefill), rows, self._shared_prefill_pool())
+            with _DeviceTimer(self.device) as timer:
+                graph = self._run(prefill.graph, lambda: self._prefill_in_place(prefill), rows, self._shared_prefill_pool())
             self.prefill_captures += _captured_anew(prefill.graph, graph)
             prefill.graph = graph
-        return prefill.first_tokens[: len(prompts)].tolist(), prefill.cache, width
+        first_tokens = prefill.first_tokens[: len(prompts)].tolist()  # waits for the prefill
+        self.prefill_device_seconds += timer.seconds()
+        return first_tokens, prefill.cache, width
 
     def _padded_prefill_buffers(self, shape: tuple[int, int]) -> "_PaddedPrefill":
         """The buffers of `shape`, made most recently used; a new shape first drops the least
@@ -324,11 +331,14 @@ class ContinuousDecoder:
         self._step_rows, rows = self._kept_routing(
             self._step_rows, tuple(row.request.adapter if row is not None else None for row in self._slots))
         with torch.inference_mode():
-            graph = self._run(self._graph, self._step_in_place, rows)
+            with _DeviceTimer(self.device) as timer:
+                graph = self._run(self._graph, self._step_in_place, rows)
             self.captures += _captured_anew(self._graph, graph)
             self._graph = graph
         self.t += 1
-        return self._collect(self._ids[:, 0].tolist())
+        new_tokens = self._ids[:, 0].tolist()  # waits for the step
+        self.step_device_seconds += timer.seconds()
+        return self._collect(new_tokens)
 
     def _step_in_place(self) -> None:
         """The step itself: reads and advances buffers at fixed addresses, so it can be captured."""
@@ -470,6 +480,26 @@ class _PaddedPrefill:
         kwargs = hf_compat.static_decode_kwargs(forward, cache, torch.arange(width, device=device))
         inputs = torch.zeros((3, rows, width), dtype=torch.long, device=device)
         return cls(inputs, cache, kwargs, torch.zeros(rows, dtype=torch.long, device=device))
+
+
+class _DeviceTimer:
+    """The device's time in the work queued inside `with _DeviceTimer(device) as timer:`, read by
+    timer.seconds() once that work has run (CUDA events; 0.0 elsewhere)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if device.type == "cuda" else None
+
+    def __enter__(self) -> "_DeviceTimer":
+        if self._events is not None:
+            self._events[0].record()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._events is not None:
+            self._events[1].record()
+
+    def seconds(self) -> float:
+        return self._events[0].elapsed_time(self._events[1]) / 1000 if self._events is not None else 0.0
 
 
 def _same_objects(these: tuple, those: tuple) -> bool:

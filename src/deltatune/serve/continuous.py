@@ -178,7 +178,8 @@ class ContinuousWorker(BatchWorker):
         started = time.perf_counter()
         finished = self.decoder.step()
         self._steps_since_join += 1
-        self.metrics.record_step(adapters, time.perf_counter() - started, self.decoder.captures, self.decoder.prefill_captures)
+        self.metrics.record_step(adapters, time.perf_counter() - started, self.decoder.captures, self.decoder.prefill_captures,
+                                 (self.decoder.step_device_seconds, self.decoder.prefill_device_seconds))
         self._answer(finished)
 
     def _answer(self, finished: list[tuple[DecodeRequest, list[int]]]) -> None:

@@ -43,6 +43,8 @@ class Metrics:
         self.decode_seconds = 0.0  # continuous batching: worker time in decode steps
         self.graph_captures = 0  # continuous batching: decode steps captured as CUDA graphs
         self.prefill_graph_captures = 0  # and joiners' padded prefill shapes
+        self.decode_device_seconds = 0.0  # continuous batching on CUDA: the device's time in decode steps
+        self.prefill_device_seconds = 0.0  # and in joiners' prefills
 
     def _counters(self, adapter: str | None) -> AdapterCounters:
         return self._adapters.setdefault(adapter_key(adapter), AdapterCounters())
@@ -67,14 +69,16 @@ class Metrics:
             self.mixed_batches += distinct > 1
 
     def record_step(self, adapters: Sequence[str | None], seconds: float, graph_captures: int,
-                    prefill_graph_captures: int = 0) -> None:
+                    prefill_graph_captures: int = 0, device_seconds: tuple[float, float] = (0.0, 0.0)) -> None:
         """One decode step of continuous batching over rows using `adapters`, its time, and the
-        decoder's CUDA graph captures so far (of steps, and of prefill shapes)."""
+        decoder's totals so far: CUDA graph captures (of steps, and of prefill shapes) and the
+        device's seconds (in steps, and in prefills)."""
         distinct = len(set(adapters))
         with self._lock:
             self.decode_seconds += seconds
             self.graph_captures = graph_captures
             self.prefill_graph_captures = prefill_graph_captures
+            self.decode_device_seconds, self.prefill_device_seconds = device_seconds
             self.decode_steps += 1
             self.stepped_rows += len(adapters)
             self.mixed_steps += distinct > 1
@@ -98,6 +102,8 @@ class Metrics:
                 "decode_seconds": round(self.decode_seconds, 3),
                 "graph_captures": self.graph_captures,
                 "prefill_graph_captures": self.prefill_graph_captures,
+                "decode_device_seconds": round(self.decode_device_seconds, 3),
+                "prefill_device_seconds": round(self.prefill_device_seconds, 3),
             }
         totals = {name: sum(c[name] for c in adapters.values()) for name in AdapterCounters.__dataclass_fields__}
         return {**{f"total_{k}": v for k, v in totals.items()}, **summary, "adapters": adapters}
