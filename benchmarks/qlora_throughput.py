@@ -29,6 +29,8 @@ Diagnostics (not in the default list):
   deltatune-bnb-dequant / deltatune-torch-dequant   as deltatune, dequantizing through
                        bitsandbytes' kernel / plain PyTorch (DELTATUNE_QUANT_BACKEND).
   deltatune-hf-loss    as deltatune, with the model's own loss.
+  deltatune-eager-blocks  as deltatune, without replaying the checkpointed blocks as CUDA graphs
+                       (DELTATUNE_BLOCK_GRAPHS=0): what the ordinary API ran before they existed.
   deltatune-graphed    as deltatune, the whole step (forward, backward, AdamW with
                        capturable=True) captured once as a CUDA graph by deltatune.kernels.
                        GraphedTrainStep and replayed; checkpointing without preserve_rng_state.
@@ -319,8 +321,9 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, c
             loss = step()
         else:
             loss = loss_fn(model, input_ids)
-            if i == 0:  # count the autograd nodes of interest on the first step's graph
-                nodes = {name: count_graph_nodes(loss, name) for name in ("QuantLoraLinear", "LoraLinearFunction", "DequantizedMatmul", "MatMul4Bit")}
+            if i == min(2, steps - 1):  # the autograd nodes of interest, once block graphs are captured
+                nodes = {name: count_graph_nodes(loss, name)
+                         for name in ("ReplayBlock", "QuantLoraLinear", "LoraLinearFunction", "DequantizedMatmul", "MatMul4Bit")}
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -363,6 +366,8 @@ def cprofile_step(model, loss_fn, optimizer, input_ids, path: str, title: str) -
 
 
 _DEQUANT_BACKENDS = {"deltatune-bnb-dequant": "bitsandbytes", "deltatune-torch-dequant": "torch"}
+# the ordinary API without its CUDA graphs of checkpointed blocks (kernels/block_graphs.py)
+_ENVIRONMENT = {"deltatune-eager-blocks": ("DELTATUNE_BLOCK_GRAPHS", "0")}
 
 
 def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device) -> list[Result]:
@@ -372,10 +377,11 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
     results = [Result(mode, batch) for batch in shape.batches]
     model = wrapped = optimizer = None
     graphed = mode.endswith("-graphed") and device.type == "cuda"
-    backend_before = os.environ.get("DELTATUNE_QUANT_BACKEND")
+    variable, value = _ENVIRONMENT.get(mode) or ("DELTATUNE_QUANT_BACKEND", _DEQUANT_BACKENDS.get(mode))
+    backend_before = os.environ.get(variable)
     try:
-        if mode in _DEQUANT_BACKENDS:
-            os.environ["DELTATUNE_QUANT_BACKEND"] = _DEQUANT_BACKENDS[mode]
+        if value is not None:
+            os.environ[variable] = value
         model = build_model(shape, args.seed, device)
         if mode == "peft":
             wrapped, loss_fn, note = setup_peft(model, args.seed)
@@ -424,9 +430,9 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
             result.note = f"failed: {type(error).__name__}: {str(error)[:160]}"
     finally:
         if backend_before is None:
-            os.environ.pop("DELTATUNE_QUANT_BACKEND", None)
+            os.environ.pop(variable, None)
         else:
-            os.environ["DELTATUNE_QUANT_BACKEND"] = backend_before
+            os.environ[variable] = backend_before
         del model, wrapped, optimizer
         free_memory(device)
     return results

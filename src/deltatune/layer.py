@@ -211,6 +211,17 @@ class DeltaLayer(nn.Module):
     def add_adapter(self, adapter_name: str, config, module_name: str) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def graph_key(self) -> Hashable | None:
+        """Everything besides tensors that this layer's forward depends on, as a hashable value, for
+        replaying its block as a CUDA graph (kernels/block_graphs.py); None: it cannot be replayed.
+        A method whose forward reads only its tensors and the state below may return this."""
+        return None
+
+    def _plain_graph_key(self) -> tuple | None:
+        if self.row_adapters is not None:  # a mixed batch: rows are routed per call
+            return None
+        return (type(self), tuple(self.active_adapters), tuple(self.merged_adapters), self.disabled)
+
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import hf_compat
+from .block_graphs import BlockGraphs
 from .fused_ops import gated_activation, rms_norm, rotary_embedding
 from .lora_linear import LoraParams
 from .lora_mlp import lora_fast_params, lora_mlp
@@ -33,6 +34,7 @@ __all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_m
 
 _PATCHED_FLAG = "_deltatune_patched_modules"
 _ORIGINAL_CLASS = "_deltatune_original_class"
+_BLOCK_GRAPHS = "_deltatune_block_graphs"
 
 
 def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -123,6 +125,27 @@ def _fused_subclass(original: type, forward: Callable) -> type:
     return _fused_subclasses[original]
 
 
+def _graphed_block_call(self, *args, **kwargs):
+    # a checkpointed block in training replays as CUDA graphs where block_graphs says it may
+    graphs = self.__dict__.get(_BLOCK_GRAPHS)
+    if graphs is not None:
+        out = graphs.call(self, args, kwargs)
+        if out is not NotImplemented:
+            return out
+    return super(type(self), self).__call__(*args, **kwargs)
+
+
+_graphed_subclasses: dict[type, type] = {}
+
+
+def _graphed_subclass(original: type) -> type:
+    # __call__, not forward: transformers checkpoints the forward (5.24) or __call__ (5.17) of
+    # its layers, and the graphs replace both; the original __call__ runs whenever they step aside
+    if original not in _graphed_subclasses:
+        _graphed_subclasses[original] = type(original.__name__, (original,), {"__call__": _graphed_block_call, _ORIGINAL_CLASS: original})
+    return _graphed_subclasses[original]
+
+
 def _fused_attention_forward(attention_class: type) -> Callable | None:
     forward = attention_class.forward
     rotary = inspect.unwrap(forward).__globals__.get("apply_rotary_pos_emb")
@@ -192,8 +215,19 @@ def patch_model_for_training(model: nn.Module) -> nn.Module:
         if forward is not None:
             module.__class__ = _fused_subclass(type(module), forward)
             swapped.append(module)
+    graphs = BlockGraphs()
+    for block in _graphable_blocks(model, classes):
+        block.__class__ = _graphed_subclass(type(block))
+        block.__dict__[_BLOCK_GRAPHS] = graphs
+        swapped.append(block)
     object.__setattr__(model, _PATCHED_FLAG, swapped)
     return model
+
+
+def _graphable_blocks(model: nn.Module, classes: dict[type, str]) -> list[nn.Module]:
+    """The checkpointable blocks of the fused architectures: those whose every module is known."""
+    fused = {module for module in model.modules() if type(module) in classes or getattr(type(module), _ORIGINAL_CLASS, None) in classes}
+    return [block for block in hf_compat.checkpointable_blocks(model) if any(m in fused for m in block.modules())]
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
@@ -203,5 +237,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         return model
     for module in swapped:
         module.__class__ = getattr(type(module), _ORIGINAL_CLASS)
+        graphs = module.__dict__.pop(_BLOCK_GRAPHS, None)
+        if graphs is not None:
+            graphs.clear()
     object.__delattr__(model, _PATCHED_FLAG)
     return model

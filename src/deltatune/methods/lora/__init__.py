@@ -182,6 +182,11 @@ class _LoraBase(DeltaLayer):
             raise ConfigError(f"DoRA is supported on Linear and Conv1D targets; {module_name!r} is a {type(self.get_base_layer()).__name__}.")
         return rank
 
+    def graph_key(self) -> tuple | None:
+        # forward reads the adapters' tensors, the active/merged/disabled state and the scalings
+        key = self._plain_graph_key()
+        return None if key is None else (*key, tuple(sorted(self.scaling.items())))
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         if adapter_name in self.lora_dropout:

@@ -1,0 +1,390 @@
+"""Checkpointed decoder blocks replayed as CUDA graphs while training.
+
+A LoRA or QLoRA step on a GPU launches a few hundred kernels per decoder block, and with gradient
+checkpointing each block runs forward twice. Launching them from Python takes longer than running
+them on most hosts (benchmarks/qlora_throughput.py prints "host ms" next to the step time), so the
+GPU waits on the CPU and the speed follows the host. Here each block, under checkpointing, becomes
+two CUDA graphs:
+
+- forward graph:  the block under no_grad (nothing kept but its inputs, as checkpointing keeps);
+- backward graph: the block again under autograd, then torch.autograd.grad of its output.
+
+Outside, the block is one autograd node (`_ReplayBlock`) whose forward copies the inputs into the
+graph's input buffers and replays the forward graph, and whose backward copies the saved inputs
+and the output's gradient in and replays the backward graph: the same arithmetic as the eager
+checkpointed block, with ~10 launches per block instead of hundreds.
+
+Every buffer a graph reads or writes outside its own temporaries is shared by all blocks of the
+model and refilled before each replay (the saved inputs come from the node, as checkpointing keeps
+them), so graphs may replay in any order: two forward passes before one backward, retain_graph,
+gradient accumulation all stay exact. Temporaries live in one memory pool for the whole model.
+
+A block replays only where that is known to give the eager result, and runs its own code
+otherwise (DeltaModel's fused path decides which blocks get this, see kernels/patch.py):
+training, grad enabled, checkpointing on, CUDA, no module hooks in the block (FSDP2's are
+hooks) and no global ones, no saved-tensor hooks, no dropout with p > 0, not inside a capture or
+torch.compile, every adapter layer in the block able to say what its forward depends on
+(DeltaLayer.graph_key; a mixed batch says it cannot), and every argument a tensor, a tuple of
+tensors or a plain constant. Shapes must repeat: a signature (shapes, dtypes, constants, adapter
+state, which tensors train, where every parameter lives) is captured the second time it is seen,
+at most MAX_SIGNATURES per model; others run eagerly. DELTATUNE_BLOCK_GRAPHS=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from typing import Any, Hashable
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BlockGraphs", "block_graphs_allowed"]
+
+# Distinct signatures captured per model: a run whose shapes keep changing (dynamic padding)
+# stays eager after this many, instead of capturing (and holding) a graph pair per shape.
+MAX_SIGNATURES = 8
+# A signature is captured the second time it is seen: the first call runs eagerly, compiling
+# Triton kernels and initialising cuBLAS before anything is recorded.
+CAPTURE_ON_SIGHTING = 2
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def block_graphs_allowed() -> bool:
+    """False when DELTATUNE_BLOCK_GRAPHS=0 (A/B timing, or ruling the graphs out)."""
+    return os.environ.get("DELTATUNE_BLOCK_GRAPHS", "1").strip() != "0"
+
+
+# ----------------------------------------------------------------------------- arguments
+def _flatten(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], tuple] | None:
+    """The tensors among a block's arguments and a hashable description of the rest, or None
+    where an argument is neither a tensor, a tuple/list of tensors nor a constant."""
+    tensors: list[torch.Tensor] = []
+    layout: list[Hashable] = []
+
+    def add(name: Hashable, value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+            layout.append((name, "t", tuple(value.shape), value.dtype, value.device, value.requires_grad))
+        elif isinstance(value, _CONSTANT_TYPES):
+            layout.append((name, "c", value))
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+            layout.append((name, type(value).__name__, len(value)))
+            for v in value:
+                tensors.append(v)
+                layout.append((name, "t", tuple(v.shape), v.dtype, v.device, v.requires_grad))
+        else:
+            return False
+        return True
+
+    for index, value in enumerate(args):
+        if not add(index, value):
+            return None
+    for name, value in kwargs.items():
+        if not add(name, value):
+            return None
+    return tensors, tuple(layout)
+
+
+def _unflatten(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
+    """args and kwargs with their tensors replaced, in _flatten's order, by `tensors`."""
+    supply = iter(tensors)
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return next(supply)
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+            return type(value)(next(supply) for _ in value)
+        return value
+
+    new_args = tuple(swap(v) for v in args)
+    return new_args, {name: swap(v) for name, v in kwargs.items()}
+
+
+# ----------------------------------------------------------------------------- the block's state
+def _hooks_present(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_hooks_present() -> bool:
+    from torch.nn.modules import module as module_file
+
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    return any(getattr(module_file, name, None) for name in names)
+
+
+def _dropout_active(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0 and module.training
+    # attention modules keep their probability as a float (transformers: attention_dropout)
+    p = getattr(module, "attention_dropout", 0.0)
+    return isinstance(p, float) and p > 0 and module.training
+
+
+def _block_state(block: nn.Module) -> tuple[Hashable, list[nn.Parameter]] | None:
+    """What the block's forward depends on besides its arguments, and its trainable parameters;
+    None where it cannot be replayed (hooks, dropout, an adapter layer that cannot say)."""
+    from ..layer import DeltaLayer
+
+    adapter_keys: list[Hashable] = []
+    for module in block.modules():
+        if _hooks_present(module) or _dropout_active(module):
+            return None
+        if isinstance(module, DeltaLayer):
+            key = module.graph_key()
+            if key is None:
+                return None
+            adapter_keys.append(key)
+    trainable: list[nn.Parameter] = []
+    places: list[Hashable] = []
+    for tensor in [*block.parameters(), *block.buffers()]:
+        places.append((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)))
+        if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+            trainable.append(tensor)
+    # where every tensor lives: a replaced or moved parameter needs a new capture
+    state = (tuple(adapter_keys), tuple(places), tuple(id(p) for p in trainable))
+    return state, trainable
+
+
+# ----------------------------------------------------------------------------- one captured pair
+class _Captured:
+    """The forward and backward graphs of one block for one signature, and where they read and write."""
+
+    def __init__(self, owner: "BlockGraphs", block: nn.Module, call_args: tuple, call_kwargs: dict,
+                 tensors: list[torch.Tensor], trainable: list[nn.Parameter]) -> None:
+        self.owner = owner
+        self.trainable = trainable
+        self.differentiable = [i for i, t in enumerate(tensors) if t.requires_grad]
+        # shared by every block and signature of the model (filled before each replay)
+        self.inputs = [owner.buffer(("in", i), t) for i, t in enumerate(tensors)]
+        self.fill(tuple(tensors))
+        self.param_dtype = trainable[0].dtype if trainable else torch.float32
+        self.grad_sizes = [p.numel() for p in trainable]
+        self._capture(block, call_args, call_kwargs)
+
+    def _run(self, block: nn.Module, call_args: tuple, call_kwargs: dict, tensors: list[torch.Tensor]) -> Any:
+        args, kwargs = _unflatten(call_args, call_kwargs, tensors)
+        return _call_unchecked(block, args, kwargs)
+
+    def _forward_body(self, block, call_args, call_kwargs) -> None:
+        with torch.no_grad():
+            out = self._run(block, call_args, call_kwargs, self.inputs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{type(block).__name__} returns {type(out).__name__}, not one tensor")
+        self.output.copy_(out)
+
+    def _backward_body(self, block, call_args, call_kwargs) -> None:
+        with torch.enable_grad():
+            tensors = [t.detach().requires_grad_(i in self.differentiable) for i, t in enumerate(self.inputs)]
+            out = self._run(block, call_args, call_kwargs, tensors)
+            wrt = [tensors[i] for i in self.differentiable] + self.trainable
+            grads = torch.autograd.grad(out, wrt, self.grad_output, allow_unused=True)
+        for index, grad in zip(self.differentiable, grads):
+            target = self.input_grads[index]
+            target.zero_() if grad is None else target.copy_(grad)
+        param_grads = grads[len(self.differentiable):]
+        if param_grads:
+            flat = [torch.zeros_like(p).view(-1) if g is None else g.reshape(-1).to(self.param_dtype)
+                    for g, p in zip(param_grads, self.trainable)]
+            torch.cat(flat, out=self.flat_grads)
+
+    def _capture(self, block: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+        owner = self.owner
+        # output and gradient buffers, shaped by one eager run (also the warm-up the capture needs)
+        stream = owner.stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            with torch.no_grad():
+                probe = self._run(block, call_args, call_kwargs, self.inputs)
+            if not isinstance(probe, torch.Tensor):
+                raise TypeError(f"{type(block).__name__} returns {type(probe).__name__}, not one tensor")
+            self.output = owner.buffer(("out",), probe)
+            self.grad_output = owner.buffer(("grad_out",), probe)
+            self.grad_output.zero_()
+            self.input_grads = {i: owner.buffer(("grad_in", i), self.inputs[i]) for i in self.differentiable}
+            total = sum(self.grad_sizes)
+            self.flat_grads = owner.buffer(("grads",), torch.empty(total, dtype=self.param_dtype, device=probe.device))
+            del probe
+            self._forward_body(block, call_args, call_kwargs)
+            self._backward_body(block, call_args, call_kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=owner.pool, stream=stream):
+            self._forward_body(block, call_args, call_kwargs)
+        self.backward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.backward_graph, pool=owner.pool, stream=stream):
+            self._backward_body(block, call_args, call_kwargs)
+
+    # -- replay ---------------------------------------------------------------------------------
+    def fill(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        for buffer, tensor in zip(self.inputs, tensors):
+            self.owner.copy_in(buffer, tensor)
+
+    def forward(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        self.fill(tensors)
+        self.forward_graph.replay()
+        return self.output.clone()
+
+    def backward(self, tensors: tuple[torch.Tensor, ...], grad_output: torch.Tensor) -> tuple:
+        self.fill(tensors)
+        self.grad_output.copy_(grad_output)
+        self.backward_graph.replay()
+        input_grads = [self.input_grads[i].clone() if i in self.input_grads else None for i in range(len(tensors))]
+        if not self.trainable:
+            return (*input_grads,)
+        # one fresh tensor for all the parameters' gradients, handed out as views (autograd keeps
+        # them as .grad or adds them in); the shared buffer is refilled by the next replay
+        flat = self.flat_grads.clone()
+        param_grads, start = [], 0
+        for size, param in zip(self.grad_sizes, self.trainable):
+            param_grads.append(flat[start : start + size].view_as(param))
+            start += size
+        return (*input_grads, *param_grads)
+
+
+def _call_unchecked(block: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The block's own forward with transformers' checkpointing off (the graphs do the recomputing)."""
+    had = block.__dict__.get("gradient_checkpointing", None)
+    block.__dict__["gradient_checkpointing"] = False
+    try:
+        return block.forward(*args, **kwargs)
+    finally:
+        if had is None:
+            del block.__dict__["gradient_checkpointing"]
+        else:
+            block.__dict__["gradient_checkpointing"] = had
+
+
+class _ReplayBlock(torch.autograd.Function):
+    """One checkpointed block as one autograd node: forward and backward are graph replays."""
+
+    @staticmethod
+    def forward(ctx, captured: _Captured, n_inputs: int, *tensors_and_params):
+        inputs = tensors_and_params[:n_inputs]
+        ctx.captured, ctx.n_inputs = captured, n_inputs
+        ctx.save_for_backward(*inputs)  # what checkpointing keeps: the block's inputs
+        return captured.forward(inputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        inputs = ctx.saved_tensors
+        grads = ctx.captured.backward(inputs, grad_output)
+        n_params = len(ctx.captured.trainable)
+        input_grads = grads[: ctx.n_inputs]
+        param_grads = grads[ctx.n_inputs :] if n_params else ()
+        return (None, None, *input_grads, *param_grads)
+
+
+# ----------------------------------------------------------------------------- the model's graphs
+class BlockGraphs:
+    """Every captured block of one model: the memory pool, the capture stream, the shared buffers
+    and, per block, its captured signatures. Held by the model (kernels/patch.py)."""
+
+    def __init__(self) -> None:
+        self.pool = None
+        self.stream: torch.cuda.Stream | None = None
+        self.buffers: dict[Hashable, torch.Tensor] = {}
+        self.captured: dict[tuple[int, Hashable], _Captured] = {}
+        self.sightings: dict[tuple[int, Hashable], int] = {}
+        self.signatures: set[Hashable] = set()
+        self.refused: set[Hashable] = set()
+        self.last_copied: dict[int, tuple[weakref.ref, int]] = {}
+        self.replays = 0
+
+    # a copied or pickled model starts without captures (graphs belong to one set of tensors)
+    def __deepcopy__(self, memo: dict) -> "BlockGraphs":
+        return BlockGraphs()
+
+    def __reduce__(self) -> tuple:
+        return (BlockGraphs, ())
+
+    # -- shared buffers ------------------------------------------------------------------------
+    def buffer(self, role: Hashable, like: torch.Tensor) -> torch.Tensor:
+        """The model-wide buffer for `role` shaped like `like` (made outside any graph's pool)."""
+        key = (role, tuple(like.shape), like.dtype, like.device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return self.buffers[key]
+
+    def copy_in(self, buffer: torch.Tensor, tensor: torch.Tensor) -> None:
+        """buffer <- tensor, skipped when the buffer already holds this very tensor unchanged
+        (the rotary tables every block of a step receives)."""
+        last = self.last_copied.get(id(buffer))
+        if last is not None and last[0]() is tensor and last[1] == tensor._version:
+            return
+        buffer.copy_(tensor)
+        self.last_copied[id(buffer)] = (weakref.ref(tensor), tensor._version)
+
+    def clear(self) -> None:
+        self.captured.clear()
+        self.sightings.clear()
+        self.signatures.clear()
+        self.buffers.clear()
+        self.last_copied.clear()
+        self.pool = None
+
+    # -- a block's call -------------------------------------------------------------------------
+    def call(self, block: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The block's output through its graphs, or NotImplemented where it must run its own code."""
+        if not (block.training and getattr(block, "gradient_checkpointing", False) and torch.is_grad_enabled()):
+            return NotImplemented
+        if not block_graphs_allowed() or torch.compiler.is_compiling() or _global_hooks_present():
+            return NotImplemented
+        flat = _flatten(args, kwargs)
+        if flat is None or not flat[0] or not all(t.is_cuda for t in flat[0]):
+            return NotImplemented
+        if torch.cuda.is_current_stream_capturing() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            return NotImplemented
+        tensors, layout = flat
+        state = _block_state(block)
+        if state is None:
+            return NotImplemented
+        block_key, trainable = state
+        if not trainable and not any(t.requires_grad for t in tensors):
+            return NotImplemented  # nothing to differentiate: eager is as cheap
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        signature = (layout, autocast, type(block))
+        key = (id(block), (signature, block_key))
+        captured = self.captured.get(key)
+        if captured is None:
+            captured = self._maybe_capture(key, signature, block, args, kwargs, tensors, trainable, autocast)
+            if captured is None:
+                return NotImplemented
+        self.replays += 1
+        return _ReplayBlock.apply(captured, len(tensors), *tensors, *trainable)
+
+    def _maybe_capture(self, key, signature, block, args, kwargs, tensors, trainable, autocast) -> _Captured | None:
+        if signature in self.refused:
+            return None
+        if len(self.sightings) > 64 * MAX_SIGNATURES:  # keys of moved parameters, never seen again
+            self.sightings.clear()
+        seen = self.sightings.get(key, 0) + 1
+        self.sightings[key] = seen
+        if seen < CAPTURE_ON_SIGHTING:
+            return None
+        if signature not in self.signatures and len(self.signatures) >= MAX_SIGNATURES:
+            return None
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(device=tensors[0].device)
+        try:
+            with torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
+                captured = _Captured(self, block, args, kwargs, tensors, trainable)
+        except Exception as error:  # a block that syncs, branches on data, or returns a tuple
+            self.refused.add(signature)
+            logger.warning("deltatune: %s runs without CUDA graphs: capturing it failed (%s: %s)",
+                           type(block).__name__, type(error).__name__, error)
+            return None
+        self.signatures.add(signature)
+        self.captured[key] = captured
+        # drop the block's older captures of the same signature (its parameters moved or its
+        # adapters changed): they would never replay again
+        for other in [k for k in self.captured if k[0] == key[0] and k != key and k[1][0] == signature]:
+            del self.captured[other]
+        return captured

@@ -1,0 +1,202 @@
+"""Checkpointed blocks replayed as CUDA graphs (kernels/block_graphs.py): training through the
+graphs gives the eager checkpointed result, and every case the graphs cannot reproduce runs eagerly.
+
+The CUDA tests run on a GPU machine only; on a CPU the same models must run their own code."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_causal_lm
+from torch import nn
+
+import deltatune as dt
+from deltatune.kernels import block_graphs
+from deltatune.kernels.patch import _BLOCK_GRAPHS
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def graphs_of(model: dt.DeltaModel) -> block_graphs.BlockGraphs:
+    found = {id(m.__dict__[_BLOCK_GRAPHS]): m.__dict__[_BLOCK_GRAPHS] for m in model.modules() if _BLOCK_GRAPHS in m.__dict__}
+    assert len(found) == 1, "every block of one model shares one BlockGraphs"
+    return next(iter(found.values()))
+
+
+def wrapped(base: nn.Module, config: dt.AdapterConfig, device: str = "cpu") -> dt.DeltaModel:
+    model = dt.wrap(copy.deepcopy(base).to(device), config, fused=True)
+    model.gradient_checkpointing_enable()
+    return model.train()
+
+
+# ----------------------------------------------------------------------------- CPU: the rules
+def test_arguments_flatten_and_refill_in_order():
+    a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 5.0)
+    args, kwargs = (a,), {"position_embeddings": (b, c), "use_cache": False, "mask": None}
+    tensors, layout = block_graphs._flatten(args, kwargs)
+    assert [t is x for t, x in zip(tensors, (a, b, c))] == [True] * 3
+    new = [t + 1 for t in tensors]
+    new_args, new_kwargs = block_graphs._unflatten(args, kwargs, new)
+    assert new_args[0] is new[0] and new_kwargs["position_embeddings"] == (new[1], new[2])
+    assert new_kwargs["use_cache"] is False and new_kwargs["mask"] is None
+    # the layout tells shapes and constants apart
+    _, other = block_graphs._flatten((torch.ones(3),), kwargs)
+    assert other != layout
+    # anything else (a cache object, say) cannot be replayed
+    assert block_graphs._flatten((a,), {"past_key_values": object()}) is None
+
+
+def test_block_state_refuses_hooks_dropout_and_layers_that_cannot_say():
+    base = tiny_causal_lm("llama")
+    model = wrapped(base, dt.LoraConfig(r=4))
+    block = model.model.model.layers[0]
+    state = block_graphs._block_state(block)
+    assert state is not None and len(state[1]) == 2 * 7  # A and B of the seven projections
+    handle = block.mlp.register_forward_hook(lambda *a: None)
+    assert block_graphs._block_state(block) is None
+    handle.remove()
+    assert block_graphs._block_state(block) is not None
+    # LoRA dropout in training draws random numbers: not replayable
+    dropped = wrapped(base, dt.LoraConfig(r=4, lora_dropout=0.1))
+    assert block_graphs._block_state(dropped.model.model.layers[0]) is None
+    dropped.eval()
+    assert block_graphs._block_state(dropped.model.model.layers[0]) is not None
+    # IA3 layers do not say what their forward depends on
+    ia3 = wrapped(base, dt.IA3Config())
+    assert block_graphs._block_state(ia3.model.model.layers[0]) is None
+    # the adapter state is part of the key: switching adapters changes it
+    model.add_adapter("other", dt.LoraConfig(r=4))
+    before = block_graphs._block_state(block)[0]
+    model.set_adapter("other")
+    assert block_graphs._block_state(block)[0] != before
+
+
+def test_on_a_cpu_the_blocks_run_their_own_code_and_copies_start_clean():
+    base = tiny_causal_lm("llama")
+    model = wrapped(base, dt.LoraConfig(r=4, init_lora_weights=False))
+    ids = torch.randint(0, 97, (2, 9))
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+    graphs = graphs_of(model)
+    assert graphs.replays == 0 and not graphs.captured
+    clone = copy.deepcopy(model)
+    assert graphs_of(clone) is not graphs
+    model.set_fused(False)  # unpatching removes the graphs with the fused classes
+    assert not any(_BLOCK_GRAPHS in m.__dict__ for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- CUDA: the replays
+def _steps(model, batches, optimizer, monkeypatch, graphs_on: bool, accumulate: int = 1):
+    monkeypatch.setenv("DELTATUNE_BLOCK_GRAPHS", "1" if graphs_on else "0")
+    losses = []
+    for i, ids in enumerate(batches):
+        loss = model(input_ids=ids, labels=ids).loss
+        (loss / accumulate).backward()
+        losses.append(loss.detach())
+        if (i + 1) % accumulate == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses)
+
+
+def _pair(config, dtype=torch.float32):
+    base = tiny_causal_lm("llama").to(dtype)
+    eager, graphed = wrapped(base, config, "cuda"), wrapped(base, config, "cuda")
+    graphed.load_state_dict(eager.state_dict())
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (eager, graphed)]
+    return eager, graphed, opts
+
+
+def _assert_same_adapters(a, b, tol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p, q, rtol=tol, atol=tol), name
+
+
+@cuda
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, accumulate):
+    torch.manual_seed(0)
+    eager, graphed, (opt_e, opt_g) = _pair(dt.LoraConfig(r=4, init_lora_weights=False))
+    batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(6)]
+    ref = _steps(eager, batches, opt_e, monkeypatch, graphs_on=False, accumulate=accumulate)
+    got = _steps(graphed, batches, opt_g, monkeypatch, graphs_on=True, accumulate=accumulate)
+    graphs = graphs_of(graphed)
+    assert graphs_of(eager).replays == 0 and graphs.replays > 0 and len(graphs.signatures) == 1
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    _assert_same_adapters(eager, graphed, 1e-5)
+
+
+@cuda
+def test_new_shapes_adapter_switches_and_two_forwards_before_backward(monkeypatch):
+    torch.manual_seed(1)
+    config = dt.LoraConfig(r=4, init_lora_weights=False)
+    eager, graphed, (opt_e, opt_g) = _pair(config)
+    for m in (eager, graphed):
+        torch.manual_seed(2)
+        m.add_adapter("other", dt.LoraConfig(r=4, init_lora_weights=False))
+    graphed.load_state_dict(eager.state_dict())
+
+    def run(model, graphs_on):
+        monkeypatch.setenv("DELTATUNE_BLOCK_GRAPHS", "1" if graphs_on else "0")
+        losses, grads = [], []
+        for step, (shape, adapter) in enumerate([((2, 16), "default")] * 3 + [((3, 8), "default")] * 3 + [((2, 16), "other")] * 3):
+            model.set_adapter(adapter)
+            torch.manual_seed(step)
+            first, second = (torch.randint(0, 97, shape, device="cuda") for _ in range(2))
+            # two forward passes, then one backward through both
+            loss = model(input_ids=first, labels=first).loss + model(input_ids=second, labels=second).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+            model.zero_grad(set_to_none=True)
+        return torch.stack(losses), grads
+
+    ref_losses, ref_grads = run(eager, False)
+    losses, grads = run(graphed, True)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
+    graphs = graphs_of(graphed)
+    assert len(graphs.signatures) == 2 and graphs.replays > 0  # two shapes; the adapter switch recaptured
+
+
+@cuda
+def test_qlora_through_the_graphs_equals_eager(monkeypatch):
+    from deltatune.quant import quantize
+
+    torch.manual_seed(3)
+    base = tiny_causal_lm("llama").to(torch.bfloat16)
+    quantize(base, "nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    config = dt.LoraConfig(r=4, init_lora_weights=False)
+    eager, graphed = wrapped(base, config, "cuda"), wrapped(base, config, "cuda")
+    graphed.load_state_dict(eager.state_dict())
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (eager, graphed)]
+    batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(5)]
+    ref = _steps(eager, batches, opts[0], monkeypatch, graphs_on=False)
+    got = _steps(graphed, batches, opts[1], monkeypatch, graphs_on=True)
+    assert graphs_of(graphed).replays > 0
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    _assert_same_adapters(eager, graphed, 1e-3)
+
+
+@cuda
+def test_hooks_dropout_and_the_signature_limit_fall_back_to_eager(monkeypatch):
+    torch.manual_seed(4)
+    model = wrapped(tiny_causal_lm("llama"), dt.LoraConfig(r=4), "cuda")
+    graphs = graphs_of(model)
+    ids = torch.randint(0, 97, (2, 16), device="cuda")
+    handle = model.model.model.layers[0].register_forward_hook(lambda *a: None)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+    # the hooked block ran its own code; the other ran eagerly once, then was captured and replayed
+    assert graphs.replays == 2 and len(graphs.captured) == 1
+    handle.remove()
+    monkeypatch.setattr(block_graphs, "MAX_SIGNATURES", 1)
+    other = torch.randint(0, 97, (1, 8), device="cuda")
+    before = graphs.replays
+    for _ in range(3):
+        model(input_ids=other, labels=other).loss.backward()
+    assert graphs.replays == before and len(graphs.signatures) == 1
