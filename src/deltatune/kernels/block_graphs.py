@@ -32,6 +32,7 @@ at most MAX_SIGNATURES per model; others run eagerly. DELTATUNE_BLOCK_GRAPHS=0 t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import weakref
@@ -43,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockGraphs", "block_graphs_allowed"]
+__all__ = ["BlockGraphError", "BlockGraphs", "block_graphs_allowed"]
 
 # Distinct signatures captured per model: a run whose shapes keep changing (dynamic padding)
 # stays eager after this many, instead of capturing (and holding) a graph pair per shape.
@@ -58,6 +59,10 @@ _CONSTANT_TYPES = (type(None), bool, int, float, str)
 def block_graphs_allowed() -> bool:
     """False when DELTATUNE_BLOCK_GRAPHS=0 (A/B timing, or ruling the graphs out)."""
     return os.environ.get("DELTATUNE_BLOCK_GRAPHS", "1").strip() != "0"
+
+
+class BlockGraphError(RuntimeError):
+    """A block passed every check and its warm-up, yet CUDA refused to capture it."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -159,6 +164,8 @@ class _Captured:
                  tensors: list[torch.Tensor], trainable: list[nn.Parameter]) -> None:
         self.owner = owner
         self.trainable = trainable
+        names = {id(p): name for name, p in block.named_parameters()}
+        self.trainable_names = [names[id(p)] for p in trainable]
         self.differentiable = [i for i, t in enumerate(tensors) if t.requires_grad]
         # shared by every block and signature of the model (filled before each replay)
         self.inputs = [owner.buffer(("in", i), t) for i, t in enumerate(tensors)]
@@ -181,8 +188,13 @@ class _Captured:
     def _backward_body(self, block, call_args, call_kwargs) -> None:
         with torch.enable_grad():
             tensors = [t.detach().requires_grad_(i in self.differentiable) for i, t in enumerate(self.inputs)]
-            out = self._run(block, call_args, call_kwargs, tensors)
-            wrt = [tensors[i] for i in self.differentiable] + self.trainable
+            # Differentiate with respect to stand-ins of the parameters (same storage, new leaves):
+            # the parameters' own gradient accumulators were made on the training stream, and
+            # autograd would wait on that stream from inside the capture, which breaks it.
+            stand_ins = [p.detach().requires_grad_() for p in self.trainable]
+            with _parameters_replaced(block, self.trainable_names, stand_ins):
+                out = self._run(block, call_args, call_kwargs, tensors)
+            wrt = [tensors[i] for i in self.differentiable] + stand_ins
             grads = torch.autograd.grad(out, wrt, self.grad_output, allow_unused=True)
         for index, grad in zip(self.differentiable, grads):
             target = self.input_grads[index]
@@ -194,10 +206,38 @@ class _Captured:
             torch.cat(flat, out=self.flat_grads)
 
     def _capture(self, block: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
-        owner = self.owner
-        # output and gradient buffers, shaped by one eager run (also the warm-up the capture needs)
-        stream = owner.stream
+        stream = self.owner.stream
         stream.wait_stream(torch.cuda.current_stream())
+        # The warm-up refuses host synchronisation (.item(), data-dependent shapes), which would
+        # break the capture: a block that does it is refused here, before anything is recorded.
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self._warm_up(block, call_args, call_kwargs, stream)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.forward_graph = self._record(stream, self._forward_body, block, call_args, call_kwargs)
+        self.backward_graph = self._record(stream, self._backward_body, block, call_args, call_kwargs)
+
+    def _record(self, stream, body, block, call_args, call_kwargs) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.owner.pool, stream=stream):
+                body(block, call_args, call_kwargs)
+        except Exception as error:
+            # A capture that failed half-way can leave CUDA's random-number state mid-capture:
+            # carrying on eagerly is not known to be safe, so stop with the way out.
+            raise BlockGraphError(
+                f"Capturing {type(block).__name__} as a CUDA graph failed ({type(error).__name__}: {error}). "
+                f"Set DELTATUNE_BLOCK_GRAPHS=0 to train with the blocks' own code."
+            ) from error
+        return graph
+
+    def _warm_up(self, block: nn.Module, call_args: tuple, call_kwargs: dict, stream: torch.cuda.Stream) -> None:
+        """One eager run of both bodies on the capture stream (lazy initialisation, Triton's
+        compilation, cuBLAS's workspace for that stream), which also shapes the output buffers."""
+        owner = self.owner
         with torch.cuda.stream(stream):
             with torch.no_grad():
                 probe = self._run(block, call_args, call_kwargs, self.inputs)
@@ -211,13 +251,6 @@ class _Captured:
             self.flat_grads = owner.buffer(("grads",), torch.empty(total, dtype=self.param_dtype, device=probe.device))
             del probe
             self._forward_body(block, call_args, call_kwargs)
-            self._backward_body(block, call_args, call_kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=owner.pool, stream=stream):
-            self._forward_body(block, call_args, call_kwargs)
-        self.backward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.backward_graph, pool=owner.pool, stream=stream):
             self._backward_body(block, call_args, call_kwargs)
 
     # -- replay ---------------------------------------------------------------------------------
@@ -245,6 +278,22 @@ class _Captured:
             param_grads.append(flat[start : start + size].view_as(param))
             start += size
         return (*input_grads, *param_grads)
+
+
+@contextlib.contextmanager
+def _parameters_replaced(block: nn.Module, names: list[str], tensors: list[torch.Tensor]):
+    """The block's parameters `names` read as `tensors` inside the context (restored after)."""
+    places = []
+    for name, tensor in zip(names, tensors):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = block.get_submodule(owner_name)
+        places.append((owner, leaf, owner._parameters[leaf]))
+        owner._parameters[leaf] = tensor
+    try:
+        yield
+    finally:
+        for owner, leaf, original in places:
+            owner._parameters[leaf] = original
 
 
 def _call_unchecked(block: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -376,7 +425,10 @@ class BlockGraphs:
         try:
             with torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
                 captured = _Captured(self, block, args, kwargs, tensors, trainable)
-        except Exception as error:  # a block that syncs, branches on data, or returns a tuple
+        except BlockGraphError:
+            raise
+        except Exception as error:  # found in the warm-up: a block that syncs or returns a tuple
+            self.last_copied.clear()
             self.refused.add(signature)
             logger.warning("deltatune: %s runs without CUDA graphs: capturing it failed (%s: %s)",
                            type(block).__name__, type(error).__name__, error)

@@ -344,7 +344,10 @@ class LoraLinear(_LoraBase):
         if self.row_adapters is not None or type(base) is not nn.Linear or autocast_enabled():
             return None
         # Outer wrappers (Fisher, LayerNorm tuning) may swap the weight tensor per call.
-        key = (tuple(self.active_adapters), tuple(self.merged_adapters), self.disabled, base.weight.requires_grad, id(base.weight), id(base.bias))
+        # ...and the adapter's tensors may be stand-ins for a while (kernels/block_graphs.py)
+        adapters = tuple((id(self.lora_A[n].weight), id(self.lora_B[n].weight)) for n in self.active_adapters if n in self.lora_A)
+        key = (tuple(self.active_adapters), tuple(self.merged_adapters), self.disabled, base.weight.requires_grad, id(base.weight),
+               id(base.bias), adapters)
         if key != self._fast_path_key:
             self._fast_path_key, self._fast_path = key, self._compute_fast_path(base)
         return self._fast_path
