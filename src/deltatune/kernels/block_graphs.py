@@ -344,7 +344,8 @@ class BlockGraphs:
         self.signatures: set[Hashable] = set()
         self.refused: set[Hashable] = set()
         self.last_copied: dict[int, tuple[weakref.ref, int]] = {}
-        self.replays = 0
+        self.replays = 0  # blocks run through their graphs (forward passes)
+        self.captures = 0  # graph pairs recorded
 
     # a copied or pickled model starts without captures (graphs belong to one set of tensors)
     def __deepcopy__(self, memo: dict) -> "BlockGraphs":
@@ -435,6 +436,7 @@ class BlockGraphs:
             return None
         self.signatures.add(signature)
         self.captured[key] = captured
+        self.captures += 1
         # drop the block's older captures of the same signature (its parameters moved or its
         # adapters changed): they would never replay again
         for other in [k for k in self.captured if k[0] == key[0] and k != key and k[1][0] == signature]:
