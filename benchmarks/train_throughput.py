@@ -7,7 +7,8 @@
 Modes: "deltatune" calls deltatune.kernels.causal_lm_loss; "deltatune-labels" is the ordinary
 `model(input_ids, labels=...)` a Trainer or TRL user runs (the wrapped model takes the chunked
 loss itself since the labels= path landed); "deltatune-offload" is that with the activations saved
-for backward kept in host memory (TrainConfig.offload_activations). Every family shape here
+for backward kept in host memory (TrainConfig.offload_activations); "deltatune-labels-eager-blocks"
+is "deltatune-labels" without replaying checkpointed blocks as CUDA graphs (DELTATUNE_BLOCK_GRAPHS=0). Every family shape here
 (Llama, Gemma-2, Gemma-3, Phi-3, Qwen2.5) has a fused block path.
 
 Peers a user would pick instead, each alone in its own process (both patch transformers for the
@@ -288,8 +289,8 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup, graphed=Fal
     for i in range(steps):
         starts[i].record()
         loss = step()
-        if i == 0 and not graphed:
-            graph_nodes = {name: count_graph_nodes(loss, name) for name in ("LoraLinearFunction", "LoraMLPFunction")}
+        if i == min(2, steps - 1) and not graphed:  # block graphs are captured on the second step
+            graph_nodes = {name: count_graph_nodes(loss, name) for name in ("LoraLinearFunction", "LoraMLPFunction", "ReplayBlock")}
         ends[i].record()
         losses.append(loss.detach())
     torch.cuda.synchronize()
@@ -334,10 +335,12 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             wrapped, loss_fn, optimizer, result.note = setup_peft(model, checkpointing, args.seed)
         elif mode.startswith("deltatune"):
             os.environ["DELTATUNE_DISABLE_TRITON"] = "1" if mode == "deltatune-no-triton" else "0"
+            # the checkpointed blocks' CUDA graphs (kernels/block_graphs.py) off: the eager blocks
+            os.environ["DELTATUNE_BLOCK_GRAPHS"] = "0" if mode == "deltatune-labels-eager-blocks" else "1"
             patch = mode not in ("deltatune-lora-only",)
             wrapped, loss_fn, optimizer, result.note = setup_deltatune(
                 model, checkpointing, args.seed, patch=patch,
-                fused_loss=patch and mode not in ("deltatune-labels", "deltatune-offload"),
+                fused_loss=patch and mode not in ("deltatune-labels", "deltatune-offload", "deltatune-labels-eager-blocks"),
                 capturable=mode == "deltatune-graphed"
             )
             if mode == "deltatune-offload":  # what TrainConfig(offload_activations=True) does around the forward
@@ -355,7 +358,8 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
         if mode == "deltatune-graphed":
             result.note = "whole step replayed as one CUDA graph (kernels.GraphedTrainStep)"
         elif mode.startswith("deltatune"):
-            result.note = f"fused autograd nodes: {nodes['LoraLinearFunction']} LoRA linear, {nodes['LoraMLPFunction']} LoRA MLP"
+            result.note = (f"fused autograd nodes: {nodes['LoraLinearFunction']} LoRA linear, {nodes['LoraMLPFunction']} LoRA MLP, "
+                           f"{nodes['ReplayBlock']} blocks replayed as CUDA graphs")
         if args.profile and not checkpointing and mode != "deltatune-graphed":
             profile_steps(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "profile.txt"), f"{shape.name} {mode}")
     except torch.cuda.OutOfMemoryError:
@@ -368,6 +372,7 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
         del model, wrapped, optimizer
         if mode.startswith("deltatune"):
             os.environ.pop("DELTATUNE_DISABLE_TRITON", None)
+            os.environ.pop("DELTATUNE_BLOCK_GRAPHS", None)
         free_cuda()
     return result
 
