@@ -6,6 +6,8 @@ The CUDA tests run on a GPU machine only; on a CPU the same models must run thei
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -200,3 +202,23 @@ def test_hooks_dropout_and_the_signature_limit_fall_back_to_eager(monkeypatch):
     for _ in range(3):
         model(input_ids=other, labels=other).loss.backward()
     assert graphs.replays == before and len(graphs.signatures) == 1
+
+
+@cuda
+def test_a_deleted_model_gives_its_graphs_memory_back():
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model = wrapped(tiny_causal_lm("llama"), dt.LoraConfig(r=4), "cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, 97, (2, 16), device="cuda")
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    graphs = weakref.ref(graphs_of(model))
+    assert graphs().captures == 2
+    del model, optimizer
+    gc.collect()
+    torch.cuda.synchronize()
+    assert graphs() is None and torch.cuda.memory_allocated() == before

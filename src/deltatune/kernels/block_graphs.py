@@ -162,7 +162,9 @@ class _Captured:
 
     def __init__(self, owner: "BlockGraphs", block: nn.Module, call_args: tuple, call_kwargs: dict,
                  tensors: list[torch.Tensor], trainable: list[nn.Parameter]) -> None:
-        self.owner = owner
+        # weak: the model's BlockGraphs owns this capture, and a capture must not keep it (and
+        # its graphs' memory) alive after the model is gone
+        self.owner = weakref.proxy(owner)
         self.trainable = trainable
         names = {id(p): name for name, p in block.named_parameters()}
         self.trainable_names = [names[id(p)] for p in trainable]
@@ -315,7 +317,8 @@ class _ReplayBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, captured: _Captured, n_inputs: int, *tensors_and_params):
         inputs = tensors_and_params[:n_inputs]
-        ctx.captured, ctx.n_inputs = captured, n_inputs
+        # weak: autograd may keep this node (not its tensors) after backward; it must not keep the graphs
+        ctx.captured, ctx.n_inputs = weakref.ref(captured), n_inputs
         ctx.save_for_backward(*inputs)  # what checkpointing keeps: the block's inputs
         return captured.forward(inputs)
 
@@ -323,8 +326,12 @@ class _ReplayBlock(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         inputs = ctx.saved_tensors
-        grads = ctx.captured.backward(inputs, grad_output)
-        n_params = len(ctx.captured.trainable)
+        captured = ctx.captured()
+        if captured is None:
+            raise BlockGraphError("This block's CUDA graphs were released (the model was unpatched or deleted) "
+                                  "between its forward and its backward; run the forward again.")
+        grads = captured.backward(inputs, grad_output)
+        n_params = len(captured.trainable)
         input_grads = grads[: ctx.n_inputs]
         param_grads = grads[ctx.n_inputs :] if n_params else ()
         return (None, None, *input_grads, *param_grads)
