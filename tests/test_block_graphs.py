@@ -206,9 +206,14 @@ def test_hooks_dropout_and_the_signature_limit_fall_back_to_eager(monkeypatch):
 
 @cuda
 def test_a_deleted_model_gives_its_graphs_memory_back():
-    gc.collect()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    def allocated() -> int:
+        gc.collect()
+        torch.cuda.synchronize()
+        # cuBLAS keeps a workspace per stream through torch's allocator, the capture stream's too
+        getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+        return torch.cuda.memory_allocated()
+
+    before = allocated()
     model = wrapped(tiny_causal_lm("llama"), dt.LoraConfig(r=4), "cuda")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     ids = torch.randint(0, 97, (2, 16), device="cuda")
@@ -220,5 +225,5 @@ def test_a_deleted_model_gives_its_graphs_memory_back():
     assert graphs().captures == 2
     del model, optimizer
     gc.collect()
-    torch.cuda.synchronize()
-    assert graphs() is None and torch.cuda.memory_allocated() == before
+    assert graphs() is None
+    assert allocated() == before
