@@ -223,7 +223,7 @@ def test_a_deleted_model_gives_its_graphs_memory_back():
         optimizer.zero_grad(set_to_none=True)
     graphs = weakref.ref(graphs_of(model))
     assert graphs().captures == 2
-    del model, optimizer
+    del model, optimizer, ids
     gc.collect()
     assert graphs() is None
     assert allocated() == before
