@@ -68,6 +68,11 @@ def test_block_state_refuses_hooks_dropout_and_layers_that_cannot_say():
     # IA3 layers do not say what their forward depends on
     ia3 = wrapped(base, dt.IA3Config())
     assert block_graphs._block_state(ia3.model.model.layers[0]) is None
+    # in a mixed batch rows are routed per call: not replayable
+    model.add_adapter("mixed", dt.LoraConfig(r=4))
+    with model.mixed_batch(["default", "mixed"]):
+        assert block_graphs._block_state(block) is None
+    assert block_graphs._block_state(block) is not None
     # the adapter state is part of the key: switching adapters changes it
     model.add_adapter("other", dt.LoraConfig(r=4))
     before = block_graphs._block_state(block)[0]
@@ -196,6 +201,21 @@ def test_hooks_dropout_and_the_signature_limit_fall_back_to_eager(monkeypatch):
     # the hooked block ran its own code; the other ran eagerly once, then was captured and replayed
     assert graphs.replays == 2 and len(graphs.captured) == 1
     handle.remove()
+    # no_grad, eval mode, saved-tensor hooks (activation offloading) and no checkpointing: own code
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    model.eval()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.train()
+    with torch.autograd.graph.save_on_cpu():
+        model(input_ids=ids, labels=ids).loss.backward()
+    blocks = model.model.model.layers
+    for block in blocks:
+        block.gradient_checkpointing = False
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert graphs.replays == 2
+    for block in blocks:
+        block.gradient_checkpointing = True
     monkeypatch.setattr(block_graphs, "MAX_SIGNATURES", 1)
     other = torch.randint(0, 97, (1, 8), device="cuda")
     before = graphs.replays
