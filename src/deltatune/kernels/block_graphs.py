@@ -49,6 +49,8 @@ __all__ = ["BlockGraphError", "BlockGraphs", "block_graphs_allowed"]
 # Distinct signatures captured per model: a run whose shapes keep changing (dynamic padding)
 # stays eager after this many, instead of capturing (and holding) a graph pair per shape.
 MAX_SIGNATURES = 8
+# Captures kept per block and signature for different adapter states (set_adapter back and forth).
+STATES_PER_SIGNATURE = 4
 # A signature is captured the second time it is seen: the first call runs eagerly, compiling
 # Triton kernels and initialising cuBLAS before anything is recorded.
 CAPTURE_ON_SIGHTING = 2
@@ -444,8 +446,9 @@ class BlockGraphs:
         self.signatures.add(signature)
         self.captured[key] = captured
         self.captures += 1
-        # drop the block's older captures of the same signature (its parameters moved or its
-        # adapters changed): they would never replay again
-        for other in [k for k in self.captured if k[0] == key[0] and k != key and k[1][0] == signature]:
-            del self.captured[other]
+        # Keep a few states per block and signature (adapters switched back and forth replay without
+        # a new capture); drop the oldest beyond that (parameters that moved never come back).
+        same = [k for k in self.captured if k[0] == key[0] and k[1][0] == signature]
+        for old in same[:-STATES_PER_SIGNATURE]:
+            del self.captured[old]
         return captured
