@@ -149,7 +149,8 @@ def test_new_shapes_adapter_switches_and_two_forwards_before_backward(monkeypatc
     def run(model, graphs_on):
         monkeypatch.setenv("DELTATUNE_BLOCK_GRAPHS", "1" if graphs_on else "0")
         losses, grads = [], []
-        for step, (shape, adapter) in enumerate([((2, 16), "default")] * 3 + [((3, 8), "default")] * 3 + [((2, 16), "other")] * 3):
+        plan = [((2, 16), "default")] * 3 + [((3, 8), "default")] * 3 + [((2, 16), "other")] * 3 + [((2, 16), "default")] * 2
+        for step, (shape, adapter) in enumerate(plan):
             model.set_adapter(adapter)
             torch.manual_seed(step)
             first, second = (torch.randint(0, 97, shape, device="cuda") for _ in range(2))
@@ -167,7 +168,9 @@ def test_new_shapes_adapter_switches_and_two_forwards_before_backward(monkeypatc
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
     graphs = graphs_of(graphed)
-    assert len(graphs.signatures) == 2 and graphs.replays > 0  # two shapes; the adapter switch recaptured
+    assert len(graphs.signatures) == 2 and graphs.replays > 0
+    # two shapes and the other adapter, two blocks each; switching back replayed the kept capture
+    assert graphs.captures == 3 * 2
 
 
 @cuda
