@@ -123,8 +123,12 @@ def _assert_same_adapters(a, b, tol):
 
 
 @cuda
+@pytest.mark.parametrize("offload", [True, False])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, accumulate):
+def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, accumulate, offload):
+    # offload: every block input waits in host memory, however small (the default keeps them
+    # from 1 MiB up, or none with DELTATUNE_OFFLOAD_CHECKPOINTS=0)
+    monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0 if offload else 1 << 60)
     torch.manual_seed(0)
     eager, graphed, (opt_e, opt_g) = _pair(dt.LoraConfig(r=4, init_lora_weights=False))
     batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(6)]
@@ -134,10 +138,12 @@ def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, acc
     assert graphs_of(eager).replays == 0 and graphs.replays > 0 and len(graphs.signatures) == 1
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     _assert_same_adapters(eager, graphed, 1e-5)
+    assert (graphs.host is not None and graphs.host.copies > 0) == offload
 
 
 @cuda
 def test_new_shapes_adapter_switches_and_two_forwards_before_backward(monkeypatch):
+    monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)  # inputs fetched back out of forward order
     torch.manual_seed(1)
     config = dt.LoraConfig(r=4, init_lora_weights=False)
     eager, graphed, (opt_e, opt_g) = _pair(config)
@@ -190,6 +196,28 @@ def test_qlora_through_the_graphs_equals_eager(monkeypatch):
     assert graphs_of(graphed).replays > 0
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
     _assert_same_adapters(eager, graphed, 1e-3)
+
+
+@cuda
+def test_offloaded_inputs_leave_the_gpu_and_an_in_place_change_is_caught(monkeypatch):
+    monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)
+    model = wrapped(tiny_causal_lm("llama"), dt.LoraConfig(r=4), "cuda")
+    ids = torch.randint(0, 97, (2, 16), device="cuda")
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    block = model.model.model.layers[1]
+    hidden = torch.randn(2, 16, 64, device="cuda", requires_grad=True)
+    position = torch.arange(16, device="cuda")[None].expand(2, -1)
+    cos_sin = model.model.model.rotary_emb(hidden, position)
+    for _ in range(2):  # seen once (its own code), then captured and replayed
+        x = hidden * 1
+        out = block(x, position_embeddings=cos_sin)
+    assert type(out.grad_fn).__name__ == "_ReplayBlockBackward" and out.grad_fn.host_copy.source() is x
+    # on its own, the block would have failed autograd's version check; the host copy fails as plainly
+    with torch.no_grad():
+        x.add_(1)
+    with pytest.raises(block_graphs.BlockGraphError, match="modified in place"):
+        out.sum().backward()
 
 
 @cuda

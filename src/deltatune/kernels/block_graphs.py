@@ -313,6 +313,82 @@ def _call_unchecked(block: nn.Module, args: tuple, kwargs: dict) -> Any:
             block.__dict__["gradient_checkpointing"] = had
 
 
+# ----------------------------------------------------------------------------- inputs kept on the host
+# A block input at least this big (bytes) waits for backward in pinned host memory (the hidden
+# states; the rotary tables and position ids stay on the GPU).
+OFFLOAD_MIN_BYTES = 1 << 20
+
+
+def offload_allowed() -> bool:
+    """False when DELTATUNE_OFFLOAD_CHECKPOINTS=0: the checkpointed inputs stay on the GPU."""
+    return os.environ.get("DELTATUNE_OFFLOAD_CHECKPOINTS", "1").strip() != "0"
+
+
+class _HostCopy:
+    """One block input between forward and backward: in pinned host memory, and on the GPU again
+    once fetched (ahead of its backward, by the backward of the block after it)."""
+
+    __slots__ = ("host", "device", "on_gpu", "ready", "source", "version", "__weakref__")
+
+    def __init__(self, host: torch.Tensor, source: torch.Tensor) -> None:
+        self.host, self.device = host, source.device
+        self.on_gpu: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        # the original, to catch an in-place change after the copy was queued (autograd would)
+        self.source, self.version = weakref.ref(source), source._version
+
+
+class _HostCheckpoints:
+    """Moves checkpointed block inputs to the host after forward and back before backward, on a
+    side stream, so the copies overlap the blocks' compute: what unsloth's checkpointing does
+    with the hidden states, here for the inputs the graphs' autograd node would keep."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device=device)
+        self.order: list[weakref.ref] = []  # host copies in forward order: backward fetches the one before
+        self.copies = 0
+
+    def offload(self, tensor: torch.Tensor) -> _HostCopy:
+        self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is written by then
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        copy = _HostCopy(host, tensor)
+        self.copies += 1
+        self.order = [r for r in self.order if r() is not None]
+        self.order.append(weakref.ref(copy))
+        return copy
+
+    def _prefetch(self, copy: _HostCopy) -> None:
+        with torch.cuda.stream(self.stream):
+            copy.on_gpu = torch.empty(copy.host.shape, dtype=copy.host.dtype, device=copy.device)
+            copy.on_gpu.copy_(copy.host, non_blocking=True)
+            copy.ready = torch.cuda.Event()
+            copy.ready.record(self.stream)
+
+    def fetch(self, copy: _HostCopy) -> torch.Tensor:
+        """The input on the GPU, ready on the current stream; starts fetching the input forward ran before it."""
+        source = copy.source()
+        if source is not None and source._version != copy.version:
+            raise BlockGraphError("A block's input was modified in place after the block's forward; "
+                                  "its backward needs the value it had (set DELTATUNE_OFFLOAD_CHECKPOINTS=0 and "
+                                  "autograd will name the operation).")
+        current = torch.cuda.current_stream()
+        if copy.on_gpu is None:
+            self._prefetch(copy)
+        current.wait_event(copy.ready)
+        tensor, copy.on_gpu = copy.on_gpu, None
+        tensor.record_stream(current)  # made on the side stream, read on this one
+        position = next((i for i, r in enumerate(self.order) if r() is copy), None)
+        if position is not None:
+            previous = self.order[position - 1]() if position > 0 else None
+            del self.order[position]
+            if previous is not None and previous.on_gpu is None:
+                self._prefetch(previous)
+        return tensor
+
+
 class _ReplayBlock(torch.autograd.Function):
     """One checkpointed block as one autograd node: forward and backward are graph replays."""
 
@@ -321,8 +397,19 @@ class _ReplayBlock(torch.autograd.Function):
         inputs = tensors_and_params[:n_inputs]
         # weak: autograd may keep this node (not its tensors) after backward; it must not keep the graphs
         ctx.captured, ctx.n_inputs = weakref.ref(captured), n_inputs
-        ctx.save_for_backward(*inputs)  # what checkpointing keeps: the block's inputs
-        return captured.forward(inputs)
+        # What checkpointing keeps: the block's inputs, the big one in host memory (its copy is
+        # queued first, so it runs beside this block's forward).
+        ctx.host_copy, ctx.host_index = None, None
+        host = captured.owner.host_checkpoints(inputs)
+        if host is not None:
+            index = max(range(n_inputs), key=lambda i: inputs[i].numel() * inputs[i].element_size())
+            if inputs[index].numel() * inputs[index].element_size() >= OFFLOAD_MIN_BYTES:
+                ctx.host_copy, ctx.host_index = host.offload(inputs[index]), index
+        out = captured.forward(inputs)
+        if ctx.host_copy is not None:
+            inputs = tuple(None if i == ctx.host_index else t for i, t in enumerate(inputs))
+        ctx.save_for_backward(*inputs)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -332,6 +419,9 @@ class _ReplayBlock(torch.autograd.Function):
         if captured is None:
             raise BlockGraphError("This block's CUDA graphs were released (the model was unpatched or deleted) "
                                   "between its forward and its backward; run the forward again.")
+        if ctx.host_copy is not None:
+            fetched = captured.owner.host.fetch(ctx.host_copy)
+            inputs = tuple(fetched if i == ctx.host_index else t for i, t in enumerate(inputs))
         grads = captured.backward(inputs, grad_output)
         n_params = len(captured.trainable)
         input_grads = grads[: ctx.n_inputs]
@@ -353,6 +443,7 @@ class BlockGraphs:
         self.signatures: set[Hashable] = set()
         self.refused: set[Hashable] = set()
         self.last_copied: dict[int, tuple[weakref.ref, int]] = {}
+        self.host: _HostCheckpoints | None = None
         self.replays = 0  # blocks run through their graphs (forward passes)
         self.captures = 0  # graph pairs recorded
 
@@ -379,6 +470,14 @@ class BlockGraphs:
             return
         buffer.copy_(tensor)
         self.last_copied[id(buffer)] = (weakref.ref(tensor), tensor._version)
+
+    def host_checkpoints(self, inputs: tuple[torch.Tensor, ...]) -> _HostCheckpoints | None:
+        """Where block inputs wait in host memory, or None where they stay on the GPU."""
+        if not offload_allowed():
+            return None
+        if self.host is None:
+            self.host = _HostCheckpoints(inputs[0].device)
+        return self.host
 
     def clear(self) -> None:
         self.captured.clear()
