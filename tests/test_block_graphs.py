@@ -180,6 +180,20 @@ def test_new_shapes_adapter_switches_and_two_forwards_before_backward(monkeypatc
 
 
 @cuda
+def test_under_autocast_the_graphs_equal_eager(monkeypatch):
+    """What a Trainer with bf16=True runs: a float32 model under bf16 autocast."""
+    torch.manual_seed(5)
+    eager, graphed, (opt_e, opt_g) = _pair(dt.LoraConfig(r=4, init_lora_weights=False))
+    batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(4)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = _steps(eager, batches, opt_e, monkeypatch, graphs_on=False)
+        got = _steps(graphed, batches, opt_g, monkeypatch, graphs_on=True)
+    assert graphs_of(graphed).replays > 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    _assert_same_adapters(eager, graphed, 1e-5)
+
+
+@cuda
 def test_qlora_through_the_graphs_equals_eager(monkeypatch):
     from deltatune.quant import quantize
 
