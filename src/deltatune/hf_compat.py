@@ -12,12 +12,13 @@ adding one `Architecture` entry to `ARCHITECTURES`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from torch import nn
 
@@ -466,6 +467,32 @@ def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def block_checkpoints(block: nn.Module) -> bool:
+    """Whether this block recomputes its activations in training (transformers' per-layer flag)."""
+    return getattr(block, "gradient_checkpointing", False) is True
+
+
+@contextlib.contextmanager
+def block_checkpointing_off(block: nn.Module) -> Iterator[None]:
+    """The block's own forward without transformers' checkpointing, inside the context (for code
+    that does the recomputing itself: kernels/block_graphs.py)."""
+    had = block.__dict__.get("gradient_checkpointing", None)
+    block.__dict__["gradient_checkpointing"] = False
+    try:
+        yield
+    finally:
+        if had is None:
+            del block.__dict__["gradient_checkpointing"]
+        else:
+            block.__dict__["gradient_checkpointing"] = had
+
+
+def attention_dropout(module: nn.Module) -> float:
+    """The dropout probability an attention module applies in training (0.0 for other modules)."""
+    p = getattr(module, "attention_dropout", 0.0)
+    return float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else 0.0
+
+
 def checkpointing_enabled(model: nn.Module) -> bool:
     """Whether any block of the model recomputes its activations in training."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
@@ -473,7 +500,8 @@ def checkpointing_enabled(model: nn.Module) -> bool:
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BLOCK_CONTAINERS", "CACHE_NAMES", "FusedBlock", "architecture", "cache_argument",
-    "allocate_static_cache", "cache_key_values", "cache_length", "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
+    "allocate_static_cache", "attention_dropout", "block_checkpointing_off", "block_checkpoints", "cache_key_values", "cache_length",
+    "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "causal_lm_output", "final_logit_softcap", "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "loss_is_plain_cross_entropy", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "gated_activation", "linear_out_features", "model_family",
     "model_type", "new_cache", "new_static_cache", "role_patterns", "set_cache", "set_static_cache_length", "static_cache_has_sliding_layers", "static_decode_kwargs", "supports_static_cache", "shifts_labels", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .. import hf_compat
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BlockGraphError", "BlockGraphs", "block_graphs_allowed"]
@@ -128,9 +130,7 @@ def _global_hooks_present() -> bool:
 def _dropout_active(module: nn.Module) -> bool:
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return module.p > 0 and module.training
-    # attention modules keep their probability as a float (transformers: attention_dropout)
-    p = getattr(module, "attention_dropout", 0.0)
-    return isinstance(p, float) and p > 0 and module.training
+    return module.training and hf_compat.attention_dropout(module) > 0  # attention keeps a float
 
 
 def _block_state(block: nn.Module) -> tuple[Hashable, list[nn.Parameter]] | None:
@@ -302,15 +302,8 @@ def _parameters_replaced(block: nn.Module, names: list[str], tensors: list[torch
 
 def _call_unchecked(block: nn.Module, args: tuple, kwargs: dict) -> Any:
     """The block's own forward with transformers' checkpointing off (the graphs do the recomputing)."""
-    had = block.__dict__.get("gradient_checkpointing", None)
-    block.__dict__["gradient_checkpointing"] = False
-    try:
+    with hf_compat.block_checkpointing_off(block):
         return block.forward(*args, **kwargs)
-    finally:
-        if had is None:
-            del block.__dict__["gradient_checkpointing"]
-        else:
-            block.__dict__["gradient_checkpointing"] = had
 
 
 # ----------------------------------------------------------------------------- inputs kept on the host
@@ -490,7 +483,7 @@ class BlockGraphs:
     # -- a block's call -------------------------------------------------------------------------
     def call(self, block: nn.Module, args: tuple, kwargs: dict) -> Any:
         """The block's output through its graphs, or NotImplemented where it must run its own code."""
-        if not (block.training and getattr(block, "gradient_checkpointing", False) and torch.is_grad_enabled()):
+        if not (block.training and hf_compat.block_checkpoints(block) and torch.is_grad_enabled()):
             return NotImplemented
         if not block_graphs_allowed() or torch.compiler.is_compiling() or _global_hooks_present():
             return NotImplemented

@@ -225,7 +225,7 @@ def patch_model_for_training(model: nn.Module) -> nn.Module:
 
 
 def _graphable_blocks(model: nn.Module, classes: dict[type, str]) -> list[nn.Module]:
-    """The checkpointable blocks of the fused architectures: those whose every module is known."""
+    """The checkpointable blocks that hold modules of a fused architecture (their code is known)."""
     fused = {module for module in model.modules() if type(module) in classes or getattr(type(module), _ORIGINAL_CLASS, None) in classes}
     return [block for block in hf_compat.checkpointable_blocks(model) if any(m in fused for m in block.modules())]
 
