@@ -31,8 +31,8 @@ Diagnostics (not in the default list):
   deltatune-hf-loss    as deltatune, with the model's own loss.
   deltatune-eager-blocks  as deltatune, without replaying the checkpointed blocks as CUDA graphs
                        (DELTATUNE_BLOCK_GRAPHS=0): what the ordinary API ran before they existed.
-  deltatune-no-offload as deltatune, the checkpointed block inputs kept on the GPU
-                       (DELTATUNE_OFFLOAD_CHECKPOINTS=0) instead of in pinned host memory.
+  deltatune-offload    as deltatune, the checkpointed block inputs in pinned host memory
+                       (DELTATUNE_OFFLOAD_CHECKPOINTS=1) instead of on the GPU.
   deltatune-graphed    as deltatune, the whole step (forward, backward, AdamW with
                        capturable=True) captured once as a CUDA graph by deltatune.kernels.
                        GraphedTrainStep and replayed; checkpointing without preserve_rng_state.
@@ -370,8 +370,8 @@ def cprofile_step(model, loss_fn, optimizer, input_ids, path: str, title: str) -
 _DEQUANT_BACKENDS = {"deltatune-bnb-dequant": "bitsandbytes", "deltatune-torch-dequant": "torch"}
 # the ordinary API without its CUDA graphs of checkpointed blocks (kernels/block_graphs.py)
 _ENVIRONMENT = {"deltatune-eager-blocks": ("DELTATUNE_BLOCK_GRAPHS", "0"),
-                # ...and with them, the checkpointed inputs kept on the GPU instead of in host memory
-                "deltatune-no-offload": ("DELTATUNE_OFFLOAD_CHECKPOINTS", "0")}
+                # ...and with them, the checkpointed inputs in host memory instead of on the GPU
+                "deltatune-offload": ("DELTATUNE_OFFLOAD_CHECKPOINTS", "1")}
 
 
 def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device) -> list[Result]:

@@ -9,7 +9,7 @@ Modes: "deltatune" calls deltatune.kernels.causal_lm_loss; "deltatune-labels" is
 loss itself since the labels= path landed); "deltatune-offload" is that with the activations saved
 for backward kept in host memory (TrainConfig.offload_activations); "deltatune-labels-eager-blocks"
 is "deltatune-labels" without replaying checkpointed blocks as CUDA graphs (DELTATUNE_BLOCK_GRAPHS=0),
-"deltatune-labels-no-offload" with them but their inputs kept on the GPU (DELTATUNE_OFFLOAD_CHECKPOINTS=0). Every family shape here
+"deltatune-labels-host-checkpoints" with them and their inputs in host memory (DELTATUNE_OFFLOAD_CHECKPOINTS=1). Every family shape here
 (Llama, Gemma-2, Gemma-3, Phi-3, Qwen2.5) has a fused block path.
 
 Peers a user would pick instead, each alone in its own process (both patch transformers for the
@@ -338,12 +338,12 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             os.environ["DELTATUNE_DISABLE_TRITON"] = "1" if mode == "deltatune-no-triton" else "0"
             # the checkpointed blocks' CUDA graphs (kernels/block_graphs.py) off: the eager blocks
             os.environ["DELTATUNE_BLOCK_GRAPHS"] = "0" if mode == "deltatune-labels-eager-blocks" else "1"
-            os.environ["DELTATUNE_OFFLOAD_CHECKPOINTS"] = "0" if mode == "deltatune-labels-no-offload" else "1"
+            os.environ["DELTATUNE_OFFLOAD_CHECKPOINTS"] = "1" if mode == "deltatune-labels-host-checkpoints" else "0"
             patch = mode not in ("deltatune-lora-only",)
             wrapped, loss_fn, optimizer, result.note = setup_deltatune(
                 model, checkpointing, args.seed, patch=patch,
                 fused_loss=patch and mode not in ("deltatune-labels", "deltatune-offload", "deltatune-labels-eager-blocks",
-                                                  "deltatune-labels-no-offload"),
+                                                  "deltatune-labels-host-checkpoints"),
                 capturable=mode == "deltatune-graphed"
             )
             if mode == "deltatune-offload":  # what TrainConfig(offload_activations=True) does around the forward

@@ -126,9 +126,10 @@ def _assert_same_adapters(a, b, tol):
 @pytest.mark.parametrize("offload", [True, False])
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, accumulate, offload):
-    # offload: every block input waits in host memory, however small (the default keeps them
-    # from 1 MiB up, or none with DELTATUNE_OFFLOAD_CHECKPOINTS=0)
-    monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0 if offload else 1 << 60)
+    # offload: every block input waits in host memory, however small (DELTATUNE_OFFLOAD_CHECKPOINTS=1
+    # keeps them from 1 MiB up)
+    monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)
+    monkeypatch.setattr(block_graphs, "offload_allowed", lambda: offload)
     torch.manual_seed(0)
     eager, graphed, (opt_e, opt_g) = _pair(dt.LoraConfig(r=4, init_lora_weights=False))
     batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(6)]
@@ -144,6 +145,7 @@ def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, acc
 @cuda
 def test_new_shapes_adapter_switches_and_two_forwards_before_backward(monkeypatch):
     monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)  # inputs fetched back out of forward order
+    monkeypatch.setattr(block_graphs, "offload_allowed", lambda: True)
     torch.manual_seed(1)
     config = dt.LoraConfig(r=4, init_lora_weights=False)
     eager, graphed, (opt_e, opt_g) = _pair(config)
@@ -215,6 +217,7 @@ def test_qlora_through_the_graphs_equals_eager(monkeypatch):
 @cuda
 def test_offloaded_inputs_leave_the_gpu_and_an_in_place_change_is_caught(monkeypatch):
     monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)
+    monkeypatch.setattr(block_graphs, "offload_allowed", lambda: True)
     model = wrapped(tiny_causal_lm("llama"), dt.LoraConfig(r=4), "cuda")
     ids = torch.randint(0, 97, (2, 16), device="cuda")
     for _ in range(2):
@@ -292,3 +295,10 @@ def test_a_deleted_model_gives_its_graphs_memory_back():
     gc.collect()
     assert graphs() is None
     assert allocated() == before
+
+
+def test_checkpointed_inputs_stay_on_the_gpu_unless_asked(monkeypatch):
+    monkeypatch.delenv("DELTATUNE_OFFLOAD_CHECKPOINTS", raising=False)
+    assert not block_graphs.offload_allowed()
+    monkeypatch.setenv("DELTATUNE_OFFLOAD_CHECKPOINTS", "1")
+    assert block_graphs.offload_allowed()
