@@ -16,8 +16,10 @@ checkpointed block, with ~10 launches per block instead of hundreds.
 
 Every buffer a graph reads or writes outside its own temporaries is shared by all blocks of the
 model and refilled before each replay (the saved inputs come from the node, as checkpointing keeps
-them), so graphs may replay in any order: two forward passes before one backward, retain_graph,
-gradient accumulation all stay exact. Temporaries live in one memory pool for the whole model.
+them), so graphs may replay in any order: two forward passes before one backward and gradient
+accumulation stay exact. Temporaries live in one memory pool for the whole model. With
+DELTATUNE_OFFLOAD_CHECKPOINTS=1 the node keeps its big input in pinned host memory instead
+(_HostCheckpoints).
 
 A block replays only where that is known to give the eager result, and runs its own code
 otherwise (DeltaModel's fused path decides which blocks get this, see kernels/patch.py):
