@@ -360,11 +360,18 @@ class _HostCheckpoints:
         return copy
 
     def _prefetch(self, copy: _HostCopy) -> None:
+        if copy.host is None:
+            raise BlockGraphError("A block's input kept in host memory was fetched back twice (a second backward "
+                                  "through the same graph, retain_graph=True): unset DELTATUNE_OFFLOAD_CHECKPOINTS.")
         with torch.cuda.stream(self.stream):
             copy.on_gpu = torch.empty(copy.host.shape, dtype=copy.host.dtype, device=copy.device)
             copy.on_gpu.copy_(copy.host, non_blocking=True)
             copy.ready = torch.cuda.Event()
             copy.ready.record(self.stream)
+        # Let go of the pinned buffer as soon as the copy is queued (torch's host allocator reuses
+        # it once the copy is done): held until the autograd graph dies, a loop whose `loss`
+        # variable keeps the last step's graph through the next forward would hold two sets.
+        copy.host = None
 
     def fetch(self, copy: _HostCopy) -> torch.Tensor:
         """The input on the GPU, ready on the current stream; starts fetching the input forward ran before it."""
