@@ -319,7 +319,7 @@ def offload_allowed() -> bool:
 
     Off by default: measured on the lent H200 (2026-12-02), it took 0.4 GiB off the checkpointed
     1.1B LoRA step at the same speed, but made the 7.2B QLoRA step 1.9-2.4x slower for 0.5 GiB
-    (the cause is not found yet; a fresh pinned allocation per block and step is the suspect)."""
+    (cause not found: the extra time grew with the bytes moved, as if they crossed at 2.2-2.9 GB/s)."""
     return os.environ.get("DELTATUNE_OFFLOAD_CHECKPOINTS", "0").strip() == "1"
 
 
