@@ -382,7 +382,7 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
     model = wrapped = optimizer = None
     graphed = mode.endswith("-graphed") and device.type == "cuda"
     variable, value = _ENVIRONMENT.get(mode) or ("DELTATUNE_QUANT_BACKEND", _DEQUANT_BACKENDS.get(mode))
-    backend_before = os.environ.get(variable)
+    value_before = os.environ.get(variable)
     try:
         if value is not None:
             os.environ[variable] = value
@@ -433,10 +433,10 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
         for result in results:
             result.note = f"failed: {type(error).__name__}: {str(error)[:160]}"
     finally:
-        if backend_before is None:
+        if value_before is None:
             os.environ.pop(variable, None)
         else:
-            os.environ[variable] = backend_before
+            os.environ[variable] = value_before
         del model, wrapped, optimizer
         free_memory(device)
     return results
