@@ -68,6 +68,14 @@ def test_block_state_refuses_hooks_dropout_and_layers_that_cannot_say():
     # IA3 layers do not say what their forward depends on
     ia3 = wrapped(base, dt.IA3Config())
     assert block_graphs._block_state(ia3.model.model.layers[0]) is None
+    # trainable tensors of two dtypes: the gradients would share one buffer of one dtype
+    norm = block.input_layernorm
+    norm.weight.data = norm.weight.data.to(torch.bfloat16)
+    norm.weight.requires_grad_(True)
+    assert block_graphs._block_state(block) is None
+    norm.weight.data = norm.weight.data.float()
+    norm.weight.requires_grad_(False)
+    assert block_graphs._block_state(block) is not None
     # in a mixed batch rows are routed per call: not replayable
     model.add_adapter("mixed", dt.LoraConfig(r=4))
     with model.mixed_batch(["default", "mixed"]):

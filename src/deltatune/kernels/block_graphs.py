@@ -78,17 +78,19 @@ def _flatten(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], tuple] | No
     tensors: list[torch.Tensor] = []
     layout: list[Hashable] = []
 
+    def add_tensor(name: Hashable, value: torch.Tensor) -> None:
+        tensors.append(value)
+        layout.append((name, "t", tuple(value.shape), value.dtype, value.device, value.requires_grad))
+
     def add(name: Hashable, value: Any) -> bool:
         if isinstance(value, torch.Tensor):
-            tensors.append(value)
-            layout.append((name, "t", tuple(value.shape), value.dtype, value.device, value.requires_grad))
+            add_tensor(name, value)
         elif isinstance(value, _CONSTANT_TYPES):
             layout.append((name, "c", value))
         elif isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
             layout.append((name, type(value).__name__, len(value)))
             for v in value:
-                tensors.append(v)
-                layout.append((name, "t", tuple(v.shape), v.dtype, v.device, v.requires_grad))
+                add_tensor(name, v)
         else:
             return False
         return True
@@ -155,6 +157,8 @@ def _block_state(block: nn.Module) -> tuple[Hashable, list[nn.Parameter]] | None
         places.append((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)))
         if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
             trainable.append(tensor)
+    if len({p.dtype for p in trainable}) > 1:
+        return None  # the graphs hand back all gradients in one buffer of one dtype
     # where every tensor lives: a replaced or moved parameter needs a new capture
     state = (tuple(adapter_keys), tuple(places), tuple(id(p) for p in trainable))
     return state, trainable
@@ -402,7 +406,7 @@ class _ReplayBlock(torch.autograd.Function):
     def forward(ctx, captured: _Captured, n_inputs: int, *tensors_and_params):
         inputs = tensors_and_params[:n_inputs]
         # weak: autograd may keep this node (not its tensors) after backward; it must not keep the graphs
-        ctx.captured, ctx.n_inputs = weakref.ref(captured), n_inputs
+        ctx.captured = weakref.ref(captured)
         # What checkpointing keeps: the block's inputs, the big one in host memory (its copy is
         # queued first, so it runs beside this block's forward).
         ctx.host_copy, ctx.host_index = None, None
@@ -428,11 +432,8 @@ class _ReplayBlock(torch.autograd.Function):
         if ctx.host_copy is not None:
             fetched = captured.owner.host.fetch(ctx.host_copy)
             inputs = tuple(fetched if i == ctx.host_index else t for i, t in enumerate(inputs))
-        grads = captured.backward(inputs, grad_output)
-        n_params = len(captured.trainable)
-        input_grads = grads[: ctx.n_inputs]
-        param_grads = grads[ctx.n_inputs :] if n_params else ()
-        return (None, None, *input_grads, *param_grads)
+        # one gradient per input, then per trainable parameter: apply's tensor arguments in order
+        return (None, None, *captured.backward(inputs, grad_output))
 
 
 # ----------------------------------------------------------------------------- the model's graphs
@@ -543,7 +544,6 @@ class BlockGraphs:
         except BlockGraphError:
             raise
         except Exception as error:  # found in the warm-up: a block that syncs or returns a tuple
-            self.last_copied.clear()
             self.refused.add(signature)
             logger.warning("deltatune: %s runs without CUDA graphs: capturing it failed (%s: %s)",
                            type(block).__name__, type(error).__name__, error)
