@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from deltatune.kernels.cuda_graph import peak_memory_bytes
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
@@ -76,7 +77,7 @@ def measure(args: argparse.Namespace, config: str, checkpointing: bool) -> dict:
         torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
     step = statistics.median(times[args.warmup:])
-    peak = torch.tensor([torch.cuda.max_memory_allocated(device)], device=device, dtype=torch.float64)
+    peak = torch.tensor([peak_memory_bytes(device)], device=device, dtype=torch.float64)
     if distributed.is_initialized():
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     del model, optimizer, params

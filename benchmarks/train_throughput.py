@@ -9,6 +9,8 @@ Modes: "deltatune" calls deltatune.kernels.causal_lm_loss; "deltatune-labels" is
 loss itself since the labels= path landed); "deltatune-offload" is that with the activations saved
 for backward kept in host memory (TrainConfig.offload_activations); "deltatune-labels-eager-blocks"
 is "deltatune-labels" without replaying checkpointed blocks as CUDA graphs (DELTATUNE_BLOCK_GRAPHS=0),
+"deltatune-labels-forced-blocks" with every repeating shape captured whether or not replaying was
+measured to pay (DELTATUNE_BLOCK_GRAPHS=1; by default a shape is captured where it is >= 1.15x faster),
 "deltatune-labels-host-checkpoints" with them and their inputs in host memory (DELTATUNE_OFFLOAD_CHECKPOINTS=1). Every family shape here
 (Llama, Gemma-2, Gemma-3, Phi-3, Qwen2.5) has a fused block path.
 
@@ -50,7 +52,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, profile_steps, set_same_lora_init
+from _common import count_graph_nodes, memory_at_peak, profile_steps, set_same_lora_init
+from deltatune.kernels.cuda_graph import peak_memory_bytes
 from torch import nn
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -336,13 +339,15 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             wrapped, loss_fn, optimizer, result.note = setup_peft(model, checkpointing, args.seed)
         elif mode.startswith("deltatune"):
             os.environ["DELTATUNE_DISABLE_TRITON"] = "1" if mode == "deltatune-no-triton" else "0"
-            # the checkpointed blocks' CUDA graphs (kernels/block_graphs.py) off: the eager blocks
-            os.environ["DELTATUNE_BLOCK_GRAPHS"] = "0" if mode == "deltatune-labels-eager-blocks" else "1"
+            # the checkpointed blocks' CUDA graphs (kernels/block_graphs.py): off, at every shape, or where they pay
+            os.environ["DELTATUNE_BLOCK_GRAPHS"] = {"deltatune-labels-eager-blocks": "0",
+                                                   "deltatune-labels-forced-blocks": "1"}.get(mode, "auto")
             os.environ["DELTATUNE_OFFLOAD_CHECKPOINTS"] = "1" if mode == "deltatune-labels-host-checkpoints" else "0"
             patch = mode not in ("deltatune-lora-only",)
             wrapped, loss_fn, optimizer, result.note = setup_deltatune(
                 model, checkpointing, args.seed, patch=patch,
                 fused_loss=patch and mode not in ("deltatune-labels", "deltatune-offload", "deltatune-labels-eager-blocks",
+                                                  "deltatune-labels-forced-blocks",
                                                   "deltatune-labels-host-checkpoints"),
                 capturable=mode == "deltatune-graphed"
             )
@@ -357,12 +362,14 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
         )
         result.step_ms = median_ms
         result.tokens_per_s = shape.batch * shape.seq / (median_ms / 1000)
-        result.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        result.peak_gib = peak_memory_bytes() / 2**30
         if mode == "deltatune-graphed":
             result.note = "whole step replayed as one CUDA graph (kernels.GraphedTrainStep)"
         elif mode.startswith("deltatune"):
             result.note = (f"fused autograd nodes: {nodes['LoraLinearFunction']} LoRA linear, {nodes['LoraMLPFunction']} LoRA MLP, "
                            f"{nodes['ReplayBlock']} blocks replayed as CUDA graphs")
+        if args.memory_peak and mode != "deltatune-graphed":
+            memory_at_peak(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "memory_peak.txt"), f"{shape.name} {mode}")
         if args.profile and not checkpointing and mode != "deltatune-graphed":
             profile_steps(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "profile.txt"), f"{shape.name} {mode}")
     except torch.cuda.OutOfMemoryError:
@@ -465,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-steps", type=int, default=10)
     parser.add_argument("--big-warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-peak", action="store_true", help="write what is allocated at one step's peak per mode to memory_peak.txt")
     parser.add_argument("--profile", action="store_true", help="write a CUDA kernel profile per mode (runs without checkpointing) to profile.txt")
     parser.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     parser.add_argument("--json", default=None, help="also write every number here")

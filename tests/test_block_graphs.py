@@ -310,3 +310,69 @@ def test_checkpointed_inputs_stay_on_the_gpu_unless_asked(monkeypatch):
     assert not block_graphs.offload_allowed()
     monkeypatch.setenv("DELTATUNE_OFFLOAD_CHECKPOINTS", "1")
     assert block_graphs.offload_allowed()
+
+
+@cuda
+def test_the_peak_counts_what_graph_temporaries_hold():
+    from deltatune.kernels import graph_pool_bytes, peak_memory_bytes
+
+    x = torch.randn(1 << 20, device="cuda")  # 4 MiB
+    torch.cuda.synchronize()
+    pool_before = graph_pool_bytes()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        (x * 2).sin()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = (x * 2).sin()  # x * 2 is a temporary: freed inside the capture, written by every replay
+    torch.cuda.reset_peak_memory_stats()
+    graph.replay()
+    torch.cuda.synchronize()
+    hidden = graph_pool_bytes() - pool_before
+    assert hidden >= x.nbytes
+    assert peak_memory_bytes() - torch.cuda.max_memory_allocated() == graph_pool_bytes()
+    del graph, y
+
+
+@cuda
+def test_replay_speedup_tells_a_host_bound_block_from_a_gpu_bound_one():
+    small = torch.randn(1024, device="cuda")
+    big = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+
+    def many_tiny_kernels():  # launching takes longer than running
+        x = small
+        for _ in range(300):
+            x = x + 1
+
+    def few_big_kernels():  # the GPU sets the pace
+        for _ in range(4):
+            big @ big
+
+    assert block_graphs.replay_speedup(many_tiny_kernels) > 2 * block_graphs.MIN_SPEEDUP
+    assert block_graphs.replay_speedup(few_big_kernels) < block_graphs.MIN_SPEEDUP
+
+
+@cuda
+@pytest.mark.parametrize("speedup", [1.0, 3.0])
+def test_a_shape_is_captured_only_where_replaying_pays(monkeypatch, speedup):
+    monkeypatch.setenv("DELTATUNE_BLOCK_GRAPHS", "auto")
+    measured = []
+    monkeypatch.setattr(block_graphs, "replay_speedup", lambda run: measured.append(run) or speedup)
+    torch.manual_seed(7)
+    eager, graphed, (opt_e, opt_g) = _pair(dt.LoraConfig(r=4, init_lora_weights=False))
+    batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(4)]
+    ref = _steps(eager, batches, opt_e, monkeypatch, graphs_on=False)
+    monkeypatch.setenv("DELTATUNE_BLOCK_GRAPHS", "auto")
+    got = []
+    for ids in batches:
+        loss = graphed(input_ids=ids, labels=ids).loss
+        loss.backward()
+        got.append(loss.detach())
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+    torch.testing.assert_close(torch.stack(got), ref, rtol=1e-5, atol=1e-5)
+    graphs = graphs_of(graphed)
+    assert len(measured) == 1, "measured once per shape, not per block or step"
+    assert (graphs.captures, graphs.replays > 0) == ((2, True) if speedup > block_graphs.MIN_SPEEDUP else (0, False))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..kernels.cuda_graph import peak_memory_bytes
 from ..layer import packed_parameter_count
 
 MIB = 2**20
@@ -251,7 +252,7 @@ def measure_training_step(
         optimizer.step()
         states = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
         optimizer_bytes = storage_bytes(states)
-        device_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        device_peak = peak_memory_bytes(device) if device.type == "cuda" else None
     finally:
         optimizer.zero_grad(set_to_none=True)
         del optimizer

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..kernels.cuda_graph import peak_memory_bytes
 from .estimate import build_meta_model, estimate_error, estimate_prepared
 from .measure import (
     MemoryBreakdown,
@@ -507,7 +508,7 @@ class _Comparison:
             result = train(model, self.train_data, config, collate_fn=self.task.collate,
                            step_callbacks=[curve] if curve else ())
         if self.device.type == "cuda" and "memory" in record:
-            record["memory"]["device_peak_training"] = torch.cuda.max_memory_allocated(self.device)
+            record["memory"]["device_peak_training"] = peak_memory_bytes(self.device)
         record["losses"] = list(result.losses)
         curve_s = record["time"].get("curve_eval_s", 0.0)
         record["time"].update({

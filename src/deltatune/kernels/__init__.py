@@ -5,7 +5,7 @@ same function (tests/test_kernels.py). On CUDA the memory-bound pieces run as Tr
 CPU the same autograd functions run PyTorch ops.
 """
 
-from .cuda_graph import GraphedTrainStep
+from .cuda_graph import GraphedTrainStep, graph_pool_bytes, peak_memory_bytes
 from .cross_entropy import causal_lm_loss, chunked_cross_entropy, cross_entropy_reference, labels_forward
 from .fused_ops import (
     GATED_ACTIVATIONS,
@@ -20,7 +20,7 @@ from .fused_ops import (
 )
 from .lora_linear import LoraParams, lora_linear, lora_linear_reference
 from .lora_mlp import lora_fast_params, lora_mlp, lora_mlp_reference
-from .patch import has_fused_path, is_patched, patch_model_for_training, patched_modules, unpatch_model
+from .patch import has_fused_path, is_patched, patch_model_for_training, patched_modules, release_block_graphs, unpatch_model
 
 __all__ = [
     "LoraParams",
@@ -37,8 +37,11 @@ __all__ = [
     "labels_forward",
     "patch_model_for_training",
     "unpatch_model",
+    "release_block_graphs",
     "is_patched",
     "GraphedTrainStep",
+    "graph_pool_bytes",
+    "peak_memory_bytes",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",

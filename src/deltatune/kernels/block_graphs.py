@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import time
 import weakref
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import nn
@@ -48,7 +50,7 @@ from .. import hf_compat
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BlockGraphError", "BlockGraphs", "block_graphs_allowed"]
+__all__ = ["BlockGraphError", "BlockGraphs", "block_graphs_allowed", "block_graphs_forced", "replay_speedup"]
 
 # Distinct signatures captured per model: a run whose shapes keep changing (dynamic padding)
 # stays eager after this many, instead of capturing (and holding) a graph pair per shape.
@@ -62,9 +64,53 @@ CAPTURE_ON_SIGHTING = 2
 _CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 
+# A shape is captured only where replaying it is expected to make the block at least this much
+# faster: where the GPU outruns the host. Where the GPU already sets the pace (big batches), the
+# graphs' memory pool would cost memory and buy nothing: on the lent H200 the 7.2B QLoRA step at
+# batch 4 took 686.5 ms eager and 694.4 ms graphed, at 8.16 against 10.46 GiB (2026-12-02).
+MIN_SPEEDUP = 1.15
+
+
 def block_graphs_allowed() -> bool:
     """False when DELTATUNE_BLOCK_GRAPHS=0 (A/B timing, or ruling the graphs out)."""
-    return os.environ.get("DELTATUNE_BLOCK_GRAPHS", "1").strip() != "0"
+    return os.environ.get("DELTATUNE_BLOCK_GRAPHS", "auto").strip() != "0"
+
+
+def block_graphs_forced() -> bool:
+    """True when DELTATUNE_BLOCK_GRAPHS=1: capture every repeating shape without timing it first."""
+    return os.environ.get("DELTATUNE_BLOCK_GRAPHS", "auto").strip() == "1"
+
+
+def replay_speedup(run: Callable[[], None]) -> float:
+    """How much faster `run` (CUDA work launched from Python) would go replayed as a graph.
+
+    Eager, its time is whichever is longer of the host's launching and the GPU's running. A graph
+    replay leaves only the GPU's part, measured here by holding the stream in a spin kernel
+    while the host queues the same work, so that the GPU then runs it back to back. Synchronises
+    the device; returns inf where the host could not queue the work within the spin kernel (a
+    host that slow is what graphs are for).
+    """
+    sleep = getattr(torch.cuda, "_sleep", None)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    eager_s = time.perf_counter() - started
+    if sleep is None:
+        return math.inf
+    cycles = int(eager_s * 4e9)  # ~2x the eager time at H100/H200 clocks (~2 GHz)
+    for _ in range(3):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        sleep(cycles)
+        begin.record()
+        run()
+        end.record()
+        held = not begin.query()  # still spinning when the host finished queueing: back to back
+        torch.cuda.synchronize()
+        if held:
+            return eager_s / max(begin.elapsed_time(end) / 1e3, 1e-9)
+        cycles *= 4
+    return math.inf
 
 
 class BlockGraphError(RuntimeError):
@@ -174,8 +220,6 @@ class _Captured:
         # its graphs' memory) alive after the model is gone
         self.owner = weakref.proxy(owner)
         self.trainable = trainable
-        names = {id(p): name for name, p in block.named_parameters()}
-        self.trainable_names = [names[id(p)] for p in trainable]
         self.differentiable = [i for i, t in enumerate(tensors) if t.requires_grad]
         # shared by every block and signature of the model (filled before each replay)
         self.inputs = [owner.buffer(("in", i), t) for i, t in enumerate(tensors)]
@@ -184,28 +228,16 @@ class _Captured:
         self.grad_sizes = [p.numel() for p in trainable]
         self._capture(block, call_args, call_kwargs)
 
-    def _run(self, block: nn.Module, call_args: tuple, call_kwargs: dict, tensors: list[torch.Tensor]) -> Any:
-        args, kwargs = _unflatten(call_args, call_kwargs, tensors)
-        return _call_unchecked(block, args, kwargs)
-
     def _forward_body(self, block, call_args, call_kwargs) -> None:
         with torch.no_grad():
-            out = self._run(block, call_args, call_kwargs, self.inputs)
+            out = _run_block(block, call_args, call_kwargs, self.inputs)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"{type(block).__name__} returns {type(out).__name__}, not one tensor")
         self.output.copy_(out)
 
     def _backward_body(self, block, call_args, call_kwargs) -> None:
-        with torch.enable_grad():
-            tensors = [t.detach().requires_grad_(i in self.differentiable) for i, t in enumerate(self.inputs)]
-            # Differentiate with respect to stand-ins of the parameters (same storage, new leaves):
-            # the parameters' own gradient accumulators were made on the training stream, and
-            # autograd would wait on that stream from inside the capture, which breaks it.
-            stand_ins = [p.detach().requires_grad_() for p in self.trainable]
-            with _parameters_replaced(block, self.trainable_names, stand_ins):
-                out = self._run(block, call_args, call_kwargs, tensors)
-            wrt = [tensors[i] for i in self.differentiable] + stand_ins
-            grads = torch.autograd.grad(out, wrt, self.grad_output, allow_unused=True)
+        grads = _block_gradients(block, call_args, call_kwargs, self.inputs, self.differentiable, self.trainable,
+                                 self.grad_output)
         for index, grad in zip(self.differentiable, grads):
             target = self.input_grads[index]
             target.zero_() if grad is None else target.copy_(grad)
@@ -250,7 +282,7 @@ class _Captured:
         owner = self.owner
         with torch.cuda.stream(stream):
             with torch.no_grad():
-                probe = self._run(block, call_args, call_kwargs, self.inputs)
+                probe = _run_block(block, call_args, call_kwargs, self.inputs)
             if not isinstance(probe, torch.Tensor):
                 raise TypeError(f"{type(block).__name__} returns {type(probe).__name__}, not one tensor")
             self.output = owner.buffer(("out",), probe)
@@ -304,6 +336,38 @@ def _parameters_replaced(block: nn.Module, names: list[str], tensors: list[torch
     finally:
         for owner, leaf, original in places:
             owner._parameters[leaf] = original
+
+
+def _run_block(block: nn.Module, call_args: tuple, call_kwargs: dict, tensors: list[torch.Tensor]) -> Any:
+    args, kwargs = _unflatten(call_args, call_kwargs, tensors)
+    return _call_unchecked(block, args, kwargs)
+
+
+def _block_gradients(block: nn.Module, call_args: tuple, call_kwargs: dict, inputs: list[torch.Tensor],
+                     differentiable: list[int], trainable: list[nn.Parameter], grad_output: torch.Tensor) -> tuple:
+    """The block recomputed under autograd and differentiated: the gradients of the inputs at
+    `differentiable`, then of the trainable parameters (None where unused)."""
+    with torch.enable_grad():
+        tensors = [t.detach().requires_grad_(i in differentiable) for i, t in enumerate(inputs)]
+        # Differentiate with respect to stand-ins of the parameters (same storage, new leaves):
+        # the parameters' own gradient accumulators were made on the training stream, and
+        # autograd would wait on that stream from inside the capture, which breaks it.
+        stand_ins = [p.detach().requires_grad_() for p in trainable]
+        names = {id(p): name for name, p in block.named_parameters()}
+        with _parameters_replaced(block, [names[id(p)] for p in trainable], stand_ins):
+            out = _run_block(block, call_args, call_kwargs, tensors)
+        wrt = [tensors[i] for i in differentiable] + stand_ins
+        return torch.autograd.grad(out, wrt, grad_output, allow_unused=True)
+
+
+def _eager_checkpointed_step(block: nn.Module, call_args: tuple, call_kwargs: dict, tensors: list[torch.Tensor],
+                             trainable: list[nn.Parameter]) -> None:
+    """What a checkpointed block costs eagerly: its forward under no_grad, then its recompute and
+    backward (gradients thrown away; nothing in the model changes)."""
+    with torch.no_grad():
+        out = _run_block(block, call_args, call_kwargs, tensors)
+    differentiable = [i for i, t in enumerate(tensors) if t.requires_grad]
+    _block_gradients(block, call_args, call_kwargs, tensors, differentiable, trainable, torch.ones_like(out))
 
 
 def _call_unchecked(block: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -449,6 +513,9 @@ class BlockGraphs:
         self.sightings: dict[tuple[int, Hashable], int] = {}
         self.signatures: set[Hashable] = set()
         self.refused: set[Hashable] = set()
+        # per signature: how much faster replaying was measured to be (replay_speedup), and
+        # whether that pays for a capture (MIN_SPEEDUP)
+        self.speedups: dict[Hashable, float] = {}
         self.last_copied: dict[int, tuple[weakref.ref, int]] = {}
         self.host: _HostCheckpoints | None = None
         self.replays = 0  # blocks run through their graphs (forward passes)
@@ -486,10 +553,22 @@ class BlockGraphs:
             self.host = _HostCheckpoints(inputs[0].device)
         return self.host
 
+    def _pays(self, signature, block, args, kwargs, tensors, trainable, autocast) -> bool:
+        """Whether capturing this signature is worth its memory, measured once per signature."""
+        if signature not in self.speedups:
+            with torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
+                speedup = replay_speedup(lambda: _eager_checkpointed_step(block, args, kwargs, tensors, trainable))
+            self.speedups[signature] = speedup
+            logger.info("deltatune: %s with inputs %s would run %.2fx faster replayed: %s", type(block).__name__,
+                        [tuple(t.shape) for t in tensors], speedup,
+                        "capturing it" if speedup >= MIN_SPEEDUP else "it runs eagerly (the GPU sets the pace)")
+        return self.speedups[signature] >= MIN_SPEEDUP
+
     def clear(self) -> None:
         self.captured.clear()
         self.sightings.clear()
         self.signatures.clear()
+        self.speedups.clear()
         self.buffers.clear()
         self.last_copied.clear()
         self.pool = None
@@ -534,6 +613,8 @@ class BlockGraphs:
         if seen < CAPTURE_ON_SIGHTING:
             return None
         if signature not in self.signatures and len(self.signatures) >= MAX_SIGNATURES:
+            return None
+        if not (block_graphs_forced() or self._pays(signature, block, args, kwargs, tensors, trainable, autocast)):
             return None
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GraphedTrainStep"]
+__all__ = ["GraphedTrainStep", "graph_pool_bytes", "peak_memory_bytes"]
 
 
 class GraphedTrainStep:
@@ -46,3 +46,37 @@ class GraphedTrainStep:
             self.static_batch[name].copy_(tensor, non_blocking=True)
         self.graph.replay()
         return self.static_loss
+
+
+def _device_index(device: torch.device | int | None) -> int:
+    if isinstance(device, int):
+        return device
+    if device is None or torch.device(device).index is None:
+        return torch.cuda.current_device()
+    return torch.device(device).index
+
+
+def graph_pool_bytes(device: torch.device | int | None = None) -> int:
+    """Bytes held by CUDA-graph memory pools that the allocator counts as free.
+
+    A captured graph's temporaries are freed during capture and stay in the graph's private pool;
+    every replay writes them again without asking the allocator, so
+    ``torch.cuda.max_memory_allocated`` never sees them. A peak that leaves them out flatters any
+    code that replays graphs (block graphs, GraphedTrainStep, the decode graphs).
+    """
+    index = _device_index(device)
+    hidden = 0
+    for segment in torch.cuda.memory_snapshot():
+        if segment.get("device", index) != index or tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0):
+            continue  # another GPU, or the ordinary pool that max_memory_allocated already counts
+        hidden += segment["total_size"] - segment["allocated_size"]
+    return hidden
+
+
+def peak_memory_bytes(device: torch.device | int | None = None) -> int:
+    """Peak device memory since the last ``torch.cuda.reset_peak_memory_stats``, graph temporaries included.
+
+    The allocator's peak of allocated bytes plus what graph pools hold unallocated now (see
+    :func:`graph_pool_bytes`): an upper bound when a pool grew after the peak, exact otherwise.
+    """
+    return torch.cuda.max_memory_allocated(device) + graph_pool_bytes(device)

@@ -30,7 +30,7 @@ from .fused_ops import gated_activation, rms_norm, rotary_embedding
 from .lora_linear import LoraParams
 from .lora_mlp import lora_fast_params, lora_mlp
 
-__all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_modules"]
+__all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_modules", "release_block_graphs"]
 
 _PATCHED_FLAG = "_deltatune_patched_modules"
 _ORIGINAL_CLASS = "_deltatune_original_class"
@@ -228,6 +228,17 @@ def _graphable_blocks(model: nn.Module, classes: dict[type, str]) -> list[nn.Mod
     """The checkpointable blocks that hold modules of a fused architecture (their code is known)."""
     fused = {module for module in model.modules() if type(module) in classes or getattr(type(module), _ORIGINAL_CLASS, None) in classes}
     return [block for block in hf_compat.checkpointable_blocks(model) if any(m in fused for m in block.modules())]
+
+
+def release_block_graphs(model: nn.Module) -> int:
+    """Drop the CUDA graphs of `model`'s checkpointed blocks (and their memory pool); blocks capture
+    again, if it pays, as their shapes repeat. Returns how many graph pairs were dropped."""
+    found = {id(graphs): graphs for module in model.modules()
+             if (graphs := module.__dict__.get(_BLOCK_GRAPHS)) is not None}
+    dropped = sum(len(graphs.captured) for graphs in found.values())
+    for graphs in found.values():
+        graphs.clear()
+    return dropped
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
