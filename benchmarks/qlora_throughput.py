@@ -96,7 +96,7 @@ from dataclasses import dataclass, field
 
 import torch
 from _common import count_graph_nodes, memory_at_peak, profile_steps, set_same_lora_init
-from deltatune.kernels import peak_memory_bytes, release_block_graphs
+from deltatune.kernels import block_graph_speedups, peak_memory_bytes, release_block_graphs
 from torch import nn
 
 LORA_RANK, LORA_ALPHA, LORA_LR = 16, 32, 1e-3
@@ -423,6 +423,8 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
                 result.peak_gib = gib(peak_memory_bytes())
                 result.resident_gib = gib(torch.cuda.memory_allocated())
             counted = ", ".join(f"{v} {k}" for k, v in nodes.items() if v)
+            measured = ", ".join(f"{speedup:.2f}x" for speedup in block_graph_speedups(wrapped).values())
+            counted += f" (replaying measured {measured} faster)" if measured else ""
             result.note = (f"{note}; {trainable / 1e6:.1f}M trainable; graph nodes: {counted or 'none counted'}; "
                            f"{left_over:.2f} GiB allocated before the model was built")
             if graphed:

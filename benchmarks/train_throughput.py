@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 from _common import count_graph_nodes, memory_at_peak, profile_steps, set_same_lora_init
-from deltatune.kernels.cuda_graph import peak_memory_bytes
+from deltatune.kernels import block_graph_speedups, peak_memory_bytes
 from torch import nn
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -368,6 +368,8 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
         elif mode.startswith("deltatune"):
             result.note = (f"fused autograd nodes: {nodes['LoraLinearFunction']} LoRA linear, {nodes['LoraMLPFunction']} LoRA MLP, "
                            f"{nodes['ReplayBlock']} blocks replayed as CUDA graphs")
+            measured = ", ".join(f"{speedup:.2f}x" for speedup in block_graph_speedups(wrapped).values())
+            result.note += f" (replaying measured {measured} faster)" if measured else ""
         if args.memory_peak and mode != "deltatune-graphed":
             memory_at_peak(wrapped, loss_fn, optimizer, input_ids, os.path.join(args.out_dir, "memory_peak.txt"), f"{shape.name} {mode}")
         if args.profile and not checkpointing and mode != "deltatune-graphed":

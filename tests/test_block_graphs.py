@@ -350,7 +350,7 @@ def test_replay_speedup_tells_a_host_bound_block_from_a_gpu_bound_one():
         for _ in range(4):
             big @ big
 
-    assert block_graphs.replay_speedup(many_tiny_kernels) > 2 * block_graphs.MIN_SPEEDUP
+    assert block_graphs.replay_speedup(many_tiny_kernels) > 1.5
     assert block_graphs.replay_speedup(few_big_kernels) < block_graphs.MIN_SPEEDUP
 
 

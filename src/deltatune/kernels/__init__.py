@@ -20,7 +20,15 @@ from .fused_ops import (
 )
 from .lora_linear import LoraParams, lora_linear, lora_linear_reference
 from .lora_mlp import lora_fast_params, lora_mlp, lora_mlp_reference
-from .patch import has_fused_path, is_patched, patch_model_for_training, patched_modules, release_block_graphs, unpatch_model
+from .patch import (
+    block_graph_speedups,
+    has_fused_path,
+    is_patched,
+    patch_model_for_training,
+    patched_modules,
+    release_block_graphs,
+    unpatch_model,
+)
 
 __all__ = [
     "LoraParams",
@@ -38,6 +46,7 @@ __all__ = [
     "patch_model_for_training",
     "unpatch_model",
     "release_block_graphs",
+    "block_graph_speedups",
     "is_patched",
     "GraphedTrainStep",
     "graph_pool_bytes",

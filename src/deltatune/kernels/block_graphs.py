@@ -81,36 +81,46 @@ def block_graphs_forced() -> bool:
     return os.environ.get("DELTATUNE_BLOCK_GRAPHS", "auto").strip() == "1"
 
 
-def replay_speedup(run: Callable[[], None]) -> float:
+def replay_speedup(run: Callable[[], None], repeats: int = 3) -> float:
     """How much faster `run` (CUDA work launched from Python) would go replayed as a graph.
 
-    Eager, its time is whichever is longer of the host's launching and the GPU's running. A graph
-    replay leaves only the GPU's part, measured here by holding the stream in a spin kernel
-    while the host queues the same work, so that the GPU then runs it back to back. Synchronises
-    the device; returns inf where the host could not queue the work within the spin kernel (a
-    host that slow is what graphs are for).
+    In a stream of such calls (the blocks of a step) each costs whichever is longer of the host's
+    launching and the GPU's running; a replay leaves only the GPU's part. Both are measured at
+    once by holding the stream in a spin kernel while the host queues the work: the host's time
+    is its launching alone, and the GPU then runs the queue back to back. The best of `repeats`
+    readings of each. Synchronises the device; inf where the host could not queue the work
+    within the spin kernel (a host that slow is what graphs are for).
     """
     sleep = getattr(torch.cuda, "_sleep", None)
+    run()  # lazy initialisation (cuBLAS handles, autotuning) is not what a replay would save
     torch.cuda.synchronize()
     started = time.perf_counter()
     run()
     torch.cuda.synchronize()
-    eager_s = time.perf_counter() - started
     if sleep is None:
         return math.inf
-    cycles = int(eager_s * 4e9)  # ~2x the eager time at H100/H200 clocks (~2 GHz)
-    for _ in range(3):
+    cycles = int((time.perf_counter() - started) * 4e9)  # ~2x the call at H100/H200 clocks (~2 GHz)
+    host_s, gpu_s, readings = math.inf, math.inf, 0
+    for _ in range(repeats + 3):  # a few tries more, for spin kernels found too short
+        if readings == repeats:
+            break
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         sleep(cycles)
         begin.record()
+        queued = time.perf_counter()
         run()
+        queued = time.perf_counter() - queued
         end.record()
         held = not begin.query()  # still spinning when the host finished queueing: back to back
         torch.cuda.synchronize()
-        if held:
-            return eager_s / max(begin.elapsed_time(end) / 1e3, 1e-9)
-        cycles *= 4
-    return math.inf
+        if not held:
+            cycles *= 4
+            continue
+        readings += 1
+        host_s, gpu_s = min(host_s, queued), min(gpu_s, begin.elapsed_time(end) / 1e3)
+    if gpu_s == math.inf:
+        return math.inf
+    return max(host_s, gpu_s) / max(gpu_s, 1e-9)
 
 
 class BlockGraphError(RuntimeError):

@@ -30,7 +30,8 @@ from .fused_ops import gated_activation, rms_norm, rotary_embedding
 from .lora_linear import LoraParams
 from .lora_mlp import lora_fast_params, lora_mlp
 
-__all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_modules", "release_block_graphs"]
+__all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_modules", "release_block_graphs",
+           "block_graph_speedups"]
 
 _PATCHED_FLAG = "_deltatune_patched_modules"
 _ORIGINAL_CLASS = "_deltatune_original_class"
@@ -230,15 +231,31 @@ def _graphable_blocks(model: nn.Module, classes: dict[type, str]) -> list[nn.Mod
     return [block for block in hf_compat.checkpointable_blocks(model) if any(m in fused for m in block.modules())]
 
 
+def _model_graphs(model: nn.Module) -> list[BlockGraphs]:
+    found = {id(graphs): graphs for module in model.modules()
+             if (graphs := module.__dict__.get(_BLOCK_GRAPHS)) is not None}
+    return list(found.values())
+
+
 def release_block_graphs(model: nn.Module) -> int:
     """Drop the CUDA graphs of `model`'s checkpointed blocks (and their memory pool); blocks capture
     again, if it pays, as their shapes repeat. Returns how many graph pairs were dropped."""
-    found = {id(graphs): graphs for module in model.modules()
-             if (graphs := module.__dict__.get(_BLOCK_GRAPHS)) is not None}
-    dropped = sum(len(graphs.captured) for graphs in found.values())
-    for graphs in found.values():
+    found = _model_graphs(model)
+    dropped = sum(len(graphs.captured) for graphs in found)
+    for graphs in found:
         graphs.clear()
     return dropped
+
+
+def block_graph_speedups(model: nn.Module) -> dict[str, float]:
+    """Per block class and input shape: how much faster replaying was measured to be (captured
+    where >= block_graphs.MIN_SPEEDUP). Empty before any shape was seen twice in training."""
+    speedups = {}
+    for graphs in _model_graphs(model):
+        for (layout, _, block_type), speedup in graphs.speedups.items():
+            shape = next((entry[2] for entry in layout if entry[1] == "t"), ())
+            speedups[f"{block_type.__name__} {tuple(shape)}"] = speedup
+    return speedups
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
