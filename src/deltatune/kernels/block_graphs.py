@@ -84,38 +84,32 @@ def block_graphs_forced() -> bool:
 def replay_speedup(run: Callable[[], None], repeats: int = 3) -> float:
     """How much faster `run` (CUDA work launched from Python) would go replayed as a graph.
 
-    Eagerly, in a stream of such calls (the blocks of a step), the host's launching and the GPU's
-    running overlap only in part; what one more call costs is measured as the time of two calls in
-    a row less the time of one (the start-up and the tail of a lone call cancel out). A replay
-    costs the GPU's time alone, measured by holding the stream in a spin kernel while the host
-    queues the work, so that the GPU then runs it back to back. Best of `repeats` readings each.
-    Synchronises the device; inf where the host could not queue the work within the spin kernel
-    (a host that slow is what graphs are for).
+    In a stream of such calls (the blocks of a step) each costs whichever is longer of the host's
+    launching and the GPU's running; a replay leaves only the GPU's part. Both are measured at
+    once by holding the stream in a spin kernel while the host queues the work: the host's time
+    is its launching alone, and the GPU then runs the queue back to back. The best of `repeats`
+    readings of each. Synchronises the device; inf where the host could not queue the work
+    within the spin kernel (a host that slow is what graphs are for).
     """
     sleep = getattr(torch.cuda, "_sleep", None)
     run()  # lazy initialisation (cuBLAS handles, autotuning) is not what a replay would save
-
-    def wall(calls: int) -> float:
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(calls):
-            run()
-        torch.cuda.synchronize()
-        return time.perf_counter() - started
-
-    one = min(wall(1) for _ in range(repeats))
-    eager_s = min(wall(2) for _ in range(repeats)) - one
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
     if sleep is None:
         return math.inf
-    cycles = int(one * 4e9)  # ~2x the call at H100/H200 clocks (~2 GHz)
-    gpu_s, readings = math.inf, 0
+    cycles = int((time.perf_counter() - started) * 4e9)  # ~2x the call at H100/H200 clocks (~2 GHz)
+    host_s, gpu_s, readings = math.inf, math.inf, 0
     for _ in range(repeats + 3):  # a few tries more, for spin kernels found too short
         if readings == repeats:
             break
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         sleep(cycles)
         begin.record()
+        queued = time.perf_counter()
         run()
+        queued = time.perf_counter() - queued
         end.record()
         held = not begin.query()  # still spinning when the host finished queueing: back to back
         torch.cuda.synchronize()
@@ -123,8 +117,10 @@ def replay_speedup(run: Callable[[], None], repeats: int = 3) -> float:
             cycles *= 4
             continue
         readings += 1
-        gpu_s = min(gpu_s, begin.elapsed_time(end) / 1e3)
-    return eager_s / max(gpu_s, 1e-9) if readings else math.inf
+        host_s, gpu_s = min(host_s, queued), min(gpu_s, begin.elapsed_time(end) / 1e3)
+    if gpu_s == math.inf:
+        return math.inf
+    return max(host_s, gpu_s) / max(gpu_s, 1e-9)
 
 
 class BlockGraphError(RuntimeError):
