@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import re
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -69,54 +71,122 @@ def _allocation_site(frames: list[dict]) -> str:
     return "(inside torch: autograd engine or optimizer)"
 
 
+def _private_segments() -> dict[int, tuple[int, int]]:
+    """CUDA-graph pools' segments on this device: start address -> (size, bytes allocated)."""
+    device = torch.cuda.current_device()
+    return {seg["address"]: (seg["total_size"], seg["allocated_size"]) for seg in torch.cuda.memory_snapshot()
+            if seg.get("device", device) == device and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)}
+
+
+class DeviceMemoryTrace:
+    """The allocator's trace of a stretch of CUDA work (torch.cuda.memory._record_memory_history),
+    and from it the exact peak of device memory in use: the ordinary pool's allocated bytes plus
+    every segment CUDA-graph pools hold, free or not (a graph replay writes its temporaries there
+    without asking the allocator, so max_memory_allocated never sees them)."""
+
+    def __init__(self, stacks: bool = False) -> None:
+        self.stacks = stacks
+
+    def __enter__(self) -> "DeviceMemoryTrace":
+        torch.cuda.synchronize()
+        self.private_before = _private_segments()
+        allocated_private = sum(allocated for _, allocated in self.private_before.values())
+        self.allocated_before = torch.cuda.memory_allocated() - allocated_private
+        options = {"context": "all", "stacks": "python"} if self.stacks else {"context": None}
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, **options)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            torch.cuda.synchronize()
+            self.trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        self.private = {**self.private_before, **_private_segments()}
+
+    def _in_private(self) -> Callable[[int], bool]:
+        starts = sorted(self.private)
+        ends = [start + self.private[start][0] for start in starts]
+
+        def inside(address: int) -> bool:
+            i = bisect.bisect_right(starts, address) - 1
+            return i >= 0 and address < ends[i]
+
+        return inside
+
+    def usage(self) -> Iterator[tuple[int, int, dict]]:
+        """(event index, bytes in use after it, the event) through the trace."""
+        inside = self._in_private()
+        in_use = self.allocated_before + sum(size for size, _ in self.private_before.values())
+        for index, event in enumerate(self.trace):
+            action, address, size = event["action"], event.get("addr", -1), event.get("size", 0)
+            if action in ("segment_alloc", "segment_free") and address in self.private:
+                in_use += size if action == "segment_alloc" else -size
+            elif action in ("alloc", "free_completed") and not inside(address):
+                in_use += size if action == "alloc" else -size
+            yield index, in_use, event
+
+    def peak(self) -> tuple[int, int]:
+        """(bytes in use at the peak, index of the event that reached it; -1: before the trace)."""
+        best, best_at = self.allocated_before + sum(size for size, _ in self.private_before.values()), -1
+        for index, in_use, _ in self.usage():
+            if in_use > best:
+                best, best_at = in_use, index
+        return best, best_at
+
+
 def memory_at_peak(model, loss_fn, optimizer, input_ids, path: str, title: str, rows: int = 25) -> None:
-    """Append to `path` what is allocated at the peak of one training step, by allocation site.
+    """Append to `path` what is in use at the peak of one training step, by allocation site.
 
-    Replays the allocator's trace of one step (torch.cuda.memory._record_memory_history): memory
-    held before the step is one line, everything allocated during it is grouped by the innermost
-    Python frame outside torch. Graph pools' temporaries are listed apart (the trace does not see them).
+    Memory held before the step is one line, CUDA-graph pools one line, everything else allocated
+    during the step is grouped by the innermost Python frame outside torch.
     """
-    from deltatune.kernels.cuda_graph import graph_pool_bytes
-
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
-    try:
+    with DeviceMemoryTrace(stacks=True) as recorded:
         loss = loss_fn(model, input_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
-    finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
-
-    def replay(stop: int | None):
-        live, held_before, total, peak, peak_at = {}, before, before, before, -1
-        for index, event in enumerate(trace[:stop]):
-            if event["action"] == "alloc":
-                live[event["addr"]] = event
-                total += event["size"]
-                if total > peak:
-                    peak, peak_at = total, index
-            elif event["action"] == "free_completed":
-                total -= event["size"]
-                if live.pop(event["addr"], None) is None:
-                    held_before -= event["size"]
-        return live, held_before, peak, peak_at
-
-    _, _, peak, peak_at = replay(None)
-    live, held_before, _, _ = replay(peak_at + 1)
+    peak, peak_at = recorded.peak()
+    inside = recorded._in_private()
+    live: dict[int, dict] = {}
+    held_before = recorded.allocated_before
+    for index, _, event in recorded.usage():
+        if index > peak_at:
+            break
+        if event["action"] == "alloc" and not inside(event["addr"]):
+            live[event["addr"]] = event
+        elif event["action"] == "free_completed" and not inside(event["addr"]):
+            if live.pop(event["addr"], None) is None:
+                held_before -= event["size"]
     sites: dict[str, list[int]] = {}
     for event in live.values():
         entry = sites.setdefault(_allocation_site(event.get("frames", [])), [0, 0])
         entry[0] += event["size"]
         entry[1] += 1
     mib = 2**20
-    lines = [f"\n===== {title}: {peak / mib:,.0f} MiB allocated at the step's peak (event {peak_at} of {len(trace)}), "
-             f"plus {graph_pool_bytes() / mib:,.0f} MiB in CUDA-graph pools",
-             f"{held_before / mib:>10,.1f} MiB  held since before the step (weights, optimizer state, graph buffers)"]
+    pools = peak - held_before - sum(size for size, _ in sites.values())
+    lines = [f"\n===== {title}: {peak / mib:,.0f} MiB in use at the step's peak (event {peak_at} of {len(recorded.trace)})",
+             f"{held_before / mib:>10,.1f} MiB  held since before the step (weights, optimizer state, graph buffers)",
+             f"{pools / mib:>10,.1f} MiB  CUDA-graph pools (graph temporaries)"]
     for site, (size, count) in sorted(sites.items(), key=lambda item: -item[1][0])[:rows]:
         lines.append(f"{size / mib:>10,.1f} MiB  {count:>5} x  {site}")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def peak_of_warmup(model, loss_fn, optimizer, input_ids, steps: int) -> int:
+    """Exact peak device memory (DeviceMemoryTrace) over `steps` training steps from no captured
+    block graphs: the steps that capture them (and their warm-up) included."""
+    from deltatune.kernels import release_block_graphs
+
+    release_block_graphs(model)
+    torch.cuda.empty_cache()
+    with DeviceMemoryTrace() as recorded:
+        for _ in range(steps):
+            loss = loss_fn(model, input_ids)
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        del loss
+    return recorded.peak()[0]

@@ -41,12 +41,13 @@ Diagnostics (not in the default list):
 
 Step time is the median over the steps after warm-up, measured with CUDA events; "host ms" is the
 time the host takes to enqueue one step when the GPU is idle (close to the step time: the step is
-bound by Python and launches). Peak memory is torch.cuda.max_memory_allocated over the training
-steps of that batch size (the model, adapters, optimizer state and activations; reset after the
-model is built) plus what CUDA-graph pools hold (deltatune.kernels.peak_memory_bytes: graph
-temporaries, which the allocator counts as free); each batch size starts with no captured block
-graphs; "resident" is what stays allocated between steps. --memory-peak lists what is allocated
-at one step's peak, by allocation site. Both libraries quantize the
+bound by Python and launches). Peak memory is the most device memory in use (the model,
+adapters, optimizer state, activations, and every segment of the CUDA-graph pools, where graph
+temporaries live unseen by torch.cuda.max_memory_allocated) over the warm-up steps run again
+after the timing, from no captured block graphs, under the allocator's trace
+(_common.DeviceMemoryTrace): the steps that capture the graphs are the ones that need the most.
+"resident" is what stays allocated between steps. --memory-peak lists what is in use at one
+step's peak, by allocation site. Both libraries quantize the
 same bf16 weights to the same NF4 format and start LoRA B at zero with the same A, so their step-0
 losses differ only by quantization rounding ties and bf16 arithmetic.
 
@@ -95,7 +96,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, memory_at_peak, profile_steps, set_same_lora_init
+from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes, release_block_graphs
 from torch import nn
 
@@ -420,8 +421,10 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
             result.step_ms = median_ms
             result.tokens_per_s = result.batch * shape.seq / (median_ms / 1000)
             if device.type == "cuda":
-                result.peak_gib = gib(peak_memory_bytes())
                 result.resident_gib = gib(torch.cuda.memory_allocated())
+                # the warm-up again under the allocator's trace: the exact peak, graph pools included
+                result.peak_gib = gib(peak_memory_bytes() if graphed else
+                                      peak_of_warmup(wrapped, loss_fn, optimizer, input_ids, warmup + 1))
             counted = ", ".join(f"{v} {k}" for k, v in nodes.items() if v)
             measured = ", ".join(f"{speedup:.2f}x" for speedup in block_graph_speedups(wrapped).values())
             counted += f" (replaying measured {measured} faster)" if measured else ""

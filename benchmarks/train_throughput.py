@@ -26,7 +26,9 @@ Random-init Llama-shaped models in bf16 with sdpa attention, fused AdamW (states
 parameters), a fixed batch of random tokens, LoRA r=16 / alpha=32 on all seven projections. Each
 mode starts from the same initial weights; LoRA A gets the same random init in peft and deltatune,
 B starts at zero. Step time is the median over the steps after warm-up, measured with CUDA events;
-peak memory is torch's peak allocation over the mode (weights, optimizer state and activations).
+peak memory is the most device memory in use (weights, optimizer state, activations and the
+CUDA-graph pools' segments) over the warm-up steps run again after the timing, from no captured
+block graphs, under the allocator's trace (_common.DeviceMemoryTrace).
 "host ms" is the time the host takes to enqueue one step when the GPU is idle: well below the
 step time, the GPU sets the pace; close to it, either Python and launch overhead do, or the host
 ran far enough ahead to fill CUDA's launch queue and waited there (benchmarks/host_profile.py
@@ -52,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, memory_at_peak, profile_steps, set_same_lora_init
+from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes
 from torch import nn
 
@@ -362,7 +364,9 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
         )
         result.step_ms = median_ms
         result.tokens_per_s = shape.batch * shape.seq / (median_ms / 1000)
-        result.peak_gib = peak_memory_bytes() / 2**30
+        # the warm-up again under the allocator's trace: the exact peak, graph pools included
+        result.peak_gib = (peak_memory_bytes() if mode == "deltatune-graphed" else
+                           peak_of_warmup(wrapped, loss_fn, optimizer, input_ids, warmup + 1)) / 2**30
         if mode == "deltatune-graphed":
             result.note = "whole step replayed as one CUDA graph (kernels.GraphedTrainStep)"
         elif mode.startswith("deltatune"):
