@@ -305,6 +305,22 @@ def test_a_deleted_model_gives_its_graphs_memory_back():
     assert allocated() == before
 
 
+def test_measured_speedups_are_reported_per_shape_and_released_with_the_graphs():
+    from deltatune.kernels import block_graph_speedups, release_block_graphs
+
+    model = wrapped(tiny_causal_lm("llama"), dt.LoraConfig(r=4))
+    graphs = graphs_of(model)
+    block_type = type(model.model.model.layers[0])
+    autocast = (False, torch.bfloat16)
+    for needs_grad, speedup in ((False, 1.02), (True, 1.4)):
+        _, layout = block_graphs._flatten((torch.ones(2, 16, 64, requires_grad=needs_grad),), {"use_cache": False})
+        graphs.speedups[(layout, autocast, block_type)] = speedup
+    name = block_type.__name__
+    assert block_graph_speedups(model) == {f"{name} (2, 16, 64) (no input gradient)": 1.02, f"{name} (2, 16, 64)": 1.4}
+    assert release_block_graphs(model) == 0  # nothing was captured on a CPU
+    assert block_graph_speedups(model) == {}
+
+
 def test_checkpointed_inputs_stay_on_the_gpu_unless_asked(monkeypatch):
     monkeypatch.delenv("DELTATUNE_OFFLOAD_CHECKPOINTS", raising=False)
     assert not block_graphs.offload_allowed()

@@ -113,7 +113,8 @@ class MemoryBreakdown:
     optimizer_states: int = 0
     activations: int = 0
     outputs: int = 0
-    # Information from the allocator/OS when available; not part of `peak`.
+    # Information from the allocator/OS when available; not part of `peak`. device_peak counts
+    # CUDA-graph pools too (kernels.peak_memory_bytes: an upper bound where a pool grew after the peak).
     device_peak: int | None = None
     process_rss_peak: int | None = None
     notes: list[str] = field(default_factory=list)

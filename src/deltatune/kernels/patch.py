@@ -253,8 +253,13 @@ def block_graph_speedups(model: nn.Module) -> dict[str, float]:
     speedups = {}
     for graphs in _model_graphs(model):
         for (layout, _, block_type), speedup in graphs.speedups.items():
-            shape = next((entry[2] for entry in layout if entry[1] == "t"), ())
-            speedups[f"{block_type.__name__} {tuple(shape)}"] = speedup
+            tensors = [entry for entry in layout if entry[1] == "t"]  # (name, "t", shape, dtype, device, requires_grad)
+            label = f"{block_type.__name__} {tuple(tensors[0][2]) if tensors else ()}"
+            if not any(entry[5] for entry in tensors):
+                label += " (no input gradient)"  # the first block: the embeddings do not train
+            while label in speedups:
+                label += "'"
+            speedups[label] = speedup
     return speedups
 
 
