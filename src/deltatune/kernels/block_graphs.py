@@ -29,7 +29,11 @@ torch.compile, every adapter layer in the block able to say what its forward dep
 (DeltaLayer.graph_key; a mixed batch says it cannot), and every argument a tensor, a tuple of
 tensors or a plain constant. Shapes must repeat: a signature (shapes, dtypes, constants, adapter
 state, which tensors train, where every parameter lives) is captured the second time it is seen,
-at most MAX_SIGNATURES per model; others run eagerly. DELTATUNE_BLOCK_GRAPHS=0 turns it off.
+at most MAX_SIGNATURES per model; others run eagerly. The graphs' temporaries stay reserved in
+their pool for the whole run, so a signature is captured only where replaying was measured to be
+at least MIN_SPEEDUP faster (replay_speedup, once per signature): where the GPU already sets the
+pace, the graphs would cost memory and buy nothing. DELTATUNE_BLOCK_GRAPHS=1 captures without
+measuring, DELTATUNE_BLOCK_GRAPHS=0 turns it off.
 """
 
 from __future__ import annotations
