@@ -67,7 +67,9 @@ Last measured 2026-11-23 on the lent H100 (torch 2.11.0+cu130, triton 3.6.0, tra
 peft 0.21.2, bitsandbytes 0.50.2), all rows from one run (--modes peft,deltatune,deltatune-graphed
 --steps 12 --warmup 3 --big-steps 8 --big-warmup 3). The steps are bound by host time, which
 varied by up to ~1.5x from one machine to the next (peft 1.1B: 321-369 ms/step over five runs):
-compare rows of one run only.
+compare rows of one run only. Its peaks are torch.cuda.max_memory_allocated, as this script read
+them then: exact for the eager rows, understated for the deltatune-graphed rows (the graph's pool
+is not in them). The H200 rows of 2026-12-02 are in README.md's QLoRA section.
 
     model  batch  mode                     ours tok/s peft tok/s  ratio ours peak GiB peft peak GiB  ratio
     1.1B       4  deltatune                    36,689     23,941  1.53x          2.34          4.46  0.52x
