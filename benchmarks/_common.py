@@ -62,6 +62,16 @@ def profile_steps(model, loss_fn, optimizer, input_ids, path: str, title: str, r
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))
 
 
+def train_step(model, loss_fn, optimizer, input_ids: torch.Tensor) -> torch.Tensor:
+    """One training step: loss, backward, and the optimizer's step (optimizer None: no update)."""
+    loss = loss_fn(model, input_ids)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def _allocation_site(frames: list[dict]) -> str:
     """The innermost Python frame outside torch itself: the code that asked for the memory."""
     for frame in frames:
@@ -142,10 +152,7 @@ def memory_at_peak(model, loss_fn, optimizer, input_ids, path: str, title: str, 
     during the step is grouped by the innermost Python frame outside torch.
     """
     with DeviceMemoryTrace(stacks=True) as recorded:
-        loss = loss_fn(model, input_ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, loss_fn, optimizer, input_ids)
     peak, peak_at = recorded.peak()
     inside = recorded._in_private()
     live: dict[int, dict] = {}
@@ -183,10 +190,5 @@ def peak_of_warmup(model, loss_fn, optimizer, input_ids, steps: int) -> int:
     torch.cuda.empty_cache()
     with DeviceMemoryTrace() as recorded:
         for _ in range(steps):
-            loss = loss_fn(model, input_ids)
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        del loss
+            train_step(model, loss_fn, optimizer, input_ids)
     return recorded.peak()[0]

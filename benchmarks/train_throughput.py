@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init
+from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init, train_step
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes
 from torch import nn
 
@@ -268,12 +268,7 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup, graphed=Fal
     """Median step time (CUDA events), median host time to enqueue one step from an idle GPU, losses."""
 
     def step():
-        loss = loss_fn(model, input_ids)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss
+        return train_step(model, loss_fn, optimizer, input_ids)
 
     if graphed:
         from deltatune.kernels.cuda_graph import GraphedTrainStep
