@@ -578,11 +578,12 @@ class BlockGraphs:
                         "capturing it" if speedup >= MIN_SPEEDUP else "it runs eagerly (the GPU sets the pace)")
         return self.speedups[signature] >= MIN_SPEEDUP
 
-    def clear(self) -> None:
+    def clear(self, keep_measurements: bool = False) -> None:
         self.captured.clear()
         self.sightings.clear()
         self.signatures.clear()
-        self.speedups.clear()
+        if not keep_measurements:
+            self.speedups.clear()
         self.buffers.clear()
         self.last_copied.clear()
         self.pool = None

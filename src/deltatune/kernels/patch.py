@@ -237,13 +237,15 @@ def _model_graphs(model: nn.Module) -> list[BlockGraphs]:
     return list(found.values())
 
 
-def release_block_graphs(model: nn.Module) -> int:
+def release_block_graphs(model: nn.Module, keep_measurements: bool = False) -> int:
     """Drop the CUDA graphs of `model`'s checkpointed blocks (and their memory pool); blocks capture
-    again, if it pays, as their shapes repeat. Returns how many graph pairs were dropped."""
+    again, if it pays, as their shapes repeat. With `keep_measurements`, what replaying was measured
+    to gain per shape is kept, so the same shapes are captured again without a new measurement.
+    Returns how many graph pairs were dropped."""
     found = _model_graphs(model)
     dropped = sum(len(graphs.captured) for graphs in found)
     for graphs in found:
-        graphs.clear()
+        graphs.clear(keep_measurements)
     return dropped
 
 
