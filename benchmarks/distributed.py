@@ -9,7 +9,11 @@ random-init Llama-shaped model (bf16, sdpa), through deltatune's own API: `dt.wr
 `dt.QLoraConfig` for a 4-bit NF4 base), `deltatune.distributed.prepare` (DDP, or FSDP2 per
 decoder block + root) and fused AdamW. Per-GPU batch is fixed (`--batch`), so N GPUs process N
 times the tokens of one. Step time is the median after warm-up; tokens/s counts all GPUs;
-peak memory is the largest torch peak allocation over the ranks. Printed: the table, each
+peak memory is the largest over the ranks of torch's peak allocation plus the CUDA-graph pools
+(deltatune.kernels.peak_memory_bytes). With --meta-init (on by default for the 70b shape, for
+LoRA and full fine-tuning under FSDP2) each rank builds the model on the meta device and holds only
+its shards: `prepare(..., init_weights=random_fill)` shards it, then fills each rank's shards with
+random values (QLoRA quantizes real weights as it wraps, so it is built whole on every rank). Printed: the table, each
 configuration's scaling against its own 1-GPU row (when measured in the same call), and the
 memory of each PEFT configuration against full fine-tuning's at the same GPU count.
 """
@@ -31,12 +35,14 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
     "7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = ("lora-ddp", "lora-fsdp2", "qlora-ddp", "qlora-fsdp2", "full-fsdp2")
 
 
 def build(shape: str, config: str, checkpointing: bool, device: torch.device):
+    """The model, on `device` or, for a meta build, on the meta device (prepare() shards it, then fills it)."""
     import deltatune as dt
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,13 +60,41 @@ def build(shape: str, config: str, checkpointing: bool, device: torch.device):
     return model
 
 
+def meta_build(args: argparse.Namespace, config: str) -> bool:
+    """Whether to build on the meta device: asked for (or the 70B shape, which no GPU holds whole),
+    and possible (FSDP2; LoRA or full: QLoRA quantizes real weights as it wraps)."""
+    wanted = args.meta_init == "on" or (args.meta_init == "auto" and args.shape == "70b")
+    if wanted and (config.startswith("qlora") or not config.endswith("fsdp2")):
+        if args.meta_init == "on":
+            raise SystemExit(f"--meta-init on: {config} cannot be built on the meta device (FSDP2 with LoRA or full only)")
+        return False
+    return wanted
+
+
+def random_fill(model: torch.nn.Module) -> None:
+    """init_weights of a meta build: each rank fills its own shards (LoRA B zero, norms one, other
+    weights N(0, 0.02), seeded by rank): sane values for timing, not the values of a whole build."""
+    from deltatune import distributed
+
+    generator = torch.Generator(device=distributed.device()).manual_seed(distributed.rank())
+    for name, param in model.named_parameters():
+        local = distributed.local_view(param)
+        if ".lora_B." in name:
+            local.zero_()
+        elif local.dim() >= 2:
+            local.normal_(0.0, 0.02, generator=generator)
+        else:
+            local.fill_(1.0)
+
+
 def measure(args: argparse.Namespace, config: str, checkpointing: bool) -> dict:
     from deltatune import distributed
 
     device = distributed.device()
-    model = build(args.shape, config, checkpointing, device)
+    on_meta = meta_build(args, config)
+    model = build(args.shape, config, checkpointing, torch.device("meta") if on_meta else device)
     model.train()
-    model = distributed.prepare(model, config.split("-")[1])
+    model = distributed.prepare(model, config.split("-")[1], init_weights=random_fill if on_meta else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5 if config.startswith("full") else 1e-4, fused=True)
     generator = torch.Generator(device=device).manual_seed(distributed.rank())
@@ -131,6 +165,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--meta-init", choices=["auto", "on", "off"], default="auto",
+                        help="build on the meta device and fill each rank's shards after sharding (auto: the 70b shape)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -143,7 +179,8 @@ def main() -> None:
           f"{args.seq} per GPU", flush=True)
     rows = []
     forwarded = ["--shape", args.shape, "--configs", args.configs, "--checkpointing", args.checkpointing,
-                 "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                 "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                 "--meta-init", args.meta_init]
     for count in [int(n) for n in args.gpus.split(",")]:
         if count > torch.cuda.device_count():
             print(f"skipped {count} GPUs: this machine has {torch.cuda.device_count()}")

@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_distributed.py (2 processes, gloo): trains LoRA and QLoRA with
-DDP and FSDP2, resumes a one-process checkpoint, writes a checkpoint for one process to resume."""
+DDP and FSDP2, resumes a one-process checkpoint, writes a checkpoint for one process to resume,
+and fills a model built on the meta device after sharding it."""
 
 from __future__ import annotations
 
@@ -126,6 +127,37 @@ def sharded_codes() -> dict:
             "same parameter count": sharded.trainable_parameters().total == alone.trainable_parameters().total}
 
 
+def built_on_meta() -> dict:
+    """A LoRA model built on the meta device, sharded by prepare() and filled there from the whole
+    tensors (distributed.fill_from_full), against the same model built whole in one process: logits, then the losses
+    of three SGD steps on one batch (every rank the same batch, so the averaged gradient is that batch's)."""
+    config = dt.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    torch.manual_seed(5)
+    alone = dt.wrap(tiny_llama(seed=0), config)
+    with torch.device("meta"):
+        meta = dt.wrap(tiny_llama(seed=0), config)
+    whole = {name: t.detach().clone() for name, t in [*alone.named_parameters(), *alone.named_buffers()]}
+    sharded = distributed.prepare(meta, "fsdp2", init_weights=lambda model: distributed.fill_from_full(model, whole))
+    rotary = sharded.model.model.rotary_emb
+    report = {"left on meta": sum(t.is_meta for t in [*sharded.parameters(), *sharded.buffers()]),
+              "rotary table differs by": (rotary.inv_freq - alone.model.model.rotary_emb.inv_freq).abs().max().item(),
+              "logits differ by": (logits(sharded.eval()) - logits(alone.eval())).abs().max().item()}
+    with alone.disable_adapters():
+        report["adapter changes the output"] = (logits(alone) - logits(sharded)).abs().max().item()
+    for name, model in (("alone", alone), ("sharded", sharded)):
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        losses = []
+        for _ in range(3):
+            loss = model(input_ids=MERGE_IDS, labels=MERGE_IDS).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        report[f"losses {name}"] = losses
+    return report
+
+
 def main(out: Path, single_checkpoint: Path) -> None:
     import logging
 
@@ -147,7 +179,9 @@ def main(out: Path, single_checkpoint: Path) -> None:
     merges = {variant: merge_in_place(options) for variant, options in (("lora", {}), ("dora", {"use_dora": True}))}
     unloaded = merged_copy()
     codes = sharded_codes()
+    meta = built_on_meta()
     if distributed.is_main():
+        (out / "built-on-meta.json").write_text(json.dumps(meta))
         (out / "sharded-codes.json").write_text(json.dumps(codes))
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "merge-in-place.json").write_text(json.dumps(merges))

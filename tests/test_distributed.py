@@ -118,6 +118,33 @@ def test_fsdp2_shards_the_4bit_codes_and_computes_what_one_process_computes(two_
     assert report["logits differ by"] < 1e-5 and report["same parameter count"]
 
 
+def test_a_model_built_on_the_meta_device_is_sharded_filled_and_trains_as_one_process(two_processes):
+    report = json.loads((two_processes / "out" / "built-on-meta.json").read_text())
+    assert report["left on meta"] == 0 and report["rotary table differs by"] == 0.0
+    assert report["adapter changes the output"] > 1e-3  # random B: weights lost in the filling would show
+    assert report["logits differ by"] < 1e-5
+    torch.testing.assert_close(report["losses sharded"], report["losses alone"], rtol=1e-5, atol=1e-6)
+    assert report["losses alone"][-1] < report["losses alone"][0]
+
+
+def test_a_model_on_the_meta_device_needs_fsdp2_and_a_filling_and_its_tables_are_recomputed():
+    from deltatune import hf_compat
+
+    with torch.device("meta"):
+        meta = dt.wrap(tiny_causal_lm("llama"), dt.LoraConfig(r=4))
+    with pytest.raises(distributed.DistributedError, match="init_weights"):
+        distributed.prepare(meta, "none")  # no process group here: no sharding, so nothing could be filled
+    with pytest.raises(distributed.DistributedError, match="meta device"):
+        distributed.prepare(dt.wrap(tiny_causal_lm("llama"), dt.LoraConfig(r=4)), "none", init_weights=lambda m: None)
+    with pytest.raises(distributed.DistributedError, match="no tensor for"):
+        distributed.fill_from_full(dt.wrap(tiny_causal_lm("llama"), dt.LoraConfig(r=4)), {})
+    real = tiny_causal_lm("llama")
+    meta.to_empty(device="cpu")
+    assert hf_compat.rebuild_computed_buffers(meta) == ["model.model.rotary_emb.inv_freq",
+                                                        "model.model.rotary_emb.original_inv_freq"]
+    torch.testing.assert_close(meta.model.model.rotary_emb.inv_freq, real.model.rotary_emb.inv_freq, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_lora_merges_and_unmerges_in_place_on_sharded_weights_as_one_process_does(two_processes, variant):
     report = json.loads((two_processes / "out" / "merge-in-place.json").read_text())[variant]

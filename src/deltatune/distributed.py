@@ -29,7 +29,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -142,15 +142,34 @@ def resolve_strategy(strategy: str, model: nn.Module) -> str:
     return "ddp"
 
 
-def prepare(model: nn.Module, strategy: str = "auto") -> nn.Module:
+def prepare(model: nn.Module, strategy: str = "auto",
+            init_weights: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """`model` ready for the process group: wrapped in DDP, or sharded in place with FSDP2 (each
     transformer block, then the root). Returns the module to call; `unwrap_parallel` gives back
-    the model itself (under FSDP2 that is the same object)."""
+    the model itself (under FSDP2 that is the same object).
+
+    A model too big for one device whole is built on the meta device (``with torch.device("meta"):``
+    the model, then ``dt.wrap``) and prepared with FSDP2 and `init_weights`: it is sharded while it
+    holds no memory, each rank then allocates only its shards (``to_empty``), the buffers computed
+    from the config (rotary tables) are computed again, and ``init_weights(model)`` fills the
+    weights under no_grad, e.g. ``lambda m: fill_from_full(m, tensors)`` with the whole tensors by
+    name, or any initialisation that writes each rank's shards.
+    """
     strategy = resolve_strategy(strategy, model)
+    on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    if on_meta and (strategy != "fsdp2" or init_weights is None):
+        raise DistributedError(
+            "a model on the meta device is sharded, then filled: it needs distributed='fsdp2' under torchrun and "
+            "init_weights (a function that fills its weights once each rank holds its shards); got distributed="
+            f"{strategy!r}{'' if init_weights else ' and no init_weights'}.")
+    if init_weights is not None and not on_meta:
+        raise DistributedError("init_weights is for a model built on the meta device; this one holds its weights already.")
     if strategy == "none":
         return model
     if not any(p.requires_grad for p in model.parameters()):
         raise DistributedError("the model has no parameters that train: nothing to synchronise.")
+    if on_meta:
+        return _shard_and_fill(model, init_weights)
     model.to(device())
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -158,6 +177,20 @@ def prepare(model: nn.Module, strategy: str = "auto") -> nn.Module:
         ids = [device().index] if device().type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     _shard(model)
+    return model
+
+
+def _shard_and_fill(model: nn.Module, init_weights: Callable[[nn.Module], None]) -> nn.Module:
+    from deltatune import hf_compat
+
+    _shard(model)
+    model.to_empty(device=device())
+    try:
+        hf_compat.rebuild_computed_buffers(model)
+    except ValueError as error:
+        raise DistributedError(str(error)) from error
+    with torch.no_grad():
+        init_weights(model)
     return model
 
 
@@ -232,6 +265,21 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements).to_local()
+
+
+def fill_from_full(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Every parameter and buffer of `model` (names as `model.named_parameters()` gives them, the
+    frozen base's included) set from the whole tensor of that name, each rank copying its own shard
+    (the `init_weights` of a model built on the meta device). Every rank must call it with the same
+    names; a name missing from `tensors` is an error that lists them."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    missing = [name for name, _ in named if name not in tensors]
+    if missing:
+        raise DistributedError(f"fill_from_full: no tensor for {len(missing)} of the model's names, e.g. "
+                               f"{', '.join(missing[:5])}.")
+    with torch.no_grad():
+        for name, tensor in named:
+            local_view(tensor).copy_(shard_like(tensors[name], tensor))
 
 
 def all_sum(value: float | int) -> float:

@@ -493,6 +493,33 @@ def attention_dropout(module: nn.Module) -> float:
     return float(p) if isinstance(p, (int, float)) and not isinstance(p, bool) else 0.0
 
 
+def rebuild_computed_buffers(model: nn.Module) -> list[str]:
+    """Recompute the buffers a model computes from its config and no checkpoint holds (the rotary
+    tables, ``inv_freq``), in place: after a build on the meta device and ``to_empty`` they hold
+    whatever the memory held. Each module owning such buffers is built again from its ``config``
+    (on the CPU; such modules hold no weights) and its buffers copied over. Returns their names;
+    raises ValueError naming a module that has such buffers but cannot be rebuilt that way."""
+    import torch
+
+    rebuilt = []
+    for name, module in model.named_modules():
+        computed = sorted(b for b in module._non_persistent_buffers_set if module._buffers.get(b) is not None)
+        if not computed:
+            continue
+        config = getattr(module, "config", None)
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(config)
+        except Exception as error:
+            raise ValueError(f"{name or 'the model'} ({type(module).__name__}) computes buffers no checkpoint holds "
+                             f"({', '.join(computed)}) and cannot be rebuilt from its config ({type(error).__name__}: "
+                             f"{error}); build it off the meta device.") from error
+        for buffer in computed:  # into the buffer in place: its dtype (a model cast to bf16 casts it too) stays
+            module._buffers[buffer].copy_(fresh._buffers[buffer])
+            rebuilt.append(f"{name}.{buffer}" if name else buffer)
+    return rebuilt
+
+
 def checkpointing_enabled(model: nn.Module) -> bool:
     """Whether any block of the model recomputes its activations in training."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
@@ -504,5 +531,5 @@ __all__ = [
     "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "causal_lm_output", "final_logit_softcap", "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "loss_is_plain_cross_entropy", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "gated_activation", "linear_out_features", "model_family",
-    "model_type", "new_cache", "new_static_cache", "role_patterns", "set_cache", "set_static_cache_length", "static_cache_has_sliding_layers", "static_decode_kwargs", "supports_static_cache", "shifts_labels", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
+    "model_type", "new_cache", "new_static_cache", "rebuild_computed_buffers", "role_patterns", "set_cache", "set_static_cache_length", "static_cache_has_sliding_layers", "static_decode_kwargs", "supports_static_cache", "shifts_labels", "suffix_regex", "supports_checkpointing", "task_heads", "transformers_version", "TASK_HEADS",
 ]
