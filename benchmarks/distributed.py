@@ -13,7 +13,7 @@ peak memory is the largest over the ranks of torch's peak allocation plus the CU
 (deltatune.kernels.peak_memory_bytes). With --meta-init (on by default for the 70b shape, for
 LoRA and full fine-tuning under FSDP2) each rank builds the model on the meta device and holds only
 its shards: `prepare(..., init_weights=random_fill)` shards it, then fills each rank's shards with
-random values (QLoRA quantizes real weights as it wraps, so it is built whole on every rank). Printed: the table, each
+random values (QLoRA built that way is not tested yet: it is built whole on every rank). Printed: the table, each
 configuration's scaling against its own 1-GPU row (when measured in the same call), and the
 memory of each PEFT configuration against full fine-tuning's at the same GPU count.
 """
@@ -62,7 +62,7 @@ def build(shape: str, config: str, checkpointing: bool, device: torch.device):
 
 def meta_build(args: argparse.Namespace, config: str) -> bool:
     """Whether to build on the meta device: asked for (or the 70B shape, which no GPU holds whole),
-    and possible (FSDP2; LoRA or full: QLoRA quantizes real weights as it wraps)."""
+    under FSDP2, for LoRA or full fine-tuning (QLoRA built this way is not tested yet)."""
     wanted = args.meta_init == "on" or (args.meta_init == "auto" and args.shape == "70b")
     if wanted and (config.startswith("qlora") or not config.endswith("fsdp2")):
         if args.meta_init == "on":

@@ -158,6 +158,26 @@ def built_on_meta() -> dict:
     return report
 
 
+def held_per_rank() -> dict:
+    """What rank 0 holds under FSDP2 (LoRA and QLoRA on the tiny Llama): its parameter shards (the
+    4-bit codes among them), and after one AdamW step its gradient shards and optimizer state."""
+    report = {}
+    for method in ("lora", "qlora"):
+        model = distributed.prepare(dt.wrap(tiny_llama(seed=0), adapter_config(method)), "fsdp2")
+        params = list({id(p): p for p in model.parameters()}.values())
+        optimizer = torch.optim.AdamW([p for p in params if p.requires_grad])
+        model(input_ids=MERGE_IDS, labels=MERGE_IDS).loss.backward()
+        optimizer.step()
+
+        def held(tensors) -> int:
+            return sum(distributed.local_view(t).numel() * t.element_size() for t in tensors)
+
+        report[method] = {"parameters": held(params), "gradients": held(p.grad for p in params if p.grad is not None),
+                          "optimizer states": held(v for state in optimizer.state.values() for v in state.values()
+                                                   if isinstance(v, torch.Tensor))}
+    return report
+
+
 def main(out: Path, single_checkpoint: Path) -> None:
     import logging
 
@@ -180,7 +200,9 @@ def main(out: Path, single_checkpoint: Path) -> None:
     unloaded = merged_copy()
     codes = sharded_codes()
     meta = built_on_meta()
+    held = held_per_rank()
     if distributed.is_main():
+        (out / "held-per-rank.json").write_text(json.dumps(held))
         (out / "built-on-meta.json").write_text(json.dumps(meta))
         (out / "sharded-codes.json").write_text(json.dumps(codes))
         (out / "losses.json").write_text(json.dumps(losses))

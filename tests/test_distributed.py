@@ -127,6 +127,35 @@ def test_a_model_built_on_the_meta_device_is_sharded_filled_and_trains_as_one_pr
     assert report["losses alone"][-1] < report["losses alone"][0]
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_the_fsdp2_estimate_is_what_a_rank_holds(two_processes, method):
+    """deltatune estimate's per-GPU figures under FSDP2 against what rank 0 of 2 held: parameter
+    shards (the 4-bit codes sharded too), gradient shards and AdamW state, byte for byte."""
+    from distributed_worker import adapter_config
+    from conftest import tiny_llama
+
+    from deltatune.compare.estimate import estimate_prepared
+
+    held = json.loads((two_processes / "out" / "held-per-rank.json").read_text())[method]
+    with torch.device("meta"):
+        model = dt.wrap(tiny_llama(seed=0), adapter_config(method))
+    _, _, memory = estimate_prepared(model, "causal_lm", 2, 9, fsdp2_gpus=2)
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def codes(module):  # the 4-bit codes, which prepare() makes parameters and FSDP2 shards
+        return [t for m in module.modules() for name in getattr(m, "shardable_buffers", ()) if (t := m._buffers.get(name)) is not None]
+
+    blocks = model.model.model.layers
+    whole_buffers = nbytes(model.buffers()) - nbytes(codes(model))
+    gathered = 2 * max(nbytes(b.parameters()) + nbytes(codes(b)) for b in blocks)  # a block computed, the next prefetched
+    assert memory.optimizer_states == held["optimizer states"]
+    assert memory.weights - gathered - whole_buffers == held["parameters"]
+    block_grads = max(sum(p.numel() * p.element_size() for p in b.parameters() if p.requires_grad) for b in blocks)
+    assert memory.gradients - block_grads == held["gradients"]
+
+
 def test_a_model_on_the_meta_device_needs_fsdp2_and_a_filling_and_its_tables_are_recomputed():
     from deltatune import hf_compat
 

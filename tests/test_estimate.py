@@ -146,3 +146,20 @@ def test_the_readmes_estimate_command_runs(capsys):
     assert main(["estimate", "--model", "llama-7b", "--methods", "full,lora"]) == 0
     table = capsys.readouterr().out
     assert "full" in table and "lora" in table and "failed" not in table
+
+
+def test_the_fsdp2_estimate_divides_what_shards_and_keeps_the_rest(capsys):
+    from deltatune.cli import main
+
+    one = estimate("llama-1b", ["full", "lora"], batch_size=1, seq_len=256, weights_dtype="bfloat16")
+    eight = estimate("llama-1b", ["full", "lora"], batch_size=1, seq_len=256, weights_dtype="bfloat16", fsdp2_gpus=8)
+    for method in ("full", "lora"):
+        whole, shard = one.row(method).memory, eight.row(method).memory
+        assert shard.activations == whole.activations  # the batch is per GPU
+        assert whole.weights / 8 < shard.weights < whole.weights / 2  # an eighth, plus two gathered blocks
+        # an eighth of every tensor's rows, rounded up: LoRA's A (4 rows here) is padded to one row per GPU
+        assert whole.optimizer_states / 8 <= shard.optimizer_states <= whole.optimizer_states / (8 if method == "full" else 4) * 1.01
+    with pytest.raises(ValueError, match="fsdp2_gpus"):
+        estimate("llama-1b", ["lora"], fsdp2_gpus=0)
+    assert main(["estimate", "llama-1b", "--methods", "lora", "--fsdp2-gpus", "4"]) == 0
+    assert "per GPU of 4 under FSDP2" in capsys.readouterr().out

@@ -165,6 +165,8 @@ def _add_estimate(parser: argparse.ArgumentParser) -> None:
                         help="how the base is stored: float32 (mixed precision's master weights) or a half-precision base")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block's activations in backward")
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw")
+    parser.add_argument("--fsdp2-gpus", type=int, default=1, metavar="N",
+                        help="predict one GPU of N under FSDP2 (--batch-size sequences per GPU)")
     parser.add_argument("--set", action="append", metavar="METHOD.FIELD=VALUE", help="a method config field, e.g. lora.r=16")
     parser.add_argument("--results", metavar="RESULTS_JSON", help="show a compare run's estimates against its measurements")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -196,6 +198,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
         weights_dtype=args.weights_dtype,
         gradient_checkpointing=args.gradient_checkpointing,
         optimizer=args.optimizer,
+        fsdp2_gpus=args.fsdp2_gpus,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return EXIT_OK

@@ -92,6 +92,7 @@ class EstimateReport:
     weights_dtype: str = "float32"
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
+    fsdp2_gpus: int = 1
 
     def row(self, method: str) -> MethodEstimate:
         for row in self.rows:
@@ -110,6 +111,7 @@ class EstimateReport:
             "weights_dtype": self.weights_dtype,
             "gradient_checkpointing": self.gradient_checkpointing,
             "optimizer": self.optimizer,
+            "fsdp2_gpus": self.fsdp2_gpus,
             "rows": [r.to_dict() for r in self.rows],
         }
 
@@ -119,7 +121,8 @@ class EstimateReport:
         lines = [
             f"Estimate for {self.model} ({self.task_kind}), batch {self.batch_size} x {self.seq_len} tokens, "
             f"{self.device}, mixed precision: {self.mixed_precision}, base weights {self.weights_dtype}, "
-            f"{self.optimizer}, checkpointing {'on' if self.gradient_checkpointing else 'off'}",
+            f"{self.optimizer}, checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+            + (f"; per GPU of {self.fsdp2_gpus} under FSDP2" if self.fsdp2_gpus > 1 else ""),
             header,
             "-" * len(header),
         ]
@@ -318,10 +321,50 @@ def _trace_step(model: nn.Module, batch: dict[str, torch.Tensor], device: str, c
     return activations, outputs_bytes, notes
 
 
+def _shard_bytes(tensor: torch.Tensor, gpus: int) -> int:
+    """Bytes of one rank's FSDP2 shard of `tensor`: dim 0 split in `gpus` chunks, padded to equal size."""
+    if tensor.dim() == 0:
+        return tensor.element_size()
+    rows = -(-tensor.shape[0] // gpus)
+    return rows * (tensor.numel() // max(tensor.shape[0], 1)) * tensor.element_size()
+
+
+def _fsdp2_per_gpu(model: nn.Module, memory: MemoryBreakdown, gpus: int, states: int, step_bytes: int) -> MemoryBreakdown:
+    """What one of `gpus` FSDP2 ranks holds (deltatune.distributed.prepare: each block, then the root,
+    sharded by parameter): its shards of the parameters (the 4-bit codes among them), of their
+    gradients and optimizer states; buffers whole; and what FSDP2 gathers at a time: the block being
+    computed and the next one prefetched, and one block's whole gradients before their reduce-scatter.
+    Activations are per GPU already (the batch is per GPU)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    codes = {id(t): t for m in model.modules() for name in getattr(m, "shardable_buffers", ())
+             if (t := m._buffers.get(name)) is not None}
+    whole_buffers = [b for b in model.buffers() if id(b) not in codes]
+    shardable = [*params, *codes.values()]
+    trained = [p for p in params if p.requires_grad]
+
+    def block_bytes(block: nn.Module, grads: bool) -> int:
+        tensors = [t for t in [*block.parameters(), *block.buffers()] if (id(t) in codes or isinstance(t, nn.Parameter))]
+        return sum(t.numel() * t.element_size() for t in tensors if not grads or t.requires_grad)
+
+    blocks = hf_compat.checkpointable_blocks(model)
+    gathered = 2 * max((block_bytes(b, grads=False) for b in blocks), default=0)
+    block_grads = max((block_bytes(b, grads=True) for b in blocks), default=0)
+    return MemoryBreakdown(
+        weights=sum(_shard_bytes(t, gpus) for t in shardable) + storage_bytes(whole_buffers) + gathered,
+        gradients=sum(_shard_bytes(p, gpus) for p in trained) + block_grads,
+        optimizer_states=sum(states * _shard_bytes(p, gpus) + step_bytes for p in trained),
+        activations=memory.activations,
+        outputs=memory.outputs,
+        notes=[*memory.notes, f"FSDP2 over {gpus} GPUs, per GPU: weights hold {gathered / MIB:.1f} MiB of two "
+               f"gathered blocks, gradients {block_grads / MIB:.1f} MiB of one block's before their reduce-scatter"],
+    )
+
+
 def estimate_prepared(model: nn.Module, task_kind: str, batch_size: int, seq_len: int, *, device: str = "cpu",
                       compute_dtype: torch.dtype | None = None, gradient_checkpointing: bool = False,
-                      optimizer: str = "adamw") -> tuple[int, int, MemoryBreakdown]:
-    """(trainable, total, memory) of a meta model already made trainable by its method."""
+                      optimizer: str = "adamw", fsdp2_gpus: int = 1) -> tuple[int, int, MemoryBreakdown]:
+    """(trainable, total, memory) of a meta model already made trainable by its method; with
+    `fsdp2_gpus` > 1, the memory of one GPU of that many under FSDP2 (batch_size per GPU)."""
     params = trainable_parameters(model)
     trainable, total = count_parameters(model)
     gradients = sum(p.numel() * p.element_size() for p in params)
@@ -337,6 +380,8 @@ def estimate_prepared(model: nn.Module, task_kind: str, batch_size: int, seq_len
         outputs=outputs,
         notes=notes,
     )
+    if fsdp2_gpus > 1:
+        memory = _fsdp2_per_gpu(model, memory, fsdp2_gpus, states, step_bytes)
     return trainable, total, memory
 
 
@@ -354,6 +399,7 @@ def estimate(
     weights_dtype: str = "float32",
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw",
+    fsdp2_gpus: int = 1,
 ) -> EstimateReport:
     """Predict trainable parameters and the memory breakdown of one training step per method.
 
@@ -367,6 +413,8 @@ def estimate(
         or "float16" (a half-precision base, as PEFT usually trains; adapters stay float32).
     gradient_checkpointing: recompute each block's activations in backward.
     optimizer: "adamw" (two states per trained parameter), "sgd_momentum" (one) or "sgd" (none).
+    fsdp2_gpus: > 1 predicts one GPU of that many under FSDP2 (deltatune.distributed.prepare(...,
+        "fsdp2")), with batch_size sequences per GPU.
     """
     from .methods import available_compare_methods
 
@@ -387,6 +435,8 @@ def estimate(
         raise ValueError(f"weights_dtype must be one of {', '.join(WEIGHT_DTYPES)}; got {weights_dtype!r}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}.")
+    if isinstance(fsdp2_gpus, bool) or not isinstance(fsdp2_gpus, int) or fsdp2_gpus < 1:
+        raise ValueError(f"fsdp2_gpus must be a whole number of GPUs (1 or more), got {fsdp2_gpus!r}.")
     # Built once up front so that a bad model name fails here, not once per method.
     _, name, kind = build_meta_model(model, task_kind, num_labels)
     rows = []
@@ -401,7 +451,7 @@ def estimate(
                 prepared = apply_method(meta_model, settings, _head_modules(meta_model, kind), calibration)
             row.trainable, row.total, row.memory = estimate_prepared(
                 prepared, kind, batch_size, seq_len, device=device, compute_dtype=compute_dtype,
-                gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, fsdp2_gpus=fsdp2_gpus,
             )
         except (ValueError, TypeError) as err:
             row.error = f"{type(err).__name__}: {err}"
@@ -410,7 +460,7 @@ def estimate(
             row.error = f"cannot be traced on the meta device ({type(err).__name__}: {err})"
         rows.append(row)
     return EstimateReport(name, kind, batch_size, seq_len, device, precision, rows, weights_dtype,
-                          gradient_checkpointing, optimizer)
+                          gradient_checkpointing, optimizer, fsdp2_gpus)
 
 
 def estimate_error(estimated: MemoryBreakdown, measured: MemoryBreakdown) -> dict[str, float | None]:

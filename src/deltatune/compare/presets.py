@@ -115,6 +115,15 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
             ),
         ),
         ModelPreset(
+            "llama-70b",
+            "causal_lm",
+            "Llama-2 70B shape: 80 layers, hidden 8192, MLP 28672, 64 heads / 8 KV heads, vocab 32000",
+            _llama(
+                hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096,
+            ),
+        ),
+        ModelPreset(
             "llama3-8b",
             "causal_lm",
             "Llama-3 8B shape: 32 layers, hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab 128256",
