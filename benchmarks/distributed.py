@@ -10,10 +10,10 @@ random-init Llama-shaped model (bf16, sdpa), through deltatune's own API: `dt.wr
 decoder block + root) and fused AdamW. Per-GPU batch is fixed (`--batch`), so N GPUs process N
 times the tokens of one. Step time is the median after warm-up; tokens/s counts all GPUs;
 peak memory is the largest over the ranks of torch's peak allocation plus the CUDA-graph pools
-(deltatune.kernels.peak_memory_bytes). With --meta-init (on by default for the 70b shape, for
-LoRA and full fine-tuning under FSDP2) each rank builds the model on the meta device and holds only
+(deltatune.kernels.peak_memory_bytes). With --meta-init (on by default for the 70b shape under
+FSDP2) each rank builds the model on the meta device and holds only
 its shards: `prepare(..., init_weights=random_fill)` shards it, then fills each rank's shards with
-random values (QLoRA built that way is not tested yet: it is built whole on every rank). Printed: the table, each
+random values. Printed: the table, each
 configuration's scaling against its own 1-GPU row (when measured in the same call), and the
 memory of each PEFT configuration against full fine-tuning's at the same GPU count.
 """
@@ -62,29 +62,43 @@ def build(shape: str, config: str, checkpointing: bool, device: torch.device):
 
 def meta_build(args: argparse.Namespace, config: str) -> bool:
     """Whether to build on the meta device: asked for (or the 70B shape, which no GPU holds whole),
-    under FSDP2, for LoRA or full fine-tuning (QLoRA built this way is not tested yet)."""
+    under FSDP2 (DDP keeps a whole copy per GPU)."""
     wanted = args.meta_init == "on" or (args.meta_init == "auto" and args.shape == "70b")
-    if wanted and (config.startswith("qlora") or not config.endswith("fsdp2")):
+    if wanted and not config.endswith("fsdp2"):
         if args.meta_init == "on":
-            raise SystemExit(f"--meta-init on: {config} cannot be built on the meta device (FSDP2 with LoRA or full only)")
+            raise SystemExit(f"--meta-init on: {config} cannot be built on the meta device (FSDP2 only)")
         return False
     return wanted
 
 
 def random_fill(model: torch.nn.Module) -> None:
-    """init_weights of a meta build: each rank fills its own shards (LoRA B zero, norms one, other
-    weights N(0, 0.02), seeded by rank): sane values for timing, not the values of a whole build."""
+    """init_weights of a meta build: each rank fills its own shards with sane values for timing,
+    not the values of a whole build: LoRA B zero, norms one, other weights N(0, 0.02) (seeded by
+    rank); 4-bit codes and quantization constants random over their range, scales 1e-3 (the same
+    on every rank: those buffers are whole). The rotary tables are left to prepare(), which
+    computes them from the config."""
     from deltatune import distributed
 
     generator = torch.Generator(device=distributed.device()).manual_seed(distributed.rank())
+    same = torch.Generator(device=distributed.device()).manual_seed(0)
     for name, param in model.named_parameters():
         local = distributed.local_view(param)
-        if ".lora_B." in name:
+        if not local.is_floating_point():  # 4-bit codes, made parameters to be sharded
+            local.random_(torch.iinfo(local.dtype).min, torch.iinfo(local.dtype).max, generator=generator)
+        elif ".lora_B." in name:
             local.zero_()
         elif local.dim() >= 2:
             local.normal_(0.0, 0.02, generator=generator)
         else:
             local.fill_(1.0)
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name in module._non_persistent_buffers_set:
+                continue
+            if buffer.is_floating_point():
+                buffer.fill_(1e-3)
+            else:
+                buffer.random_(torch.iinfo(buffer.dtype).min, torch.iinfo(buffer.dtype).max, generator=same)
 
 
 def measure(args: argparse.Namespace, config: str, checkpointing: bool) -> dict:

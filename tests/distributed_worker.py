@@ -127,11 +127,12 @@ def sharded_codes() -> dict:
             "same parameter count": sharded.trainable_parameters().total == alone.trainable_parameters().total}
 
 
-def built_on_meta() -> dict:
-    """A LoRA model built on the meta device, sharded by prepare() and filled there from the whole
-    tensors (distributed.fill_from_full), against the same model built whole in one process: logits, then the losses
-    of three SGD steps on one batch (every rank the same batch, so the averaged gradient is that batch's)."""
-    config = dt.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+def built_on_meta(method: str) -> dict:
+    """A LoRA or QLoRA model built on the meta device, sharded by prepare() and filled there from the
+    whole tensors (distributed.fill_from_full; QLoRA's 4-bit codes and block constants among them),
+    against the same model built whole in one process: logits, then the losses of three SGD steps
+    on one batch (every rank the same batch, so the averaged gradient is that batch's)."""
+    config = (dt.QLoraConfig if method == "qlora" else dt.LoraConfig)(r=4, lora_alpha=8, init_lora_weights=False)
     torch.manual_seed(5)
     alone = dt.wrap(tiny_llama(seed=0), config)
     with torch.device("meta"):
@@ -199,7 +200,7 @@ def main(out: Path, single_checkpoint: Path) -> None:
     merges = {variant: merge_in_place(options) for variant, options in (("lora", {}), ("dora", {"use_dora": True}))}
     unloaded = merged_copy()
     codes = sharded_codes()
-    meta = built_on_meta()
+    meta = {method: built_on_meta(method) for method in ("lora", "qlora")}
     held = held_per_rank()
     if distributed.is_main():
         (out / "held-per-rank.json").write_text(json.dumps(held))

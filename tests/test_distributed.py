@@ -118,8 +118,9 @@ def test_fsdp2_shards_the_4bit_codes_and_computes_what_one_process_computes(two_
     assert report["logits differ by"] < 1e-5 and report["same parameter count"]
 
 
-def test_a_model_built_on_the_meta_device_is_sharded_filled_and_trains_as_one_process(two_processes):
-    report = json.loads((two_processes / "out" / "built-on-meta.json").read_text())
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_model_built_on_the_meta_device_is_sharded_filled_and_trains_as_one_process(two_processes, method):
+    report = json.loads((two_processes / "out" / "built-on-meta.json").read_text())[method]
     assert report["left on meta"] == 0 and report["rotary table differs by"] == 0.0
     assert report["adapter changes the output"] > 1e-3  # random B: weights lost in the filling would show
     assert report["logits differ by"] < 1e-5
