@@ -7,6 +7,7 @@ import re
 from typing import Callable, Iterator
 
 import torch
+from deltatune.kernels.cuda_graph import graph_pool_segments
 from torch import nn
 
 _LORA_PARAM = re.compile(r"(layers\.\d+\.\w+\.\w+)\.lora_([AB])\b")
@@ -81,13 +82,6 @@ def _allocation_site(frames: list[dict]) -> str:
     return "(inside torch: autograd engine or optimizer)"
 
 
-def _private_segments() -> dict[int, tuple[int, int]]:
-    """CUDA-graph pools' segments on this device: start address -> (size, bytes allocated)."""
-    device = torch.cuda.current_device()
-    return {seg["address"]: (seg["total_size"], seg["allocated_size"]) for seg in torch.cuda.memory_snapshot()
-            if seg.get("device", device) == device and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)}
-
-
 class DeviceMemoryTrace:
     """The allocator's trace of a stretch of CUDA work (torch.cuda.memory._record_memory_history),
     and from it the exact peak of device memory in use: the ordinary pool's allocated bytes plus
@@ -99,7 +93,7 @@ class DeviceMemoryTrace:
 
     def __enter__(self) -> "DeviceMemoryTrace":
         torch.cuda.synchronize()
-        self.private_before = _private_segments()
+        self.private_before = graph_pool_segments()
         allocated_private = sum(allocated for _, allocated in self.private_before.values())
         self.allocated_before = torch.cuda.memory_allocated() - allocated_private
         options = {"context": "all", "stacks": "python"} if self.stacks else {"context": None}
@@ -112,7 +106,7 @@ class DeviceMemoryTrace:
             self.trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)
-        self.private = {**self.private_before, **_private_segments()}
+        self.private = {**self.private_before, **graph_pool_segments()}
 
     def _in_private(self) -> Callable[[int], bool]:
         starts = sorted(self.private)

@@ -98,7 +98,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init
+from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init, train_step
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes, release_block_graphs
 from torch import nn
 
@@ -295,11 +295,7 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, c
     """(median step ms, median host ms to enqueue a step from an idle device, losses, graph nodes)."""
 
     def step():
-        loss = loss_fn(model, input_ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return train_step(model, loss_fn, optimizer, input_ids)
 
     graph, losses, nodes = None, [], {}
     if graphed:  # deltatune.kernels.GraphedTrainStep: the whole step, captured once, replayed
@@ -364,10 +360,7 @@ def cprofile_step(model, loss_fn, optimizer, input_ids, path: str, title: str) -
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
     profiler.enable()
-    loss = loss_fn(model, input_ids)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train_step(model, loss_fn, optimizer, input_ids)
     torch.cuda.synchronize()
     profiler.disable()
     text = io.StringIO()

@@ -145,6 +145,7 @@ def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, acc
     got = _steps(graphed, batches, opt_g, monkeypatch, graphs_on=True, accumulate=accumulate)
     graphs = graphs_of(graphed)
     assert graphs_of(eager).replays == 0 and graphs.replays > 0 and len(graphs.signatures) == 1
+    assert not graphs.speedups  # DELTATUNE_BLOCK_GRAPHS=1: captured without measuring
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     _assert_same_adapters(eager, graphed, 1e-5)
     assert (graphs.host is not None and graphs.host.copies > 0) == offload
@@ -394,3 +395,6 @@ def test_a_shape_is_captured_only_where_replaying_pays(monkeypatch, speedup):
     graphs = graphs_of(graphed)
     assert len(measured) == 1, "measured once per shape, not per block or step"
     assert (graphs.captures, graphs.replays > 0) == ((2, True) if speedup > block_graphs.MIN_SPEEDUP else (0, False))
+    from deltatune.kernels import release_block_graphs
+
+    assert release_block_graphs(graphed) == graphs.captures and not graphs.captured

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GraphedTrainStep", "graph_pool_bytes", "peak_memory_bytes"]
+__all__ = ["GraphedTrainStep", "graph_pool_bytes", "graph_pool_segments", "peak_memory_bytes"]
 
 
 class GraphedTrainStep:
@@ -56,6 +56,14 @@ def _device_index(device: torch.device | int | None) -> int:
     return torch.device(device).index
 
 
+def graph_pool_segments(device: torch.device | int | None = None) -> dict[int, tuple[int, int]]:
+    """The segments CUDA-graph memory pools hold on `device`: address -> (bytes, bytes allocated)."""
+    index = _device_index(device)
+    return {segment["address"]: (segment["total_size"], segment["allocated_size"])
+            for segment in torch.cuda.memory_snapshot()
+            if segment.get("device", index) == index and tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)}
+
+
 def graph_pool_bytes(device: torch.device | int | None = None) -> int:
     """Bytes held by CUDA-graph memory pools that the allocator counts as free.
 
@@ -64,13 +72,7 @@ def graph_pool_bytes(device: torch.device | int | None = None) -> int:
     ``torch.cuda.max_memory_allocated`` never sees them. A peak that leaves them out flatters any
     code that replays graphs (block graphs, GraphedTrainStep, the decode graphs).
     """
-    index = _device_index(device)
-    hidden = 0
-    for segment in torch.cuda.memory_snapshot():
-        if segment.get("device", index) != index or tuple(segment.get("segment_pool_id", (0, 0))) == (0, 0):
-            continue  # another GPU, or the ordinary pool that max_memory_allocated already counts
-        hidden += segment["total_size"] - segment["allocated_size"]
-    return hidden
+    return sum(size - allocated for size, allocated in graph_pool_segments(device).values())
 
 
 def peak_memory_bytes(device: torch.device | int | None = None) -> int:
