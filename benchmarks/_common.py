@@ -32,6 +32,33 @@ def set_same_lora_init(model: nn.Module, seed: int) -> int:
     return count
 
 
+def unsloth_lora_model(build: Callable[[], nn.Module], seq: int, targets: list[str], rank: int, alpha: int,
+                       load_in_4bit: bool, checkpointing: bool) -> nn.Module:
+    """unsloth's LoRA model over the weights `build()` makes, saved to a folder and loaded by
+    unsloth's own loader (what its users do); with load_in_4bit, quantized there as NF4 with double
+    quantization. unsloth must have been imported before transformers (the caller's main does it)."""
+    import tempfile
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from unsloth import FastLanguageModel
+
+    folder = tempfile.mkdtemp(prefix="unsloth-model-")
+    model = build()
+    model.save_pretrained(folder)
+    vocab, dtype = {f"t{i}": i for i in range(model.config.vocab_size)}, next(model.parameters()).dtype
+    del model  # only the folder is read from here on
+    torch.cuda.empty_cache()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3")
+    tokenizer.save_pretrained(folder)
+    loaded, _ = FastLanguageModel.from_pretrained(model_name=folder, dtype=dtype, load_in_4bit=load_in_4bit,
+                                                  max_seq_length=seq, local_files_only=True)
+    loaded = FastLanguageModel.get_peft_model(loaded, r=rank, lora_alpha=alpha, lora_dropout=0, target_modules=targets,
+                                              bias="none", use_gradient_checkpointing="unsloth" if checkpointing else False)
+    return loaded.train()
+
+
 def count_graph_nodes(tensor: torch.Tensor, name_prefix: str) -> int:
     """Autograd nodes behind `tensor` whose class name (leading underscores dropped) starts with
     `name_prefix`: proof of which fused paths a step really took."""
@@ -145,8 +172,17 @@ def memory_at_peak(model, loss_fn, optimizer, input_ids, path: str, title: str, 
     Memory held before the step is one line, CUDA-graph pools one line, everything else allocated
     during the step is grouped by the innermost Python frame outside torch.
     """
-    with DeviceMemoryTrace(stacks=True) as recorded:
-        train_step(model, loss_fn, optimizer, input_ids)
+    try:
+        with DeviceMemoryTrace(stacks=True) as recorded:
+            train_step(model, loss_fn, optimizer, input_ids)
+    except SystemError as error:
+        # seen on torch 2.11 in an eager checkpointed QLoRA step: recording Python stacks while
+        # autograd's thread recomputes a block; the diagnostic is lost, not the benchmark
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        with open(path, "a") as f:
+            f.write(f"\n===== {title}: not recorded ({type(error).__name__}: {error})\n")
+        return
     peak, peak_at = recorded.peak()
     inside = recorded._in_private()
     live: dict[int, dict] = {}

@@ -33,8 +33,14 @@ Diagnostics (not in the default list):
                        (DELTATUNE_BLOCK_GRAPHS=0): what the ordinary API ran before they existed.
   deltatune-forced-blocks  as deltatune, every repeating shape captured (DELTATUNE_BLOCK_GRAPHS=1)
                        instead of only where replaying was measured to be >= 1.15x faster.
-  deltatune-offload    as deltatune, the checkpointed block inputs in pinned host memory
-                       (DELTATUNE_OFFLOAD_CHECKPOINTS=1) instead of on the GPU.
+  deltatune-offload    as deltatune, the checkpointed inputs of every block in pinned host memory,
+                       replayed or eager (DELTATUNE_OFFLOAD_CHECKPOINTS=1); by default only the
+                       replayed blocks' inputs wait there.
+  deltatune-on-device  as deltatune, every checkpointed input on the GPU (DELTATUNE_OFFLOAD_CHECKPOINTS=0).
+  deltatune-offload-eager-blocks  no graphs, every checkpointed input in host memory.
+  unsloth              unsloth's QLoRA (FastLanguageModel, load_in_4bit=True, its "unsloth"
+                       checkpointing, the model's loss); patches transformers, so it runs alone:
+                       --modes unsloth, compared with the rows of another run.
   deltatune-graphed    as deltatune, the whole step (forward, backward, AdamW with
                        capturable=True) captured once as a CUDA graph by deltatune.kernels.
                        GraphedTrainStep and replayed; checkpointing without preserve_rng_state.
@@ -89,6 +95,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
 import json
 import math
 import os
@@ -98,7 +105,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init, train_step
+from _common import (count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init, train_step,
+                     unsloth_lora_model)
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes, release_block_graphs
 from torch import nn
 
@@ -192,6 +200,12 @@ def free_memory(device: torch.device) -> None:
         if clear is not None:
             clear()
         torch.cuda.empty_cache()
+
+
+def pinned_host_allocations(device: torch.device) -> tuple[int, float]:
+    """(pinned host blocks torch's host allocator has made so far, ms spent making them)."""
+    stats = torch.cuda.host_memory_stats() if device.type == "cuda" and hasattr(torch.cuda, "host_memory_stats") else {}
+    return stats.get("num_host_alloc", 0), stats.get("host_alloc_time.total", 0) / 1000
 
 
 def gib(n: float) -> float:
@@ -290,6 +304,22 @@ def setup_deltatune(model: nn.Module, seed: int, fused_loss: bool = True, graphe
     return wrapped, loss_fn, note
 
 
+def setup_unsloth(shape: Shape, seed: int, device: torch.device):
+    """unsloth's QLoRA: its loader quantizes the saved random-init model (load_in_4bit=True: NF4,
+    double quantization, bf16 compute), LoRA on the seven projections (every linear layer but the
+    head), its own checkpointing ("unsloth": the hidden states wait in host memory), the model's loss."""
+    import unsloth
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = unsloth_lora_model(lambda: build_model(shape, seed, device), shape.seq, targets, LORA_RANK, LORA_ALPHA,
+                               load_in_4bit=True, checkpointing=True)
+    adapters = set_same_lora_init(model, seed)
+    return model, hf_loss, f"unsloth {unsloth.__version__}, {adapters // 2} adapters"
+
+
+PROCESS_ALONE = ("unsloth",)  # patches transformers for the whole process: run alone (--modes unsloth)
+
+
 # ----------------------------------------------------------------------------- timing
 def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, clock: Clock, graphed: bool = False):
     """(median step ms, median host ms to enqueue a step from an idle device, losses, graph nodes)."""
@@ -371,11 +401,13 @@ def cprofile_step(model, loss_fn, optimizer, input_ids, path: str, title: str) -
 
 _DEQUANT_BACKENDS = {"deltatune-bnb-dequant": "bitsandbytes", "deltatune-torch-dequant": "torch"}
 # the ordinary API without its CUDA graphs of checkpointed blocks (kernels/block_graphs.py)
-_ENVIRONMENT = {"deltatune-eager-blocks": ("DELTATUNE_BLOCK_GRAPHS", "0"),
+_ENVIRONMENT = {"deltatune-eager-blocks": {"DELTATUNE_BLOCK_GRAPHS": "0"},
                 # ...or captured at every shape, whether or not replaying was measured to pay
-                "deltatune-forced-blocks": ("DELTATUNE_BLOCK_GRAPHS", "1"),
-                # ...and with them, the checkpointed inputs in host memory instead of on the GPU
-                "deltatune-offload": ("DELTATUNE_OFFLOAD_CHECKPOINTS", "1")}
+                "deltatune-forced-blocks": {"DELTATUNE_BLOCK_GRAPHS": "1"},
+                # the checkpointed inputs in host memory instead of on the GPU, or on the GPU
+                "deltatune-offload": {"DELTATUNE_OFFLOAD_CHECKPOINTS": "1"},
+                "deltatune-on-device": {"DELTATUNE_OFFLOAD_CHECKPOINTS": "0"},
+                "deltatune-offload-eager-blocks": {"DELTATUNE_OFFLOAD_CHECKPOINTS": "1", "DELTATUNE_BLOCK_GRAPHS": "0"}}
 
 
 def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device) -> list[Result]:
@@ -385,20 +417,21 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
     results = [Result(mode, batch) for batch in shape.batches]
     model = wrapped = optimizer = None
     graphed = mode.endswith("-graphed") and device.type == "cuda"
-    variable, value = _ENVIRONMENT.get(mode) or ("DELTATUNE_QUANT_BACKEND", _DEQUANT_BACKENDS.get(mode))
-    value_before = os.environ.get(variable)
+    settings = _ENVIRONMENT.get(mode) or ({"DELTATUNE_QUANT_BACKEND": _DEQUANT_BACKENDS[mode]} if mode in _DEQUANT_BACKENDS else {})
+    settings_before = {variable: os.environ.get(variable) for variable in settings}
     try:
-        if value is not None:
-            os.environ[variable] = value
-        model = build_model(shape, args.seed, device)
-        if mode == "peft":
-            wrapped, loss_fn, note = setup_peft(model, args.seed)
+        os.environ.update(settings)
+        if mode == "unsloth":
+            wrapped, loss_fn, note = setup_unsloth(shape, args.seed, device)
+        elif mode == "peft":
+            wrapped, loss_fn, note = setup_peft(build_model(shape, args.seed, device), args.seed)
         elif mode.startswith("deltatune"):
-            wrapped, loss_fn, note = setup_deltatune(model, args.seed, fused_loss=mode != "deltatune-hf-loss", graphed=graphed)
+            wrapped, loss_fn, note = setup_deltatune(build_model(shape, args.seed, device), args.seed,
+                                                     fused_loss=mode != "deltatune-hf-loss", graphed=graphed)
         else:
             raise ValueError(f"unknown mode {mode!r}")
-        model = None  # the wrapper holds it
-        if not (wrapped.training and checkpointing_on(wrapped)):
+        # unsloth's checkpointing is its own (it sets no gradient_checkpointing flag to check)
+        if not (wrapped.training and (mode == "unsloth" or checkpointing_on(wrapped))):
             raise RuntimeError(f"{mode}: the model must be in train mode with gradient checkpointing on")
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=device.type == "cuda", capturable=graphed)
@@ -411,8 +444,11 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
                 torch.cuda.reset_peak_memory_stats()
             input_ids = make_batch(shape, result.batch, args.seed + 1, device)
             steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
+            pinned_before = pinned_host_allocations(device)
             median_ms, result.host_ms, result.losses, nodes = timed_steps(
                 wrapped, loss_fn, optimizer, input_ids, steps, warmup, clock, graphed=graphed)
+            pinned = pinned_host_allocations(device)
+            pinned = (pinned[0] - pinned_before[0], pinned[1] - pinned_before[1])
             result.step_ms = median_ms
             result.tokens_per_s = result.batch * shape.seq / (median_ms / 1000)
             if device.type == "cuda":
@@ -425,6 +461,8 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
             counted += f" (replaying measured {measured} faster)" if measured else ""
             result.note = (f"{note}; {trainable / 1e6:.1f}M trainable; graph nodes: {counted or 'none counted'}; "
                            f"{left_over:.2f} GiB allocated before the model was built")
+            if pinned[0]:  # pinned host memory made while timing: slow (the pages are locked one by one)
+                result.note += f"; {pinned[0]} pinned host blocks made while timing ({pinned[1]:.1f} ms)"
             if graphed:
                 free_memory(device)
                 continue
@@ -446,10 +484,11 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
         for result in results:
             result.note = f"failed: {type(error).__name__}: {str(error)[:160]}"
     finally:
-        if value_before is None:
-            os.environ.pop(variable, None)
-        else:
-            os.environ[variable] = value_before
+        for variable, value in settings_before.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
         del model, wrapped, optimizer
         free_memory(device)
     return results
@@ -623,6 +662,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     runs = [run for run in (args.runs or ("tiny" if args.tiny else "1b,7b")).split(",") if run != "none"]
+    all_modes = set(args.modes.split(",")) | set((args.big_modes or args.modes).split(","))
+    if all_modes & set(PROCESS_ALONE):
+        if len(all_modes) > 1:
+            print(f"{', '.join(sorted(all_modes & set(PROCESS_ALONE)))} patches transformers for the whole process: "
+                  "run it alone (--modes unsloth) and compare the rows of the two runs", file=sys.stderr)
+            return 2
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        importlib.import_module("unsloth")  # before transformers, as unsloth requires
     print(environment_line(device), flush=True)
     dequant_text = dequant_bench(device, args.out_dir) if args.dequant_bench else None
     if dequant_text:

@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init, train_step
+from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init, train_step, unsloth_lora_model
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes
 from torch import nn
 
@@ -207,31 +207,13 @@ def apply_liger(family: str) -> str:
 
 def setup_unsloth(shape: Shape, checkpointing: bool, seed: int):
     """unsloth's LoRA over the random-init model, loaded by its own loader from a saved folder."""
-    import tempfile
-
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-    from unsloth import FastLanguageModel
-
-    folder = tempfile.mkdtemp(prefix="unsloth-model-")
-    model = build_model(shape, seed)
-    model.save_pretrained(folder)
-    del model
-    free_cuda()
-    vocab = {f"t{i}": i for i in range(shape.vocab)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                        unk_token="t0", pad_token="t1", eos_token="t2", bos_token="t3")
-    tokenizer.save_pretrained(folder)
-    model, _ = FastLanguageModel.from_pretrained(model_name=folder, dtype=torch.bfloat16, load_in_4bit=False,
-                                                 max_seq_length=shape.seq, local_files_only=True)
-    model = FastLanguageModel.get_peft_model(model, r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0,
-                                             target_modules=lora_targets(shape.family), bias="none",
-                                             use_gradient_checkpointing="unsloth" if checkpointing else False)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True)
     import unsloth
 
+    model = unsloth_lora_model(lambda: build_model(shape, seed), shape.seq, lora_targets(shape.family), LORA_RANK,
+                               LORA_ALPHA, load_in_4bit=False, checkpointing=checkpointing)
+    set_same_lora_init(model, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LORA_LR, fused=True)
     return model, hf_loss, optimizer, f"unsloth {unsloth.__version__}"
 
 

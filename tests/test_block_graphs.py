@@ -50,6 +50,17 @@ def test_arguments_flatten_and_refill_in_order():
     assert block_graphs._flatten((a,), {"past_key_values": object()}) is None
 
 
+def test_a_calls_skeleton_keeps_its_constants_and_no_tensor():
+    a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 5.0)
+    args, kwargs = (a,), {"position_embeddings": (b, c), "use_cache": False}
+    skeleton_args, skeleton_kwargs = block_graphs._skeleton(args, kwargs)
+    held = [*skeleton_args, *skeleton_kwargs["position_embeddings"]]
+    assert not any(isinstance(v, torch.Tensor) for v in held) and skeleton_kwargs["use_cache"] is False
+    # the eager node rebuilds the call from it in backward, as from the call itself
+    new = [a + 1, b + 1, c + 1]
+    assert block_graphs._unflatten(skeleton_args, skeleton_kwargs, new) == block_graphs._unflatten(args, kwargs, new)
+
+
 def test_block_state_refuses_hooks_dropout_and_layers_that_cannot_say():
     base = tiny_causal_lm("llama")
     model = wrapped(base, dt.LoraConfig(r=4))
@@ -137,7 +148,7 @@ def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, acc
     # offload: every block input waits in host memory, however small (DELTATUNE_OFFLOAD_CHECKPOINTS=1
     # keeps them from 1 MiB up)
     monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)
-    monkeypatch.setattr(block_graphs, "offload_allowed", lambda: offload)
+    monkeypatch.setattr(block_graphs, "offload_allowed", lambda replaying=False: offload)
     torch.manual_seed(0)
     eager, graphed, (opt_e, opt_g) = _pair(dt.LoraConfig(r=4, init_lora_weights=False))
     batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(6)]
@@ -154,7 +165,7 @@ def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, acc
 @cuda
 def test_new_shapes_adapter_switches_and_two_forwards_before_backward(monkeypatch):
     monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)  # inputs fetched back out of forward order
-    monkeypatch.setattr(block_graphs, "offload_allowed", lambda: True)
+    monkeypatch.setattr(block_graphs, "offload_allowed", lambda replaying=False: True)
     torch.manual_seed(1)
     config = dt.LoraConfig(r=4, init_lora_weights=False)
     eager, graphed, (opt_e, opt_g) = _pair(config)
@@ -226,7 +237,7 @@ def test_qlora_through_the_graphs_equals_eager(monkeypatch):
 @cuda
 def test_offloaded_inputs_leave_the_gpu_and_an_in_place_change_is_caught(monkeypatch):
     monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)
-    monkeypatch.setattr(block_graphs, "offload_allowed", lambda: True)
+    monkeypatch.setattr(block_graphs, "offload_allowed", lambda replaying=False: True)
     model = wrapped(tiny_causal_lm("llama"), dt.LoraConfig(r=4), "cuda")
     ids = torch.randint(0, 97, (2, 16), device="cuda")
     for _ in range(2):
@@ -235,7 +246,7 @@ def test_offloaded_inputs_leave_the_gpu_and_an_in_place_change_is_caught(monkeyp
     hidden = torch.randn(2, 16, 64, device="cuda", requires_grad=True)
     position = torch.arange(16, device="cuda")[None].expand(2, -1)
     cos_sin = model.model.model.rotary_emb(hidden, position)
-    for _ in range(2):  # seen once (its own code), then captured and replayed
+    for _ in range(2):  # seen once (eagerly), then captured and replayed
         x = hidden * 1
         out = block(x, position_embeddings=cos_sin)
     assert type(out.grad_fn).__name__ == "_ReplayBlockBackward" and out.grad_fn.host_copy.source() is x
@@ -244,6 +255,75 @@ def test_offloaded_inputs_leave_the_gpu_and_an_in_place_change_is_caught(monkeyp
         x.add_(1)
     with pytest.raises(block_graphs.BlockGraphError, match="modified in place"):
         out.sum().backward()
+
+
+@cuda
+def test_host_checkpoints_hold_two_inputs_on_the_gpu_however_far_the_host_runs_ahead():
+    # Under CUDA graphs the host queues a whole backward before the GPU has run much of it. The
+    # fetched inputs must not pile up then (memory handed between streams would stay allocated
+    # until the host saw the GPU finish with it), and the pinned buffers are reused step to step.
+    host = block_graphs._HostCheckpoints(torch.device("cuda"))
+    n, numel = 12, 1 << 18  # 1 MiB of float32 each
+    for _ in range(2):
+        sources = [torch.full((numel,), float(i), device="cuda") for i in range(n)]
+        copies = []
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(5e8))  # holds the GPU for a good fraction of a second
+        for source in sources:
+            copies.append(host.offload(source))
+            host.settle(copies[-1])
+        del source
+        sources.clear()
+        base, extra, sums = torch.cuda.memory_allocated(), 0, []
+        for copy in reversed(copies):
+            fetched = host.fetch(copy)
+            sums.append(fetched.sum())
+            del fetched
+            extra = max(extra, torch.cuda.memory_allocated() - base)
+        assert not torch.cuda.current_stream().query(), "the GPU was to be still busy: the host ran ahead"
+        assert extra <= 2 * 4 * numel + (1 << 16)  # the input in use and the one being fetched
+        torch.cuda.synchronize()
+        assert [s.item() for s in sums] == [float(i) * numel for i in reversed(range(n))]
+    assert [len(slots) for slots in host.pinned.values()] == [n]  # the second step reused the first's
+    with pytest.raises(block_graphs.BlockGraphError, match="fetched back twice"):
+        host.fetch(copies[0])
+
+
+@cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_eager_blocks_keep_their_inputs_on_the_host_and_train_the_same(monkeypatch, autocast):
+    # graphs off, host checkpoints on: every block runs through the eager node (_CheckpointedBlock)
+    # with its input in host memory; the result is transformers' own checkpointing's
+    monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)
+    torch.manual_seed(2)
+    plain, offloaded, (opt_p, opt_o) = _pair(dt.LoraConfig(r=4, init_lora_weights=False))
+    batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(4)]
+
+    def run(model, optimizer, offload):
+        monkeypatch.setattr(block_graphs, "offload_allowed", lambda replaying=False: offload)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            return _steps(model, batches, optimizer, monkeypatch, graphs_on=False)
+
+    ref, got = run(plain, opt_p, False), run(offloaded, opt_o, True)
+    graphs = graphs_of(offloaded)
+    assert graphs.replays == 0 and graphs.eager_calls == 2 * len(batches) and graphs.host.copies == graphs.eager_calls
+    assert graphs_of(plain).eager_calls == 0
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    _assert_same_adapters(plain, offloaded, 1e-5)
+
+
+@cuda
+def test_a_block_that_returns_more_than_a_tensor_keeps_its_own_checkpointing(monkeypatch):
+    monkeypatch.setattr(block_graphs, "offload_allowed", lambda replaying=False: True)
+    monkeypatch.setenv("DELTATUNE_BLOCK_GRAPHS", "0")
+    model = wrapped(tiny_causal_lm("llama"), dt.LoraConfig(r=4), "cuda")
+    real = block_graphs._run_block
+    monkeypatch.setattr(block_graphs, "_run_block", lambda *a: (real(*a), None))
+    ids = torch.randint(0, 97, (2, 16), device="cuda")
+    model(input_ids=ids, labels=ids).loss.backward()
+    graphs = graphs_of(model)
+    assert graphs.eager_calls == 0 and len(graphs.refused) == 1
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 @cuda
@@ -324,11 +404,15 @@ def test_measured_speedups_are_reported_per_shape_and_released_with_the_graphs()
     assert block_graph_speedups(model) == {}
 
 
-def test_checkpointed_inputs_stay_on_the_gpu_unless_asked(monkeypatch):
+def test_replayed_blocks_keep_their_inputs_on_the_host_by_default_eager_ones_when_asked(monkeypatch):
     monkeypatch.delenv("DELTATUNE_OFFLOAD_CHECKPOINTS", raising=False)
-    assert not block_graphs.offload_allowed()
+    assert block_graphs.offload_allowed(replaying=True) and not block_graphs.offload_allowed(replaying=False)
     monkeypatch.setenv("DELTATUNE_OFFLOAD_CHECKPOINTS", "1")
-    assert block_graphs.offload_allowed()
+    assert block_graphs.offload_allowed(replaying=True) and block_graphs.offload_allowed(replaying=False)
+    monkeypatch.setenv("DELTATUNE_OFFLOAD_CHECKPOINTS", "0")
+    assert not block_graphs.offload_allowed(replaying=True) and not block_graphs.offload_allowed(replaying=False)
+    monkeypatch.setenv("DELTATUNE_OFFLOAD_CHECKPOINTS", "maybe")  # anything else reads as the default
+    assert block_graphs.offload_setting() == "auto"
 
 
 @cuda

@@ -17,9 +17,10 @@ checkpointed block, with ~10 launches per block instead of hundreds.
 Every buffer a graph reads or writes outside its own temporaries is shared by all blocks of the
 model and refilled before each replay (the saved inputs come from the node, as checkpointing keeps
 them), so graphs may replay in any order: two forward passes before one backward and gradient
-accumulation stay exact. Temporaries live in one memory pool for the whole model. With
-DELTATUNE_OFFLOAD_CHECKPOINTS=1 the node keeps its big input in pinned host memory instead
-(_HostCheckpoints).
+accumulation stay exact. Temporaries live in one memory pool for the whole model. The node
+keeps its big input (the hidden states) in pinned host memory until backward (_HostCheckpoints;
+DELTATUNE_OFFLOAD_CHECKPOINTS=0 keeps it on the GPU). With DELTATUNE_OFFLOAD_CHECKPOINTS=1 the
+blocks that are not replayed do the same through an eager node (_CheckpointedBlock).
 
 A block replays only where that is known to give the eager result, and runs its own code
 otherwise (DeltaModel's fused path decides which blocks get this, see kernels/patch.py):
@@ -164,19 +165,32 @@ def _flatten(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], tuple] | No
     return tensors, tuple(layout)
 
 
+class _Slot:
+    """Where a tensor argument was, in a call's skeleton (which keeps no tensor alive)."""
+
+
+_SLOT = _Slot()
+
+
 def _unflatten(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
-    """args and kwargs with their tensors replaced, in _flatten's order, by `tensors`."""
+    """args and kwargs (or their skeleton) with their tensors replaced, in _flatten's order, by `tensors`."""
     supply = iter(tensors)
 
     def swap(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (torch.Tensor, _Slot)):
             return next(supply)
-        if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        if isinstance(value, (tuple, list)) and value and isinstance(value[0], (torch.Tensor, _Slot)):
             return type(value)(next(supply) for _ in value)
         return value
 
     new_args = tuple(swap(v) for v in args)
     return new_args, {name: swap(v) for name, v in kwargs.items()}
+
+
+def _skeleton(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """args and kwargs with every tensor replaced by _SLOT: the call's constants, for a later _unflatten."""
+    n = len(_flatten(args, kwargs)[0])
+    return _unflatten(args, kwargs, [_SLOT] * n)
 
 
 # ----------------------------------------------------------------------------- the block's state
@@ -396,23 +410,48 @@ def _call_unchecked(block: nn.Module, args: tuple, kwargs: dict) -> Any:
 OFFLOAD_MIN_BYTES = 1 << 20
 
 
-def offload_allowed() -> bool:
-    """True when DELTATUNE_OFFLOAD_CHECKPOINTS=1: checkpointed inputs wait in host memory.
+def offload_setting() -> str:
+    """DELTATUNE_OFFLOAD_CHECKPOINTS: "auto" (default: the blocks replayed as CUDA graphs keep
+    their big input in pinned host memory), "1" (every checkpointed block that the graphs could
+    take, replayed or run eagerly by _CheckpointedBlock) or "0" (none)."""
+    value = os.environ.get("DELTATUNE_OFFLOAD_CHECKPOINTS", "auto").strip().lower()
+    return value if value in ("0", "1") else "auto"
 
-    Off by default: measured on the lent H200 (2026-12-02), it took 0.4 GiB off the checkpointed
-    1.1B LoRA step at the same speed, but made the 7.2B QLoRA step 1.9-2.4x slower for 0.5 GiB
-    (cause not found: the extra time grew with the bytes moved, as if they crossed at 2.2-2.9 GB/s)."""
-    return os.environ.get("DELTATUNE_OFFLOAD_CHECKPOINTS", "0").strip() == "1"
+
+def offload_allowed(replaying: bool = False) -> bool:
+    """Whether a block's checkpointed input waits in host memory: a replayed block's unless the
+    setting is "0", an eager one's only where it is "1".
+
+    Eager blocks are left out by default because _CheckpointedBlock's Python recomputation costs
+    host time that transformers' checkpointing does not, and eager blocks are where the host is
+    short of time already; replayed blocks leave the host idle while the GPU works."""
+    setting = offload_setting()
+    return setting == "1" or (replaying and setting == "auto")
+
+
+class _PinnedSlot:
+    """One reusable pinned host buffer: taken by one block input from its forward until its copy
+    back to the GPU is queued, free again once that copy has run (`done`)."""
+
+    __slots__ = ("tensor", "owner", "done")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.owner: weakref.ref | None = None  # the _HostCopy holding it
+        self.done: torch.cuda.Event | None = None  # the last copy that reads or writes it
+
+    def free(self) -> bool:
+        return (self.owner is None or self.owner() is None) and (self.done is None or self.done.query())
 
 
 class _HostCopy:
     """One block input between forward and backward: in pinned host memory, and on the GPU again
     once fetched (ahead of its backward, by the backward of the block after it)."""
 
-    __slots__ = ("host", "device", "on_gpu", "ready", "source", "version", "__weakref__")
+    __slots__ = ("slot", "device", "on_gpu", "ready", "written", "source", "version", "__weakref__")
 
-    def __init__(self, host: torch.Tensor, source: torch.Tensor) -> None:
-        self.host, self.device = host, source.device
+    def __init__(self, slot: _PinnedSlot, source: torch.Tensor, written: torch.cuda.Event) -> None:
+        self.slot, self.device, self.written = slot, source.device, written
         self.on_gpu: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
         # the original, to catch an in-place change after the copy was queued (autograd would)
@@ -420,59 +459,92 @@ class _HostCopy:
 
 
 class _HostCheckpoints:
-    """Moves checkpointed block inputs to the host after forward and back before backward, on a
-    side stream, so the copies overlap the blocks' compute: what unsloth's checkpointing does
-    with the hidden states, here for the inputs the graphs' autograd node would keep."""
+    """Moves checkpointed block inputs to the host during the block's forward and back during the
+    backward of the block after it, on a side stream, so the copies overlap the blocks' compute:
+    what unsloth's checkpointing does with the hidden states, here for the inputs the blocks'
+    autograd nodes would keep.
+
+    No memory crosses streams: the GPU copy of a fetched input is allocated on the training
+    stream, and the training stream waits for each copy to the host before the block's input
+    can be freed. (Memory handed between streams with record_stream is only reusable once the
+    host has seen the other stream's work finish; with the host a whole backward ahead of the GPU,
+    as under CUDA graphs, every fetched input stayed allocated: 32 x 16 MiB at the 7.2B step's
+    peak.) The pinned buffers are this object's own and reused from step to step, since pinning
+    new memory takes milliseconds and torch's host allocator pinned anew whenever the host was
+    ahead (66 buffers in eight 7.2B steps, 458 ms)."""
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device=device)
         self.order: list[weakref.ref] = []  # host copies in forward order: backward fetches the one before
+        self.pinned: dict[tuple, list[_PinnedSlot]] = {}
         self.copies = 0
 
+    def _slot(self, like: torch.Tensor) -> _PinnedSlot:
+        slots = self.pinned.setdefault((tuple(like.shape), like.dtype), [])
+        for slot in slots:
+            if slot.free():
+                return slot
+        slots.append(_PinnedSlot(torch.empty(like.shape, dtype=like.dtype, pin_memory=True)))
+        return slots[-1]
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(s.tensor.numel() * s.tensor.element_size() for slots in self.pinned.values() for s in slots)
+
     def offload(self, tensor: torch.Tensor) -> _HostCopy:
+        """Queue `tensor`'s copy to the host beside the work queued next; settle() before the
+        tensor may be freed."""
+        slot = self._slot(tensor)
         self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is written by then
+        written = torch.cuda.Event()
         with torch.cuda.stream(self.stream):
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(self.stream)  # its memory is not reused before the copy has read it
-        copy = _HostCopy(host, tensor)
+            slot.tensor.copy_(tensor, non_blocking=True)
+            written.record(self.stream)
+        copy = _HostCopy(slot, tensor, written)
+        slot.owner, slot.done = weakref.ref(copy), written
         self.copies += 1
         self.order = [r for r in self.order if r() is not None]
         self.order.append(weakref.ref(copy))
         return copy
 
+    @staticmethod
+    def settle(copy: _HostCopy) -> None:
+        """The training stream waits for the copy to the host (queued before the block's work),
+        so the input's memory is reused only after it was read."""
+        torch.cuda.current_stream().wait_event(copy.written)
+
     def _prefetch(self, copy: _HostCopy) -> None:
-        if copy.host is None:
+        slot = copy.slot
+        if slot is None:
             raise BlockGraphError("A block's input kept in host memory was fetched back twice (a second backward "
-                                  "through the same graph, retain_graph=True): unset DELTATUNE_OFFLOAD_CHECKPOINTS.")
+                                  "through the same graph, retain_graph=True): set DELTATUNE_OFFLOAD_CHECKPOINTS=0.")
+        current = torch.cuda.current_stream()
+        # allocated on the training stream, which reads and frees it: nothing crosses streams
+        copy.on_gpu = torch.empty(slot.tensor.shape, dtype=slot.tensor.dtype, device=copy.device)
+        self.stream.wait_stream(current)  # the memory is free in the training stream's order by then
+        copy.ready = torch.cuda.Event()
         with torch.cuda.stream(self.stream):
-            copy.on_gpu = torch.empty(copy.host.shape, dtype=copy.host.dtype, device=copy.device)
-            copy.on_gpu.copy_(copy.host, non_blocking=True)
-            copy.ready = torch.cuda.Event()
+            copy.on_gpu.copy_(slot.tensor, non_blocking=True)
             copy.ready.record(self.stream)
-        # Let go of the pinned buffer as soon as the copy is queued (torch's host allocator reuses
-        # it once the copy is done): held until the autograd graph dies, a loop whose `loss`
-        # variable keeps the last step's graph through the next forward would hold two sets.
-        copy.host = None
+        # the pinned buffer is free for another input once this copy has run
+        slot.owner, slot.done, copy.slot = None, copy.ready, None
 
     def fetch(self, copy: _HostCopy) -> torch.Tensor:
         """The input on the GPU, ready on the current stream; starts fetching the input forward ran before it."""
         source = copy.source()
         if source is not None and source._version != copy.version:
             raise BlockGraphError("A block's input was modified in place after the block's forward; "
-                                  "its backward needs the value it had (unset DELTATUNE_OFFLOAD_CHECKPOINTS and "
+                                  "its backward needs the value it had (set DELTATUNE_OFFLOAD_CHECKPOINTS=0 and "
                                   "autograd will name the operation).")
-        current = torch.cuda.current_stream()
         if copy.on_gpu is None:
             self._prefetch(copy)
-        current.wait_event(copy.ready)
+        torch.cuda.current_stream().wait_event(copy.ready)
         tensor, copy.on_gpu = copy.on_gpu, None
-        tensor.record_stream(current)  # made on the side stream, read on this one
         position = next((i for i, r in enumerate(self.order) if r() is copy), None)
         if position is not None:
             previous = self.order[position - 1]() if position > 0 else None
             del self.order[position]
-            if previous is not None and previous.on_gpu is None:
+            if previous is not None and previous.on_gpu is None and previous.slot is not None:
                 self._prefetch(previous)
         return tensor
 
@@ -487,14 +559,11 @@ class _ReplayBlock(torch.autograd.Function):
         ctx.captured = weakref.ref(captured)
         # What checkpointing keeps: the block's inputs, the big one in host memory (its copy is
         # queued first, so it runs beside this block's forward).
-        ctx.host_copy, ctx.host_index = None, None
-        host = captured.owner.host_checkpoints(inputs)
-        if host is not None:
-            index = max(range(n_inputs), key=lambda i: inputs[i].numel() * inputs[i].element_size())
-            if inputs[index].numel() * inputs[index].element_size() >= OFFLOAD_MIN_BYTES:
-                ctx.host_copy, ctx.host_index = host.offload(inputs[index]), index
+        ctx.host = captured.owner.host_checkpoints(inputs) if offload_allowed(replaying=True) else None
+        ctx.host_copy, ctx.host_index = _offload_biggest(ctx.host, inputs)
         out = captured.forward(inputs)
         if ctx.host_copy is not None:
+            _HostCheckpoints.settle(ctx.host_copy)
             inputs = tuple(None if i == ctx.host_index else t for i, t in enumerate(inputs))
         ctx.save_for_backward(*inputs)
         return out
@@ -508,10 +577,77 @@ class _ReplayBlock(torch.autograd.Function):
             raise BlockGraphError("This block's CUDA graphs were released (the model was unpatched or deleted) "
                                   "between its forward and its backward; run the forward again.")
         if ctx.host_copy is not None:
-            fetched = captured.owner.host.fetch(ctx.host_copy)
+            fetched = ctx.host.fetch(ctx.host_copy)
             inputs = tuple(fetched if i == ctx.host_index else t for i, t in enumerate(inputs))
         # one gradient per input, then per trainable parameter: apply's tensor arguments in order
         return (None, None, *captured.backward(inputs, grad_output))
+
+
+class _NotOneTensor(TypeError):
+    """The block returned something other than one tensor: the eager node cannot stand in for it."""
+
+
+class _EagerCall:
+    """What _CheckpointedBlock needs to run one block again in backward (the call's constants,
+    the trainable parameters, the forward's autocast state)."""
+
+    __slots__ = ("owner", "block", "args", "kwargs", "trainable", "autocast")
+
+    def __init__(self, owner: "BlockGraphs", block: nn.Module, args: tuple, kwargs: dict,
+                 trainable: list[nn.Parameter], autocast: tuple[bool, torch.dtype]) -> None:
+        self.owner, self.block, self.args, self.kwargs = owner, block, args, kwargs
+        self.trainable, self.autocast = trainable, autocast
+
+
+class _CheckpointedBlock(torch.autograd.Function):
+    """One checkpointed block run eagerly, as one autograd node: forward under no_grad, and in
+    backward the recomputation and its gradients, as torch.utils.checkpoint does, except that
+    the big input waits in pinned host memory in between (where _ReplayBlock would replay)."""
+
+    @staticmethod
+    def forward(ctx, call: _EagerCall, n_inputs: int, *tensors_and_params):
+        inputs = tensors_and_params[:n_inputs]
+        # the big input's copy to the host is queued first, so it runs beside this block's forward
+        ctx.host = call.owner.host_checkpoints(inputs)
+        ctx.host_copy, ctx.host_index = _offload_biggest(ctx.host, inputs)
+        try:
+            with torch.no_grad():
+                out = _run_block(call.block, call.args, call.kwargs, list(inputs))
+        finally:
+            if ctx.host_copy is not None:
+                _HostCheckpoints.settle(ctx.host_copy)
+        if not isinstance(out, torch.Tensor):
+            raise _NotOneTensor(type(out).__name__)
+        ctx.call, ctx.n_inputs = call, n_inputs
+        if ctx.host_copy is not None:
+            inputs = tuple(None if i == ctx.host_index else t for i, t in enumerate(inputs))
+        ctx.differentiable = [i for i, t in enumerate(tensors_and_params[:n_inputs]) if t.requires_grad]
+        ctx.save_for_backward(*inputs)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        call, inputs = ctx.call, list(ctx.saved_tensors)
+        if ctx.host_copy is not None:
+            inputs[ctx.host_index] = ctx.host.fetch(ctx.host_copy)
+        with torch.autocast("cuda", dtype=call.autocast[1], enabled=call.autocast[0]):
+            grads = _block_gradients(call.block, call.args, call.kwargs, inputs, ctx.differentiable, call.trainable,
+                                     grad_output)
+        input_grads = [None] * ctx.n_inputs
+        for index, grad in zip(ctx.differentiable, grads):
+            input_grads[index] = grad
+        return (None, None, *input_grads, *grads[len(ctx.differentiable):])
+
+
+def _offload_biggest(host: "_HostCheckpoints | None", inputs: tuple) -> tuple["_HostCopy | None", int | None]:
+    """Queue the biggest input's copy to host memory (from OFFLOAD_MIN_BYTES up): (its copy, its index)."""
+    if host is None:
+        return None, None
+    index = max(range(len(inputs)), key=lambda i: inputs[i].numel() * inputs[i].element_size())
+    if inputs[index].numel() * inputs[index].element_size() < OFFLOAD_MIN_BYTES:
+        return None, None
+    return host.offload(inputs[index]), index
 
 
 # ----------------------------------------------------------------------------- the model's graphs
@@ -533,6 +669,7 @@ class BlockGraphs:
         self.last_copied: dict[int, tuple[weakref.ref, int]] = {}
         self.host: _HostCheckpoints | None = None
         self.replays = 0  # blocks run through their graphs (forward passes)
+        self.eager_calls = 0  # blocks run through _CheckpointedBlock (forward passes)
         self.captures = 0  # graph pairs recorded
 
     # a copied or pickled model starts without captures (graphs belong to one set of tensors)
@@ -559,10 +696,8 @@ class BlockGraphs:
         buffer.copy_(tensor)
         self.last_copied[id(buffer)] = (weakref.ref(tensor), tensor._version)
 
-    def host_checkpoints(self, inputs: tuple[torch.Tensor, ...]) -> _HostCheckpoints | None:
-        """Where block inputs wait in host memory, or None where they stay on the GPU."""
-        if not offload_allowed():
-            return None
+    def host_checkpoints(self, inputs: tuple[torch.Tensor, ...]) -> _HostCheckpoints:
+        """Where block inputs wait in host memory."""
         if self.host is None:
             self.host = _HostCheckpoints(inputs[0].device)
         return self.host
@@ -587,13 +722,17 @@ class BlockGraphs:
         self.buffers.clear()
         self.last_copied.clear()
         self.pool = None
+        self.host = None  # its pinned buffers go with the last input waiting in them
 
     # -- a block's call -------------------------------------------------------------------------
     def call(self, block: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """The block's output through its graphs, or NotImplemented where it must run its own code."""
+        """The block's output through its graphs, or, where it is not captured and checkpointed
+        inputs wait in host memory, through the eager checkpointed node; NotImplemented where it
+        must run its own code (transformers' checkpointing)."""
         if not (block.training and hf_compat.block_checkpoints(block) and torch.is_grad_enabled()):
             return NotImplemented
-        if not block_graphs_allowed() or torch.compiler.is_compiling() or _global_hooks_present():
+        graphs_on = block_graphs_allowed()
+        if not (graphs_on or offload_allowed(replaying=False)) or torch.compiler.is_compiling() or _global_hooks_present():
             return NotImplemented
         flat = _flatten(args, kwargs)
         if flat is None or not flat[0] or not all(t.is_cuda for t in flat[0]):
@@ -610,13 +749,37 @@ class BlockGraphs:
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         signature = (layout, autocast, type(block))
         key = (id(block), (signature, block_key))
-        captured = self.captured.get(key)
-        if captured is None:
+        captured = self.captured.get(key) if graphs_on else None
+        if captured is None and graphs_on:
             captured = self._maybe_capture(key, signature, block, args, kwargs, tensors, trainable, autocast)
-            if captured is None:
-                return NotImplemented
-        self.replays += 1
-        return _ReplayBlock.apply(captured, len(tensors), *tensors, *trainable)
+        if captured is not None:
+            self.replays += 1
+            return _ReplayBlock.apply(captured, len(tensors), *tensors, *trainable)
+        if not self._offloads_eagerly(signature, graphs_on):
+            return NotImplemented
+        call = _EagerCall(self, block, *_skeleton(args, kwargs), trainable, autocast)
+        try:
+            out = _CheckpointedBlock.apply(call, len(tensors), *tensors, *trainable)
+        except _NotOneTensor:  # nothing changed yet: the block's own checkpointing takes it from here
+            self.refused.add(signature)
+            return NotImplemented
+        self.eager_calls += 1
+        return out
+
+    def _offloads_eagerly(self, signature: Hashable, graphs_on: bool) -> bool:
+        """Whether a block that runs eagerly keeps its input in host memory (through
+        _CheckpointedBlock): always with DELTATUNE_OFFLOAD_CHECKPOINTS=1; by default while its shape
+        waits to be captured (before the second sighting), since that step would otherwise hold
+        every block's input on the GPU and need more memory than the replayed steps after it."""
+        if signature in self.refused:
+            return False
+        if offload_allowed(replaying=False):
+            return True
+        if not (graphs_on and offload_allowed(replaying=True)):
+            return False
+        if signature not in self.signatures and len(self.signatures) >= MAX_SIGNATURES:
+            return False  # never to be captured
+        return block_graphs_forced() or self.speedups.get(signature, math.inf) >= MIN_SPEEDUP
 
     def _maybe_capture(self, key, signature, block, args, kwargs, tensors, trainable, autocast) -> _Captured | None:
         if signature in self.refused:
