@@ -38,6 +38,8 @@ Diagnostics (not in the default list):
                        replayed blocks' inputs wait there.
   deltatune-on-device  as deltatune, every checkpointed input on the GPU (DELTATUNE_OFFLOAD_CHECKPOINTS=0).
   deltatune-offload-eager-blocks  no graphs, every checkpointed input in host memory.
+  deltatune-whole-weights  as deltatune, with the weights dequantized whole inside the captured
+                       graphs instead of in row chunks of quant.linear.CAPTURE_CHUNK_ELEMENTS.
   unsloth              unsloth's QLoRA (FastLanguageModel, load_in_4bit=True, its "unsloth"
                        checkpointing, the model's loss); patches transformers, so it runs alone:
                        --modes unsloth, compared with the rows of another run.
@@ -410,6 +412,11 @@ _ENVIRONMENT = {"deltatune-eager-blocks": {"DELTATUNE_BLOCK_GRAPHS": "0"},
                 "deltatune-offload-eager-blocks": {"DELTATUNE_OFFLOAD_CHECKPOINTS": "1", "DELTATUNE_BLOCK_GRAPHS": "0"}}
 
 
+# ...and one library setting: the weights dequantized whole inside captured graphs, as before the
+# captures dequantized them in row chunks (quant.linear.CAPTURE_CHUNK_ELEMENTS)
+_LIBRARY_SETTINGS = {"deltatune-whole-weights": ("CAPTURE_CHUNK_ELEMENTS", "CUDA_CHUNK_ELEMENTS")}
+
+
 def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device) -> list[Result]:
     clock = Clock(device)
     free_memory(device)
@@ -419,8 +426,14 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
     graphed = mode.endswith("-graphed") and device.type == "cuda"
     settings = _ENVIRONMENT.get(mode) or ({"DELTATUNE_QUANT_BACKEND": _DEQUANT_BACKENDS[mode]} if mode in _DEQUANT_BACKENDS else {})
     settings_before = {variable: os.environ.get(variable) for variable in settings}
+    from deltatune.quant import linear as quant_linear
+
+    library_setting = _LIBRARY_SETTINGS.get(mode)
+    library_before = getattr(quant_linear, library_setting[0]) if library_setting else None
     try:
         os.environ.update(settings)
+        if library_setting:
+            setattr(quant_linear, library_setting[0], getattr(quant_linear, library_setting[1]))
         if mode == "unsloth":
             wrapped, loss_fn, note = setup_unsloth(shape, args.seed, device)
         elif mode == "peft":
@@ -489,6 +502,8 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
                 os.environ.pop(variable, None)
             else:
                 os.environ[variable] = value
+        if library_setting:
+            setattr(quant_linear, library_setting[0], library_before)
         del model, wrapped, optimizer
         free_memory(device)
     return results

@@ -216,9 +216,15 @@ def test_under_autocast_the_graphs_equal_eager(monkeypatch):
 
 
 @cuda
-def test_qlora_through_the_graphs_equals_eager(monkeypatch):
+@pytest.mark.parametrize("capture_chunks", [False, True])
+def test_qlora_through_the_graphs_equals_eager(monkeypatch, capture_chunks):
+    """Also with the weights dequantized in row chunks inside the captured graphs (as a 7B
+    model's are), and the MLP's gradients written over its saved activations."""
+    from deltatune.quant import linear as quant_linear
     from deltatune.quant import quantize
 
+    if capture_chunks:
+        monkeypatch.setattr(quant_linear, "CAPTURE_CHUNK_ELEMENTS", 64 * 16)
     torch.manual_seed(3)
     base = tiny_causal_lm("llama").to(torch.bfloat16)
     quantize(base, "nf4", double_quant=True, compute_dtype=torch.bfloat16)

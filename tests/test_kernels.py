@@ -7,6 +7,7 @@ with CUDA the same tests also run there, which exercises the Triton kernels.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -329,6 +330,82 @@ def test_swiglu_matches_reference(device, dtype):
     assert_same(out, ref_out, dtype, "output")
     for g, rg in zip(grads, ref_grads):
         assert_same(g, rg, dtype, "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_recomputation_differentiated_once_writes_the_gated_gradients_over_gate_and_up(device, dtype):
+    """Inside differentiated_once, fresh gate and up are overwritten by their own gradients (the
+    memory an MLP's backward saves); the gradients are those of the ordinary path."""
+    from deltatune.kernels.recompute import differentiated_once, mark_fresh
+
+    torch.manual_seed(8)
+    a = leaf(3, 5, 64, dtype=dtype, device=device)
+    b = leaf(3, 5, 64, dtype=dtype, device=device)
+
+    def run(once: bool):
+        a_, b_ = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        with differentiated_once() if once else contextlib.nullcontext():
+            gate, up = mark_fresh(a_ * 2.0), mark_fresh(b_ + 1.0)
+            out = swiglu(gate, up)
+        places = (gate.data_ptr(), up.data_ptr())
+        holders = []
+        gate.register_hook(lambda g: holders.append(g.data_ptr()))
+        up.register_hook(lambda g: holders.append(g.data_ptr()))
+        grads = torch.autograd.grad(out, [a_, b_], torch.ones_like(out))
+        return grads, places, holders
+
+    plain, plain_places, plain_holders = run(once=False)
+    reused, places, holders = run(once=True)
+    for g, ref in zip(reused, plain):
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    assert sorted(holders) == sorted(places)  # the gradients live where gate and up were
+    assert not set(plain_holders) & set(plain_places)
+
+
+def test_gated_inputs_that_are_not_fresh_or_saved_elsewhere_are_never_overwritten_silently():
+    from deltatune.kernels.recompute import differentiated_once, mark_fresh
+
+    torch.manual_seed(9)
+    gate, up = leaf(4, 32, dtype=torch.float32, device="cpu"), leaf(4, 32, dtype=torch.float32, device="cpu")
+    kept = (gate.detach().clone(), up.detach().clone())
+    with differentiated_once():  # leaves the caller owns: not marked fresh, left as they are
+        out = swiglu(gate, up)
+    out.sum().backward()
+    assert torch.equal(gate.detach(), kept[0]) and torch.equal(up.detach(), kept[1])
+    # another node saved the same memory and reads it after the overwrite: autograd's error, not wrong gradients
+    scale = leaf(4, 32, dtype=torch.float32, device="cpu")
+    with differentiated_once():
+        fresh_gate, fresh_up = mark_fresh(gate * 1.0), mark_fresh(up * 1.0)
+        other = fresh_gate * scale  # made first, so its backward runs after the gated one
+        out = swiglu(fresh_gate, fresh_up)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.sum() + other.sum()).backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_mlp_recomputed_once_gives_the_same_gradients(device):
+    from deltatune.kernels.recompute import differentiated_once
+
+    torch.manual_seed(10)
+    hidden, inner = 32, 64
+
+    def projection(d_in, d_out):
+        return LoraParams(leaf(d_out, d_in, dtype=torch.float32, device=device, scale=d_in**-0.5, grad=False), None,
+                          leaf(4, d_in, dtype=torch.float32, device=device), leaf(d_out, 4, dtype=torch.float32, device=device),
+                          2.0)
+
+    gate, up, down = projection(hidden, inner), projection(hidden, inner), projection(inner, hidden)
+    x = leaf(2, 7, hidden, dtype=torch.float32, device=device)
+    tracked = [x, gate.lora_a, gate.lora_b, up.lora_a, up.lora_b, down.lora_a, down.lora_b]
+
+    def grads(once: bool):
+        with differentiated_once() if once else contextlib.nullcontext():
+            out = lora_mlp(x, gate, up, down)
+        return torch.autograd.grad(out, tracked, torch.ones_like(out))
+
+    for g, ref in zip(grads(once=True), grads(once=False)):
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

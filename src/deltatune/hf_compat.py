@@ -18,7 +18,7 @@ import importlib
 import inspect
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Hashable, Iterable, Iterator
 
 from torch import nn
 
@@ -467,6 +467,14 @@ def checkpointable_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def block_variant(block: nn.Module) -> Hashable:
+    """What can make one decoder layer run other code than another layer of its class given the
+    same inputs: the attention type of models that mix sliding-window and full-attention layers
+    (Gemma-2/3, Qwen2/3's layer_types) and a per-layer sliding window."""
+    attention = getattr(block, "self_attn", None)
+    return getattr(block, "attention_type", None), getattr(attention, "sliding_window", None)
+
+
 def block_checkpoints(block: nn.Module) -> bool:
     """Whether this block recomputes its activations in training (transformers' per-layer flag)."""
     return getattr(block, "gradient_checkpointing", False) is True
@@ -527,7 +535,7 @@ def checkpointing_enabled(model: nn.Module) -> bool:
 
 __all__ = [
     "ARCHITECTURES", "Architecture", "BLOCK_CONTAINERS", "CACHE_NAMES", "FusedBlock", "architecture", "cache_argument",
-    "allocate_static_cache", "attention_dropout", "block_checkpointing_off", "block_checkpoints", "cache_key_values", "cache_length",
+    "allocate_static_cache", "attention_dropout", "block_checkpointing_off", "block_checkpoints", "block_variant", "cache_key_values", "cache_length",
     "checkpointable_blocks", "checkpointing_enabled", "clear_output_cache", "enable_checkpointing",
     "causal_lm_output", "final_logit_softcap", "fused_block", "fused_classes", "get_cache", "has_plain_lm_head", "loss_is_plain_cross_entropy", "is_conv1d", "is_encoder_only",
     "is_linear_like", "is_norm", "is_quantized_linear", "is_silu", "gated_activation", "linear_out_features", "model_family",

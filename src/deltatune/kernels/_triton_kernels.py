@@ -200,9 +200,10 @@ def gated_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torc
     return out
 
 
-def gated_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_gate = torch.empty_like(gate)
-    grad_up = torch.empty_like(up)
+def gated_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
+                   into_inputs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_gate = gate if into_inputs else torch.empty_like(gate)
+    grad_up = up if into_inputs else torch.empty_like(up)
     n = gate.numel()
     _gated_bwd_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
         grad, gate, up, grad_gate, grad_up, n, BLOCK=_ELEMENTWISE_BLOCK, GELU=activation == "gelu_tanh", num_warps=8

@@ -17,7 +17,11 @@ checkpointed block, with ~10 launches per block instead of hundreds.
 Every buffer a graph reads or writes outside its own temporaries is shared by all blocks of the
 model and refilled before each replay (the saved inputs come from the node, as checkpointing keeps
 them), so graphs may replay in any order: two forward passes before one backward and gradient
-accumulation stay exact. Temporaries live in one memory pool for the whole model. The node
+accumulation stay exact. Temporaries live in one memory pool for the whole model, and are kept
+small for it: the recomputation writes gradients over the activations it no longer needs
+(kernels/recompute.py), 4-bit weights are dequantized in row chunks while capturing
+(quant/linear.py), and only the first block of each kind and shape is warmed up eagerly before
+its capture (a warm-up beside a filled pool was a capturing step's peak). The node
 keeps its big input (the hidden states) in pinned host memory until backward (_HostCheckpoints;
 DELTATUNE_OFFLOAD_CHECKPOINTS=0 keeps it on the GPU). With DELTATUNE_OFFLOAD_CHECKPOINTS=1 the
 blocks that are not replayed do the same through an eager node (_CheckpointedBlock).
@@ -43,6 +47,7 @@ import contextlib
 import logging
 import math
 import os
+import statistics
 import time
 import weakref
 from typing import Any, Callable, Hashable
@@ -52,6 +57,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import hf_compat
+from .cuda_graph import warming_up_for_capture
+from .recompute import differentiated_once
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +93,18 @@ def block_graphs_forced() -> bool:
     return os.environ.get("DELTATUNE_BLOCK_GRAPHS", "auto").strip() == "1"
 
 
-def replay_speedup(run: Callable[[], None], repeats: int = 3) -> float:
+def replay_speedup(run: Callable[[], None], repeats: int = 5) -> float:
     """How much faster `run` (CUDA work launched from Python) would go replayed as a graph.
 
     In a stream of such calls (the blocks of a step) each costs whichever is longer of the host's
     launching and the GPU's running; a replay leaves only the GPU's part. Both are measured at
     once by holding the stream in a spin kernel while the host queues the work: the host's time
-    is its launching alone, and the GPU then runs the queue back to back. The best of `repeats`
-    readings of each. Synchronises the device; inf where the host could not queue the work
-    within the spin kernel (a host that slow is what graphs are for).
+    is its launching alone, and the GPU then runs the queue back to back. Of `repeats` readings,
+    the GPU's best (its own time is steady) against the host's median: the host's best reading was
+    seen to swing a 1.1B QLoRA block's verdict between 1.03x and 1.48x from one process to the
+    next on the same machine, while the step it stands for meets the host's usual pace.
+    Synchronises the device; inf where the host could not queue the work within the spin kernel
+    (a host that slow is what graphs are for).
     """
     sleep = getattr(torch.cuda, "_sleep", None)
     run()  # lazy initialisation (cuBLAS handles, autotuning) is not what a replay would save
@@ -105,9 +115,10 @@ def replay_speedup(run: Callable[[], None], repeats: int = 3) -> float:
     if sleep is None:
         return math.inf
     cycles = int((time.perf_counter() - started) * 4e9)  # ~2x the call at H100/H200 clocks (~2 GHz)
-    host_s, gpu_s, readings = math.inf, math.inf, 0
+    host_readings: list[float] = []
+    gpu_s = math.inf
     for _ in range(repeats + 3):  # a few tries more, for spin kernels found too short
-        if readings == repeats:
+        if len(host_readings) == repeats:
             break
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         sleep(cycles)
@@ -121,11 +132,11 @@ def replay_speedup(run: Callable[[], None], repeats: int = 3) -> float:
         if not held:
             cycles *= 4
             continue
-        readings += 1
-        host_s, gpu_s = min(host_s, queued), min(gpu_s, begin.elapsed_time(end) / 1e3)
-    if gpu_s == math.inf:
+        host_readings.append(queued)
+        gpu_s = min(gpu_s, begin.elapsed_time(end) / 1e3)
+    if not host_readings:
         return math.inf
-    return max(host_s, gpu_s) / max(gpu_s, 1e-9)
+    return max(statistics.median(host_readings), gpu_s) / max(gpu_s, 1e-9)
 
 
 class BlockGraphError(RuntimeError):
@@ -243,7 +254,7 @@ class _Captured:
     """The forward and backward graphs of one block for one signature, and where they read and write."""
 
     def __init__(self, owner: "BlockGraphs", block: nn.Module, call_args: tuple, call_kwargs: dict,
-                 tensors: list[torch.Tensor], trainable: list[nn.Parameter]) -> None:
+                 tensors: list[torch.Tensor], trainable: list[nn.Parameter], output_like: torch.Tensor | None) -> None:
         # weak: the model's BlockGraphs owns this capture, and a capture must not keep it (and
         # its graphs' memory) alive after the model is gone
         self.owner = weakref.proxy(owner)
@@ -254,7 +265,7 @@ class _Captured:
         self.fill(tuple(tensors))
         self.param_dtype = trainable[0].dtype if trainable else torch.float32
         self.grad_sizes = [p.numel() for p in trainable]
-        self._capture(block, call_args, call_kwargs)
+        self._capture(block, call_args, call_kwargs, output_like)
 
     def _forward_body(self, block, call_args, call_kwargs) -> None:
         with torch.no_grad():
@@ -275,17 +286,24 @@ class _Captured:
                     for g, p in zip(param_grads, self.trainable)]
             torch.cat(flat, out=self.flat_grads)
 
-    def _capture(self, block: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+    def _capture(self, block: nn.Module, call_args: tuple, call_kwargs: dict, output_like: torch.Tensor | None) -> None:
+        """Warm up (unless a block of the same kind was: output_like is its output) and record."""
         stream = self.owner.stream
         stream.wait_stream(torch.cuda.current_stream())
-        # The warm-up refuses host synchronisation (.item(), data-dependent shapes), which would
-        # break the capture: a block that does it is refused here, before anything is recorded.
-        mode = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            self._warm_up(block, call_args, call_kwargs, stream)
-        finally:
-            torch.cuda.set_sync_debug_mode(mode)
+        if output_like is not None:
+            # An eager run here would hold a block's temporaries on top of the pool the earlier
+            # captures filled: the capturing step's peak, 0.6 GiB above a replayed step's on a 1.1B
+            # QLoRA step at 8k tokens. What the warm-up prepares is shared with that block.
+            self._shape_buffers(output_like)
+        else:
+            # The warm-up refuses host synchronisation (.item(), data-dependent shapes), which would
+            # break the capture: a block that does it is refused here, before anything is recorded.
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                self._warm_up(block, call_args, call_kwargs, stream)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(stream)
         self.forward_graph = self._record(stream, self._forward_body, block, call_args, call_kwargs)
         self.backward_graph = self._record(stream, self._backward_body, block, call_args, call_kwargs)
@@ -307,21 +325,26 @@ class _Captured:
     def _warm_up(self, block: nn.Module, call_args: tuple, call_kwargs: dict, stream: torch.cuda.Stream) -> None:
         """One eager run of both bodies on the capture stream (lazy initialisation, Triton's
         compilation, cuBLAS's workspace for that stream), which also shapes the output buffers."""
-        owner = self.owner
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), warming_up_for_capture():
             with torch.no_grad():
                 probe = _run_block(block, call_args, call_kwargs, self.inputs)
             if not isinstance(probe, torch.Tensor):
                 raise TypeError(f"{type(block).__name__} returns {type(probe).__name__}, not one tensor")
-            self.output = owner.buffer(("out",), probe)
-            self.grad_output = owner.buffer(("grad_out",), probe)
-            self.grad_output.zero_()
-            self.input_grads = {i: owner.buffer(("grad_in", i), self.inputs[i]) for i in self.differentiable}
-            total = sum(self.grad_sizes)
-            self.flat_grads = owner.buffer(("grads",), torch.empty(total, dtype=self.param_dtype, device=probe.device))
+            self._shape_buffers(probe)
             del probe
             self._forward_body(block, call_args, call_kwargs)
             self._backward_body(block, call_args, call_kwargs)
+
+    def _shape_buffers(self, output_like: torch.Tensor) -> None:
+        """The shared buffers the graphs write: the output, its gradient, the inputs' and the
+        parameters' gradients."""
+        owner = self.owner
+        self.output = owner.buffer(("out",), output_like)
+        self.grad_output = owner.buffer(("grad_out",), output_like)
+        self.grad_output.zero_()
+        self.input_grads = {i: owner.buffer(("grad_in", i), self.inputs[i]) for i in self.differentiable}
+        total = sum(self.grad_sizes)
+        self.flat_grads = owner.buffer(("grads",), torch.empty(total, dtype=self.param_dtype, device=output_like.device))
 
     # -- replay ---------------------------------------------------------------------------------
     def fill(self, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -382,7 +405,8 @@ def _block_gradients(block: nn.Module, call_args: tuple, call_kwargs: dict, inpu
         # autograd would wait on that stream from inside the capture, which breaks it.
         stand_ins = [p.detach().requires_grad_() for p in trainable]
         names = {id(p): name for name, p in block.named_parameters()}
-        with _parameters_replaced(block, [names[id(p)] for p in trainable], stand_ins):
+        # this graph is differentiated once, just below: its nodes may reuse their saved activations
+        with _parameters_replaced(block, [names[id(p)] for p in trainable], stand_ins), differentiated_once():
             out = _run_block(block, call_args, call_kwargs, tensors)
         wrt = [tensors[i] for i in differentiable] + stand_ins
         return torch.autograd.grad(out, wrt, grad_output, allow_unused=True)
@@ -663,6 +687,8 @@ class BlockGraphs:
         self.sightings: dict[tuple[int, Hashable], int] = {}
         self.signatures: set[Hashable] = set()
         self.refused: set[Hashable] = set()
+        # per signature and block variant, the output buffer of the capture that warmed up for it
+        self.warmed: dict[Hashable, torch.Tensor] = {}
         # per signature: how much faster replaying was measured to be (replay_speedup), and
         # whether that pays for a capture (MIN_SPEEDUP)
         self.speedups: dict[Hashable, float] = {}
@@ -720,6 +746,7 @@ class BlockGraphs:
         if not keep_measurements:
             self.speedups.clear()
         self.buffers.clear()
+        self.warmed.clear()
         self.last_copied.clear()
         self.pool = None
         self.host = None  # its pinned buffers go with the last input waiting in them
@@ -797,9 +824,10 @@ class BlockGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(device=tensors[0].device)
+        warm_key = (signature, hf_compat.block_variant(block))
         try:
             with torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
-                captured = _Captured(self, block, args, kwargs, tensors, trainable)
+                captured = _Captured(self, block, args, kwargs, tensors, trainable, self.warmed.get(warm_key))
         except BlockGraphError:
             raise
         except Exception as error:  # found in the warm-up: a block that syncs or returns a tuple
@@ -808,6 +836,7 @@ class BlockGraphs:
                            type(block).__name__, type(error).__name__, error)
             return None
         self.signatures.add(signature)
+        self.warmed[warm_key] = captured.output
         self.captured[key] = captured
         self.captures += 1
         # Keep a few states per block and signature (adapters switched back and forth replay without

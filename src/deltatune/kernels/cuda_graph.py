@@ -11,11 +11,28 @@ synchronisation inside the step (no ``.item()``, no data-dependent Python branch
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Callable
 
 import torch
 
-__all__ = ["GraphedTrainStep", "graph_pool_bytes", "graph_pool_segments", "peak_memory_bytes"]
+from ._scoped_flag import ScopedFlag
+
+__all__ = ["GraphedTrainStep", "graph_pool_bytes", "graph_pool_segments", "peak_memory_bytes", "for_capture",
+           "warming_up_for_capture"]
+
+_WARMING_UP = ScopedFlag()
+
+
+def warming_up_for_capture() -> AbstractContextManager[None]:
+    """Inside: an eager run that prepares a capture (Triton's compilation, cuBLAS's workspace), so
+    code that runs differently under capture (for_capture) takes the captured path already."""
+    return _WARMING_UP.raised()
+
+
+def for_capture() -> bool:
+    """Whether the work queued now is being captured into a CUDA graph, or warms one up."""
+    return bool(_WARMING_UP) or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 class GraphedTrainStep:

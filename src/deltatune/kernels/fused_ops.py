@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import use_triton
+from .recompute import may_overwrite, overwritten
 
 __all__ = [
     "GATED_ACTIVATIONS",
@@ -134,15 +135,22 @@ def gated_forward_raw(gate: torch.Tensor, up: torch.Tensor, activation: str = "s
     return _activate(gate, activation) * up
 
 
-def gated_backward_raw(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-                       activation: str = "silu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up) of ``act(gate) * up``."""
+def gated_backward_raw(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str = "silu",
+                       into_inputs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of ``act(gate) * up``. into_inputs: written over gate and up (which the
+    caller no longer needs; see kernels/recompute.py), saving two intermediate-size tensors."""
     grad = grad.contiguous()
+    if into_inputs and not (gate.is_contiguous() and up.is_contiguous() and gate.dtype == up.dtype == grad.dtype):
+        into_inputs = False
     if use_triton(grad, gate, up) and gate.is_contiguous() and up.is_contiguous():
         from ._triton_kernels import gated_backward
 
-        return gated_backward(grad, gate, up, activation)
-    return _activation_grad(grad * up, gate, activation), grad * _activate(gate, activation)
+        # elementwise: each element of gate and up is read before its gradient is written there
+        return gated_backward(grad, gate, up, activation, into_inputs=into_inputs)
+    grad_gate, grad_up = _activation_grad(grad * up, gate, activation), grad * _activate(gate, activation)
+    if into_inputs:  # same values, same memory as the kernel's (no saving here, the semantics CPU tests check)
+        return gate.copy_(grad_gate), up.copy_(grad_up)
+    return grad_gate, grad_up
 
 
 class _GatedFunction(torch.autograd.Function):
@@ -150,12 +158,16 @@ class _GatedFunction(torch.autograd.Function):
     def forward(ctx, gate, up, activation):
         ctx.save_for_backward(gate, up)
         ctx.activation = activation
+        ctx.overwrite = may_overwrite(gate, up)
         return gated_forward_raw(gate, up, activation)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        return (*gated_backward_raw(grad, gate, up, ctx.activation), None)
+        grads = gated_backward_raw(grad, gate, up, ctx.activation, into_inputs=ctx.overwrite)
+        if ctx.overwrite:
+            overwritten(gate, up)
+        return (*grads, None)
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:

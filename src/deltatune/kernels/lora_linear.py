@@ -23,6 +23,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .recompute import mark_fresh
+
 __all__ = ["LoraParams", "lora_linear", "lora_linear_reference", "dropout_mask"]
 
 
@@ -78,7 +80,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         ctx.dropout_seed = dropout_seed
         ctx.x_shape = x.shape
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return mark_fresh(y.view(*x.shape[:-1], y.shape[-1]))  # new memory: see kernels/recompute.py
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .fused_ops import check_activation, gated_activation_reference, gated_backward_raw, gated_forward_raw
 from .lora_linear import LoraParams
+from .recompute import mark_fresh, may_overwrite, overwritten
 
 __all__ = ["lora_mlp", "lora_mlp_reference", "LoraParams", "lora_fast_params"]
 
@@ -56,6 +57,9 @@ class _LoraMLPFunction(torch.autograd.Function):
         ctx.scalings = scalings
         ctx.activation = activation
         ctx.rank_gate = rank_gate
+        # gate and up are this node's own: in a recomputation differentiated once, backward writes
+        # their gradients over them (kernels/recompute.py)
+        ctx.overwrite = may_overwrite(mark_fresh(gate), mark_fresh(up))
         ctx.x_shape = x.shape
         ctx.adapter_dtypes = (gate_a.dtype, gate_b.dtype, up_a.dtype, up_b.dtype, down_a.dtype, down_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -78,7 +82,9 @@ class _LoraMLPFunction(torch.autograd.Function):
         grad_hidden = torch.mm(g_xa_down, a_down)
         grad_hidden.addmm_(g, down_w, beta=s_down)
 
-        grad_gate, grad_up = gated_backward_raw(grad_hidden, gate, up, ctx.activation)
+        grad_gate, grad_up = gated_backward_raw(grad_hidden, gate, up, ctx.activation, into_inputs=ctx.overwrite)
+        if ctx.overwrite:
+            overwritten(gate, up)
         del grad_hidden
 
         # gate and up projections share x: one stacked rank-(r_gate + r_up) product for A and dx

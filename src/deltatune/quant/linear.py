@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hf_compat import is_conv1d
+from ..kernels.cuda_graph import for_capture
+from ..kernels.recompute import mark_fresh
 from . import backends
 from .formats import DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE, QuantizedWeight, check_quant_type, quantize
 
@@ -29,6 +31,10 @@ from .formats import DEFAULT_BLOCK_SIZE, NESTED_BLOCK_SIZE, QuantizedWeight, che
 CHUNK_ELEMENTS = 1 << 24
 # The same on CUDA (elements): 512 MiB in bf16; a 7B model's weights are dequantized whole.
 CUDA_CHUNK_ELEMENTS = 1 << 28
+# The same while a CUDA graph is being captured (elements): 16 MiB in bf16. A replay pays nothing
+# per launch, and the graph's memory pool holds its largest temporaries for good: a 7B MLP weight
+# whole is 112 MiB of it.
+CAPTURE_CHUNK_ELEMENTS = 1 << 23
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -45,18 +51,18 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
         ctx.layer = layer
-        chunks = layer._compute_chunks(x.device.type)
-        if len(chunks) == 1:
-            return F.linear(x, layer._dequantize_rows(x.dtype, None))
-        outputs = [F.linear(x, layer._dequantize_rows(x.dtype, rows)) for rows in chunks]
-        return torch.cat(outputs, dim=-1)
+        # backward dequantizes in the same chunks: it may run on autograd's thread, where a CUDA
+        # graph's capture is not seen (the block graphs record forward and backward together)
+        ctx.chunks = layer._compute_chunks(x.device.type)
+        y = _dequantized_linear(x.reshape(-1, x.shape[-1]), layer, None, ctx.chunks)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         if not ctx.needs_input_grad[0]:
             return None, None
         layer: QuantLinear = ctx.layer
-        chunks = layer._compute_chunks(grad_output.device.type)
+        chunks = ctx.chunks
         if len(chunks) == 1:
             return grad_output @ layer._dequantize_rows(grad_output.dtype, None), None
         grad_input = None
@@ -64,6 +70,18 @@ class _DequantizedMatmul(torch.autograd.Function):
             part = grad_output[..., rows[0] : rows[1]] @ layer._dequantize_rows(grad_output.dtype, rows)
             grad_input = part if grad_input is None else grad_input.add_(part)
         return grad_input, None
+
+
+def _dequantized_linear(x2d: torch.Tensor, layer: "QuantLinear", bias: torch.Tensor | None,
+                        chunks: list[tuple[int, int]]) -> torch.Tensor:
+    """x2d · Wᵀ (+ bias) in x2d's dtype, W dequantized in `chunks` of rows; each chunk's product
+    is written into its columns of the output (no list of pieces to concatenate)."""
+    if len(chunks) == 1:
+        return F.linear(x2d, layer._dequantize_rows(x2d.dtype, None), bias)
+    y = torch.empty(x2d.shape[0], layer.out_features, dtype=x2d.dtype, device=x2d.device)
+    for first, last in chunks:
+        torch.mm(x2d, layer._dequantize_rows(x2d.dtype, (first, last)).t(), out=y[:, first:last])
+    return y if bias is None else y.add_(bias)
 
 
 _MM_OUT_DTYPE: dict[str, bool] = {}
@@ -108,13 +126,8 @@ class _QuantLoraLinearFunction(torch.autograd.Function):
             xa = F.linear(x2d * dropout_mask(x2d.shape, dropout_p, dropout_seed, x.device, x.dtype), a)
         else:
             xa = F.linear(x2d, a)
-        chunks = layer._compute_chunks(x.device.type)
-        if len(chunks) == 1:
-            y = F.linear(x2d, layer._dequantize_rows(x.dtype, None), bias)
-        else:
-            y = torch.cat([F.linear(x2d, layer._dequantize_rows(x.dtype, rows)) for rows in chunks], dim=-1)
-            if bias is not None:
-                y.add_(bias)
+        ctx.chunks = layer._compute_chunks(x.device.type)  # for backward too (see _DequantizedMatmul)
+        y = _dequantized_linear(x2d, layer, bias, ctx.chunks)
         y.addmm_(xa, b.t(), alpha=scaling)
 
         needs_a, needs_b = ctx.needs_input_grad[3:5]
@@ -123,7 +136,7 @@ class _QuantLoraLinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.dropout_p, ctx.dropout_seed = scaling, dropout_p, dropout_seed
         ctx.x_shape = x.shape
         ctx.adapter_dtypes = (lora_a.dtype, lora_b.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return mark_fresh(y.view(*x.shape[:-1], y.shape[-1]))  # new memory: see kernels/recompute.py
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -153,7 +166,7 @@ class _QuantLoraLinearFunction(torch.autograd.Function):
                 grad_x = torch.mm(g_xa, a)
                 if mask is not None:
                     grad_x.mul_(mask)
-                chunks = layer._compute_chunks(g.device.type)
+                chunks = ctx.chunks
                 if len(chunks) == 1:
                     grad_x.addmm_(g, layer._dequantize_rows(g.dtype, None), beta=scaling)
                 else:
@@ -272,18 +285,23 @@ class QuantLinear(nn.Module):
         return backends.dequantize(qweight, dtype)
 
     def _compute_chunks(self, device_type: str) -> list[tuple[int, int]]:
-        """row_chunks() for compute on `device_type`: on CUDA up to CUDA_CHUNK_ELEMENTS at once."""
-        if device_type == "cuda" and self.out_features * self.in_features <= CUDA_CHUNK_ELEMENTS:
-            return [(0, self.out_features)]
-        return self.row_chunks()
+        """row_chunks() for compute on `device_type`: on CUDA up to CUDA_CHUNK_ELEMENTS at once, or
+        CAPTURE_CHUNK_ELEMENTS while a CUDA graph is being captured."""
+        if device_type != "cuda":
+            return self.row_chunks()
+        if for_capture():
+            return self.row_chunks(CAPTURE_CHUNK_ELEMENTS)
+        return self.row_chunks(CUDA_CHUNK_ELEMENTS)
 
-    def row_chunks(self) -> list[tuple[int, int]]:
-        """Row ranges dequantized one at a time: the whole weight unless it is big."""
+    def row_chunks(self, max_elements: int | None = None) -> list[tuple[int, int]]:
+        """Row ranges dequantized one at a time: the whole weight unless it has more than
+        `max_elements` (default CHUNK_ELEMENTS)."""
+        max_elements = CHUNK_ELEMENTS if max_elements is None else max_elements
         rows = self.out_features
-        if rows * self.in_features <= CHUNK_ELEMENTS:
+        if rows * self.in_features <= max_elements:
             return [(0, rows)]
         align = self.quantized().row_alignment()
-        step = max(align, (CHUNK_ELEMENTS // self.in_features) // align * align)
+        step = max(align, (max_elements // self.in_features) // align * align)
         return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
     def weight_nbytes(self) -> int:
