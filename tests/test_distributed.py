@@ -378,16 +378,53 @@ def test_a_script_that_never_calls_shutdown_leaves_the_group_before_teardown(tmp
 @pytest.mark.parametrize("command", ["compare", "tune"])
 def test_compare_and_tune_refuse_to_run_once_per_launched_process(monkeypatch, tmp_path, capsys, command):
     """Launched by torchrun as one of 2 processes, each copy would run every method and write the
-    same files: refused before anything is written, with what to run instead."""
+    same files: refused before anything is written, with what to run instead (compare: when told
+    not to train the methods over the processes)."""
     from deltatune.cli import main
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     out = tmp_path / "out"
-    assert main([command, "--quick", "--output", str(out)]) == 2
+    alone = ["--distributed", "none"] if command == "compare" else []  # compare trains together unless told not to
+    assert main([command, *alone, "--quick", "--output", str(out)]) == 2
     said = capsys.readouterr().err
     assert "launched as one of 2 processes" in said and "without torchrun" in said
     assert not out.exists()
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process of one (a one-GPU run of a torchrun script) runs
     distributed.refuse_several_processes(f"deltatune {command}", "")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_deltatune_compare_under_torchrun_reports_what_one_process_reports(tmp_path, strategy):
+    """`torchrun ... deltatune compare --distributed S`: every method trains over both processes with
+    the global batch, rank 0 alone prints and writes, and the comparison holds one process's losses,
+    quality and adapter, in the same files."""
+    script = tmp_path / "cli.py"
+    script.write_text(CLI.format(paths=[str(Path(__file__).parent), *sys.path]))
+    argv = ["compare", "--task", "tiny", "--methods", "full,lora", "--steps", "3", "--batch-size", "8",
+            "--eval-limit", "16", "--curve-points", "1", "--no-progress", "--set", "lora.r=4", "--lr", "lora=auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = subprocess.run([sys.executable, str(script), *argv, "--output", str(tmp_path / "one")],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    done = torchrun_two(script, *argv, "--distributed", strategy, "--output", str(tmp_path / "two"))
+    assert done.stdout.count("Results:") == 1  # the table and the paths, once
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert (two["settings"]["distributed"], two["settings"]["processes"]) == (strategy, 2)
+    assert one["settings"]["processes"] == 1
+    for method in ("full", "lora"):
+        got, want = two["methods"][method], one["methods"][method]
+        assert got["status"] == want["status"] == "ok"
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-4, atol=1e-6)
+        assert got["quality"]["in_domain"]["accuracy"] == want["quality"]["in_domain"]["accuracy"]
+        assert [p["step"] for p in got["forgetting_curve"]] == [p["step"] for p in want["forgetting_curve"]]
+        assert got["storage"]["bytes"] > 0
+    assert two["methods"]["lora"]["storage"]["bytes"] == one["methods"]["lora"]["storage"]["bytes"]
+    adapter = Path("checkpoints") / "lora" / "adapter_model.safetensors"
+    assert_same_adapter(load_file(tmp_path / "two" / adapter), load_file(tmp_path / "one" / adapter))
+    assert "skipped" in two["timing"]
+    assert two["method_settings"]["lora"]["lr"] == one["method_settings"]["lora"]["lr"]  # rank 0's range test
+    assert "lr_range" in two["methods"]["lora"]
+    assert "each method trained over 2 processes" in (tmp_path / "two" / "report.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -103,6 +103,10 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-tasks", type=int, default=100, help="N in the storage-for-N-tasks plot")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the full model copy written to measure its size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars; the loss is logged every log_every steps instead")
+    parser.add_argument("--distributed", choices=["auto", "ddp", "fsdp2", "none"], default="auto",
+                        help="under torchrun: each method trains over the processes with DDP, FSDP2 or auto (DDP unless "
+                        "the weights crowd a GPU); --batch-size is the global batch; rank 0 writes. none: refused under "
+                        "torchrun")
     _add_quantize(parser, "every PEFT method's frozen base (full fine-tuning stays the full-precision baseline)")
 
 
@@ -140,10 +144,14 @@ def _run_compare(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         progress=not args.no_progress,
         report_to=args.report_to,
+        distributed=args.distributed,
     )
+    from deltatune import distributed
+
     failed = [n for n, r in run.methods.items() if r.get("status") != "ok"]
-    if failed:
+    if failed and distributed.is_main():
         print(f"Failed: {', '.join(failed)} (details in {run.output_dir / 'report.md'})", file=sys.stderr)
+    distributed.shutdown()  # under torchrun: every rank leaves together, the comparison is over
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -282,6 +282,17 @@ def fill_from_full(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Non
             local_view(tensor).copy_(shard_like(tensors[name], tensor))
 
 
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` on every process (a collective every rank joins; `value` itself outside a
+    process group): for what one rank must decide for all, such as a folder named after the clock
+    or a learning rate suggested from measured losses, which must not differ between ranks."""
+    if not is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_sum(value: float | int) -> float:
     """The sum of one number over all processes (itself outside a process group)."""
     if not is_initialized():
@@ -293,7 +304,8 @@ def all_sum(value: float | int) -> float:
 
 
 __all__ = [
-    "STRATEGIES", "DistributedError", "all_sum", "barrier", "device", "gather_full", "gather_state_dict", "init_from_env",
+    "STRATEGIES", "DistributedError", "all_sum", "barrier", "device", "from_main", "gather_full", "gather_state_dict",
+    "init_from_env",
     "is_main", "unsharded_class",
     "refuse_several_processes",
     "is_sharded", "launched", "local_view", "prepare", "rank", "resolve_strategy", "shard_like", "shutdown",

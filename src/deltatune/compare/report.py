@@ -247,6 +247,8 @@ def _title(results: dict[str, Any]) -> str:
         f"{task.get('sequence_length', '?')} tokens), {settings.get('max_steps')} steps x batch "
         f"{settings.get('batch_size')}, {_seeds_text(settings)}, preset {settings.get('preset')}"
         + (f", PEFT bases in {settings['quantize']} (full FT in full precision)" if settings.get("quantize") else "")
+        + (f", each method trained over {settings['processes']} processes ({settings.get('distributed')}; memory: "
+           "one process's step on the whole batch)" if (settings.get("processes") or 1) > 1 else "")
     )
 
 
@@ -341,7 +343,8 @@ def _time_section(results: dict[str, Any]) -> str:
                f"wide. Load average {_num(timing.get('load_before'), '.1f')} before the rounds, "
                f"{_num(timing.get('load_after'), '.1f')} after. ")
     else:
-        how = f"No interleaved rounds in this run{': ' + timing['error'] if timing.get('error') else ''}. "
+        why = timing.get("error") or timing.get("skipped")
+        how = f"No interleaved rounds in this run{': ' + why if why else ''}. "
     return (
         "## Time\n\n" + how +
         "`during training`: seconds per optimizer step while the method trained (the lower quartile after 3 "

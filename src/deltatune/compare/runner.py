@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .. import distributed as dist
 from ..kernels.cuda_graph import peak_memory_bytes
 from .estimate import build_meta_model, estimate_error, estimate_prepared
 from .measure import (
@@ -69,6 +70,8 @@ class CompareSettings:
     report_to: list[str] = field(default_factory=list)  # "tensorboard" / "csv": per-method logs under logs/
     seeds: int = 1  # training runs per method (seed, seed+1, ...): quality reported as mean +- std
     curve_points: int = 2  # in-domain quality and forgetting evaluated this many times during training
+    distributed: str = "none"  # under torchrun: how each method trains over the processes (TrainConfig.distributed)
+    processes: int = 1  # the processes that train each method together
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -88,13 +91,17 @@ class CompareRun:
 
 
 class ResultsFile:
-    """results.json, rewritten whole and atomically (temp file + rename) on every save."""
+    """results.json, rewritten whole and atomically (temp file + rename) on every save; by one
+    process only (`writes`) when several compare together."""
 
-    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+    def __init__(self, path: Path, data: dict[str, Any], writes: bool = True) -> None:
         self.path = path
         self.data = data
+        self.writes = writes
 
     def save(self) -> None:
+        if not self.writes:
+            return
         text = json.dumps(self.data, indent=2, default=_json_default)
         fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".tmp", dir=self.path.parent)
         try:
@@ -232,7 +239,8 @@ class _Comparison:
         self.output_dir = output_dir
         self.progress = progress
         self.console = console
-        self.device = resolve_device(settings.device)
+        # under torchrun each process works on its own GPU (its LOCAL_RANK), or on the CPU
+        self.device = dist.device() if dist.is_initialized() else resolve_device(settings.device)
         self.method_settings = methods
         self.trained: dict[str, nn.Module] = {}  # kept for the interleaved timing rounds at the end
         self.results = ResultsFile(
@@ -246,6 +254,7 @@ class _Comparison:
                 "method_settings": {n: s.to_dict() for n, s in self.method_settings.items()},
                 "methods": {},
             },
+            writes=dist.is_main(),
         )
 
     # ------------------------------------------------------------------ setup
@@ -272,7 +281,7 @@ class _Comparison:
             "head_modules": list(self.task.head_modules),
             "sequence_length": int(self.probe_batch["input_ids"].shape[-1]) if "input_ids" in self.probe_batch else None,
         }
-        data["base_model_bytes"] = self._checkpoint_bytes_of(model)
+        data["base_model_bytes"] = self._checkpoint_bytes_of(model) if dist.is_main() else None
         self._estimate_all(model)
         self._evaluate_base(model)
         self.results.save()
@@ -420,7 +429,8 @@ class _Comparison:
         self.results.save()
 
         record["storage"] = self._store(name, model)
-        self.trained[name] = model
+        if not dist.is_initialized():  # the interleaved timing rounds run in one process (time_interleaved)
+            self.trained[name] = model
         if self.settings.seeds > 1:
             self._other_seeds(name, record)
 
@@ -449,6 +459,11 @@ class _Comparison:
         change of load during the run hits all methods alike; the ratios' spread is recorded."""
         from .timing import DEFAULT_ROUNDS, clock_name, interleaved_step_times, ratios_to
 
+        if dist.is_initialized():
+            self.results.data["timing"] = {"skipped": "the methods trained over several processes: each method's "
+                                                      "step time is its own training run's"}
+            self.results.save()
+            return
         if len(self.trained) < 2:
             return
         _say(self.console, f"Timing the {len(self.trained)} trained methods in {DEFAULT_ROUNDS} interleaved rounds ...")
@@ -497,6 +512,7 @@ class _Comparison:
             progress=self.progress,
             device=self.settings.device,
             report_to=self.settings.report_to,
+            distributed=self.settings.distributed,
             logging_dir=str(self.output_dir / "logs" / (settings.name if seed is None else f"{settings.name}-seed{seed}")),
         )
         if self.device.type == "cuda":
@@ -528,10 +544,11 @@ class _Comparison:
         result = lr_range_test(model, self.train_data, collate_fn=self.task.collate, batch_size=self.settings.batch_size,
                                seed=self.settings.seed, device=self.settings.device)
         record["lr_range"] = result.to_dict()
-        if result.suggested_lr is not None:
-            settings.lr = result.suggested_lr
+        suggested = dist.from_main(result.suggested_lr)  # every process trains at rank 0's suggestion
+        if suggested is not None:
+            settings.lr = suggested
         self.results.data["method_settings"][settings.name] = settings.to_dict()
-        _say(self.console, f"    {settings.name}: lr {settings.lr:.3g} ({'suggested' if result.suggested_lr else 'no suggestion: default'})")
+        _say(self.console, f"    {settings.name}: lr {settings.lr:.3g} ({'suggested' if suggested else 'no suggestion: default'})")
 
     def _record_forgetting(self, record: dict[str, Any]) -> None:
         before = self.results.data.get("base_quality", {}).get("forgetting")
@@ -548,19 +565,24 @@ class _Comparison:
             }
 
     def _store(self, name: str, model: nn.Module) -> dict[str, Any]:
-        """Write what this task needs stored and measure it on disk."""
+        """Write what this task needs stored and measure it on disk. Under torchrun every process
+        calls it (the save gathers sharded tensors) and rank 0 writes and measures."""
+        from .jobs import _save_full
+
         directory = self.output_dir / "checkpoints" / name
-        if directory.exists():
+        main = dist.is_main()
+        if main and directory.exists():
             shutil.rmtree(directory)
         if name == FULL:
-            path = save_full_checkpoint(model, directory)
-            stored = {"kind": "full model copy", "bytes": directory_bytes(path), "path": str(directory)}
-            if not self.settings.keep_checkpoints:
+            _save_full(model, directory)  # the whole model, gathered from the shards where sharded
+            stored = {"kind": "full model copy", "bytes": directory_bytes(directory) if main else None,
+                      "path": str(directory)}
+            if main and not self.settings.keep_checkpoints:
                 shutil.rmtree(directory)
                 stored["path"] = None
             return stored
         model.save(directory)
-        return {"kind": "adapter", "bytes": directory_bytes(directory), "path": str(directory)}
+        return {"kind": "adapter", "bytes": directory_bytes(directory) if main else None, "path": str(directory)}
 
     def finish(self, status: str) -> None:
         self.results.data["status"] = status
@@ -634,6 +656,7 @@ def compare(
     report_to: Sequence[str] | str | None = None,
     seeds: int = 1,
     curve_points: int = 2,
+    distributed: str = "auto",
 ) -> CompareRun:
     """Train full fine-tuning and PEFT methods on one task alike and report how they compare.
 
@@ -653,13 +676,23 @@ def compare(
     curve_points: times in-domain quality and forgetting are evaluated during training (evenly
         spaced; the first seed): the report compares forgetting where the methods reach the same
         in-domain quality. 0: no curves.
+    distributed: under torchrun (or accelerate launch), how each method trains over the launched
+        processes: "ddp", "fsdp2" or "auto" (deltatune.distributed.resolve_strategy); batch_size is
+        the global batch. Every process runs every phase together; rank 0 alone prints and writes.
+        "none" refuses a launch of several processes (each would run everything). Outside a launch
+        it changes nothing.
     Writes results.json (after every phase), report.md and PNG plots into `output_dir`.
     """
-    from deltatune import distributed
-
-    distributed.refuse_several_processes(
-        "deltatune compare", "Run it without torchrun; to train one method on several GPUs use "
-        "`torchrun --nproc_per_node N -m deltatune.cli train --method M --distributed fsdp2`.")
+    if distributed not in dist.STRATEGIES:
+        raise ValueError(f"distributed must be one of {', '.join(dist.STRATEGIES)}, got {distributed!r}.")
+    if distributed == "none":
+        dist.refuse_several_processes(
+            "deltatune compare --distributed none", "Run it without torchrun, or let the processes train each "
+            "method together: --distributed ddp, fsdp2 or auto.")
+    elif dist.launched():
+        dist.init_from_env()  # before anything is written: rank 0 alone writes and prints
+    if not dist.is_main():
+        console, progress, report = None, False, False
     settings = resolve_settings(
         task, methods, "quick" if quick else "default", max_steps, batch_size, train_limit, eval_limit,
         seed, device, storage_tasks, keep_checkpoints, task_options, seeds, curve_points,
@@ -690,7 +723,10 @@ def compare(
     from deltatune.train.reporting import check_report_to
 
     settings.report_to = check_report_to(report_to)
-    path = prepare_output_dir(output_dir)
+    if dist.is_initialized():
+        settings.distributed, settings.processes = distributed, dist.world_size()
+    # one folder for all processes: a default one is named after rank 0's clock
+    path = prepare_output_dir(dist.from_main(str(output_dir if output_dir is not None else default_output_dir())))
     comparison = _Comparison(settings, task, path, methods_used, progress, console)
     comparison.results.save()
     status = "interrupted"
