@@ -112,3 +112,18 @@ def test_an_encoder_without_table_names_gets_every_linear_layer():
     model = dt.wrap(base, dt.LoraConfig(r=2))
     wrapped = {name.rsplit(".", 1)[-1] for name, _ in model.delta_layers()}
     assert {"q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"} <= wrapped and "classifier" not in wrapped
+
+
+def test_block_variants_tell_sliding_window_layers_from_full_attention_ones():
+    """The block graphs warm up once per block class, shape and variant: a Gemma-3 model's full-
+    attention layer must not pass for one of its sliding-window layers, and a Llama's layers are one kind."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=7,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4)
+    layers = transformers.Gemma3ForCausalLM(config).model.layers
+    variants = [hf_compat.block_variant(layer) for layer in layers]
+    sliding = [getattr(layer.self_attn, "is_sliding", layer.self_attn.sliding_window is not None) for layer in layers]
+    assert len(set(variants)) == 2 and False in sliding and True in sliding
+    assert all((variants[i] == variants[j]) == (sliding[i] == sliding[j]) for i in range(7) for j in range(7))
+    assert len({hf_compat.block_variant(layer) for layer in tiny_llama().model.layers}) == 1

@@ -472,7 +472,9 @@ def block_variant(block: nn.Module) -> Hashable:
     same inputs: the attention type of models that mix sliding-window and full-attention layers
     (Gemma-2/3, Qwen2/3's layer_types) and a per-layer sliding window."""
     attention = getattr(block, "self_attn", None)
-    return getattr(block, "attention_type", None), getattr(attention, "sliding_window", None)
+    # the layer type sits on the block in older transformers (attention_type), on its attention in 5.x
+    kind = getattr(block, "attention_type", None) or getattr(attention, "layer_type", None)
+    return kind, getattr(attention, "sliding_window", None)
 
 
 def block_checkpoints(block: nn.Module) -> bool:
