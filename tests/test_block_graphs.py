@@ -149,6 +149,9 @@ def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, acc
     # keeps them from 1 MiB up)
     monkeypatch.setattr(block_graphs, "OFFLOAD_MIN_BYTES", 0)
     monkeypatch.setattr(block_graphs, "offload_allowed", lambda replaying=False: offload)
+    warm_ups = []
+    warm_up = block_graphs._Captured._warm_up
+    monkeypatch.setattr(block_graphs._Captured, "_warm_up", lambda self, *args: (warm_ups.append(1), warm_up(self, *args))[1])
     torch.manual_seed(0)
     eager, graphed, (opt_e, opt_g) = _pair(dt.LoraConfig(r=4, init_lora_weights=False))
     batches = [torch.randint(0, 97, (2, 16), device="cuda") for _ in range(6)]
@@ -157,6 +160,7 @@ def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, acc
     graphs = graphs_of(graphed)
     assert graphs_of(eager).replays == 0 and graphs.replays > 0 and len(graphs.signatures) == 1
     assert not graphs.speedups  # DELTATUNE_BLOCK_GRAPHS=1: captured without measuring
+    assert graphs.captures == 2 and len(warm_ups) == 1  # the second block of the same kind and shape: no warm-up
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     _assert_same_adapters(eager, graphed, 1e-5)
     assert (graphs.host is not None and graphs.host.copies > 0) == offload
@@ -281,8 +285,8 @@ def test_host_checkpoints_hold_two_inputs_on_the_gpu_however_far_the_host_runs_a
         del source
         sources.clear()
         base, extra, sums = torch.cuda.memory_allocated(), 0, []
-        for copy in reversed(copies):
-            fetched = host.fetch(copy)
+        for waiting in reversed(copies):
+            fetched = host.fetch(waiting)
             sums.append(fetched.sum())
             del fetched
             extra = max(extra, torch.cuda.memory_allocated() - base)
