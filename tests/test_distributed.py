@@ -318,12 +318,12 @@ from pathlib import Path
 import torch
 from conftest import tiny_causal_lm
 from deltatune import distributed
-from deltatune.compare.jobs import _save_full
+from deltatune.compare.jobs import save_full_model
 
 distributed.init_from_env()
 torch.manual_seed(0)
 model = distributed.prepare(tiny_causal_lm("llama", tied=True), "fsdp2")
-_save_full(model, Path(sys.argv[1]))
+save_full_model(model, Path(sys.argv[1]))
 del model
 distributed.shutdown()
 """

@@ -192,7 +192,7 @@ def _absolute_paths(options: dict[str, Any]) -> dict[str, Any]:
 
 def _save_trained(model: nn.Module, method: str, output: Path, task: str, quality: dict[str, Any] | None) -> int:
     if method == FULL:
-        _save_full(model, output)
+        save_full_model(model, output)
         return directory_bytes(output / "model.safetensors")
     from deltatune.train.reporting import numeric_leaves
 
@@ -200,7 +200,7 @@ def _save_trained(model: nn.Module, method: str, output: Path, task: str, qualit
     return sum(directory_bytes(output / name) for name in ("adapter_config.json", "adapter_model.safetensors") if (output / name).exists())
 
 
-def _save_full(model: nn.Module, output: Path) -> None:
+def save_full_model(model: nn.Module, output: Path) -> None:
     """The whole fine-tuned model; under a process group gathered whole and written by rank 0."""
     from deltatune import distributed
 

@@ -567,14 +567,14 @@ class _Comparison:
     def _store(self, name: str, model: nn.Module) -> dict[str, Any]:
         """Write what this task needs stored and measure it on disk. Under torchrun every process
         calls it (the save gathers sharded tensors) and rank 0 writes and measures."""
-        from .jobs import _save_full
+        from .jobs import save_full_model
 
         directory = self.output_dir / "checkpoints" / name
         main = dist.is_main()
         if main and directory.exists():
             shutil.rmtree(directory)
         if name == FULL:
-            _save_full(model, directory)  # the whole model, gathered from the shards where sharded
+            save_full_model(model, directory)  # the whole model, gathered from the shards where sharded
             stored = {"kind": "full model copy", "bytes": directory_bytes(directory) if main else None,
                       "path": str(directory)}
             if main and not self.settings.keep_checkpoints:
