@@ -428,3 +428,15 @@ def test_deltatune_compare_under_torchrun_reports_what_one_process_reports(tmp_p
     assert "lr_range" in two["methods"]["lora"]
     assert "each method trained over 2 processes" in (tmp_path / "two" / "report.md").read_text()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_compare_asked_for_ddp_or_fsdp2_outside_a_launch_says_how_to_launch(tmp_path, capsys):
+    """An explicit strategy with no processes to spread over is refused before anything is written
+    (auto, the default, compares in the one process)."""
+    from deltatune.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compare", "--distributed", "fsdp2", "--quick", "--output", str(out)]) == 2
+    said = capsys.readouterr().err
+    assert "needs several processes" in said and "torchrun --nproc_per_node 2" in said
+    assert not out.exists()

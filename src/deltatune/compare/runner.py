@@ -691,6 +691,10 @@ def compare(
             "method together: --distributed ddp, fsdp2 or auto.")
     elif dist.launched():
         dist.init_from_env()  # before anything is written: rank 0 alone writes and prints
+    elif distributed != "auto" and not dist.is_initialized():
+        raise dist.DistributedError(
+            f"distributed={distributed!r} needs several processes: launch with torchrun (`torchrun --nproc_per_node 2 "
+            f"-m deltatune.cli compare --distributed {distributed} ...`), or leave it at auto to compare in this process.")
     if not dist.is_main():
         console, progress, report = None, False, False
     settings = resolve_settings(
