@@ -10,14 +10,15 @@ weights and the same adapters (B random too, so every adapter changes the output
 
   merged     one adapter folded into the base and the wrappers removed (merge_and_unload): the plain
              model, the ceiling for any per-row method, though it serves one adapter only;
-  deltatune  DeltaModel(..., adapter_names=rows): stacked adapters; an eager forward adds each
-             row's product into the base output in place (addmm_/baddbmm_);
+  deltatune  DeltaModel(..., adapter_names=rows): stacked adapters; in an eager forward each bias-free
+             linear base's matmul accumulates onto the rows' products (addmm_ over bmm results);
   peft       PeftModel(..., adapter_names=rows), the adapters loaded from the files deltatune saved
              (only for batches over at most --peft-max-adapters adapters, --peft-repeats times: its
              generate() slows with the number of adapters, ~40 s a call at 32);
-  +continuous deltatune's rows admitted together to a deltatune.continuous.ContinuousDecoder (the
-             server's --batching continuous) and stepped to the end; its steps too are replayed as a
-             CUDA graph on CUDA, captured once for all calls;
+  +continuous the rows admitted together to a deltatune.continuous.ContinuousDecoder (the server's
+             --batching continuous) and stepped to the end; its steps too are replayed as a CUDA
+             graph on CUDA, captured once for all calls (merged+continuous: the merged model in
+             the same decoder, the like-for-like ceiling of deltatune+continuous);
   +graph     merged and deltatune decoded by deltatune.generation.greedy_generate: a static key/value
              cache and, on CUDA, the one-token step captured once as a CUDA graph and replayed
              (deltatune's step then adds the rows' products with two Triton kernels, SGMV-style).
@@ -332,6 +333,9 @@ def format_table(title: str, results: dict[int, dict[str, Timing]]) -> str:
         if continuous is not None:
             check += (f"; continuous {continuous.generate_tokens_per_s / graphed.generate_tokens_per_s:.2f}x graph-decoded"
                       f" ({continuous.captures} captures), tokens equal: {token_agreement(continuous.tokens, graphed.tokens):.0%}")
+            merged_continuous = modes.get("merged+continuous")
+            if merged_continuous is not None:
+                check += f"; continuous vs merged continuous {continuous.generate_tokens_per_s / merged_continuous.generate_tokens_per_s:.2f}x"
         if count == 1:  # every row on the merged adapter: the same model
             check += f"; logits vs merged {relative_difference(ours.logits, merged.logits):.1e}"
         peft_cols = f"{'-':>9}{'-':>10}"
@@ -411,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     for count in counts:
         rows = [f"a{i % count}" for i in range(args.batch)]
         started = time.time()
-        modes = {"merged": merged, "merged+graph": Mode(merged.model, {}, "graph"),
+        modes = {"merged": merged, "merged+graph": Mode(merged.model, {}, "graph"), "merged+continuous": Mode(merged.model, {}, "continuous"),
                  "deltatune": Mode(ours, {"adapter_names": rows}), "deltatune+graph": Mode(ours, {"adapter_names": rows}, "graph"),
                  "deltatune+continuous": Mode(ours_continuous, {"adapter_names": rows}, "continuous")}
         if count <= args.peft_max_adapters:

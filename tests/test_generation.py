@@ -170,10 +170,26 @@ def test_row_lora_kernels_equal_the_reference_under_the_triton_interpreter():
     # float16: the interpreter (numpy) mishandles bfloat16 inputs to tl.dot; on CUDA both are checked.
     script = textwrap.dedent("""
         import torch
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def count_to(out_ptr, n):  # a loop up to a kernel argument, as the row kernels have
+            total = 0
+            for _ in range(0, n):
+                total += 1
+            tl.store(out_ptr, total)
+
+        counted = torch.zeros(1, dtype=torch.int32)
+        try:
+            count_to[(1,)](counted, 3)
+        except Exception as error:  # triton 3.6's interpreter under NumPy 2.x: int() of a 1-element array
+            print("interpreter cannot loop:", repr(error))
+            raise SystemExit(0)
         from deltatune.kernels._triton_kernels import row_lora_add_
         from deltatune.kernels.row_lora import row_lora_reference
         torch.manual_seed(0)
-        for rows, tokens, n_in, n_out, slots, rank in [(5, 1, 300, 200, 3, 16), (4, 20, 70, 90, 2, 32), (3, 70, 64, 130, 2, 16)]:
+        for rows, tokens, n_in, n_out, slots, rank in [(5, 1, 300, 200, 3, 16), (6, 1, 1100, 70, 4, 32), (4, 20, 70, 90, 2, 32), (3, 70, 64, 130, 2, 16)]:
             x = torch.randn(rows, tokens, n_in, dtype=torch.float16)
             down = (torch.randn(slots + 1, rank, n_in) / n_in ** 0.5).half()
             up = torch.randn(slots + 1, rank, n_out, dtype=torch.float16)
@@ -187,6 +203,8 @@ def test_row_lora_kernels_equal_the_reference_under_the_triton_interpreter():
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    if "interpreter cannot loop" in out.stdout:
+        pytest.skip(f"this triton's interpreter cannot run a loop here ({out.stdout.strip()}); the CUDA test checks the kernels")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 

@@ -7,15 +7,21 @@ the last slot is all zeros and marks rows that keep the base output). On CUDA in
 is two Triton kernels in the way of Punica's SGMV: shrink to the rank-wide h, expand into y in
 place. Neither copies a row's adapter nor computes another adapter's product, and a CUDA graph
 captures them as two launches per layer. Elsewhere the same sum runs as batched matmuls.
+
+Over a plain bias-free linear base (`linear_plus_row_lora`), outside a capture, the products are
+computed first and the base matmul accumulates onto them (cuBLAS's beta = 1, read in its epilogue
+for free): one pass over the output fewer than adding the products afterwards.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from ._backend import use_triton
 
-__all__ = ["row_lora_add_", "row_lora_reference", "kernel_rank"]
+__all__ = ["row_lora_add_", "row_lora_reference", "kernel_rank", "linear_plus_row_lora"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -33,6 +39,18 @@ def row_lora_reference(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, ro
     return torch.bmm(hidden, up.index_select(0, row_slot))
 
 
+def _kernels_apply(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> bool:
+    return (
+        use_triton(x, down)
+        and torch.cuda.is_current_stream_capturing()
+        and x.dtype == down.dtype == up.dtype
+        and x.dtype in _KERNEL_DTYPES
+        and down.shape[1] == kernel_rank(down.shape[1], x.device)
+        and all(t.is_contiguous() for t in (x, down, up))
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, down, up)))
+    )
+
+
 def kernel_applies(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether row_lora_add_ runs the Triton kernels for these tensors (else the reference).
 
@@ -41,13 +59,11 @@ def kernel_applies(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: tor
     matmuls on an H200). Run eagerly, a Triton launch costs the host ~40 us against ~5 us for an
     ATen op, and an eager forward is bound by the host: the batched matmuls serve it."""
     return (
-        use_triton(y, x, down)
-        and torch.cuda.is_current_stream_capturing()
-        and y.dtype == x.dtype == down.dtype == up.dtype
-        and x.dtype in _KERNEL_DTYPES
-        and down.shape[1] == kernel_rank(down.shape[1], x.device)
-        and all(t.is_contiguous() for t in (y, x, down, up))
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (y, x, down, up)))
+        _kernels_apply(x, down, up)
+        and y.device == x.device
+        and y.dtype == x.dtype
+        and y.is_contiguous()
+        and not (torch.is_grad_enabled() and y.requires_grad)
     )
 
 
@@ -64,3 +80,22 @@ def row_lora_add_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torc
         triton_add(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), down, up, row_slot, base_slot)
         return y
     return y + row_lora_reference(x, down, up, row_slot).to(y.dtype)
+
+
+def linear_plus_row_lora(x_rows: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                         row_slot: torch.Tensor, base_slot: int, product: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """x_rows·weightᵀ plus each row's LoRA product: (rows, T, in) -> (rows, T, out), for a bias-free
+    linear base at inference (no autograd through the result; all of one dtype).
+
+    product(): the rows' products as a new contiguous tensor of rows·T·out elements, used where
+    the kernels do not run (the caller picks gathered or masked matmuls). Measured on an H200
+    (1B Llama shape, 32 x 256 tokens, 32 adapters): the prefill's device time 46.7 -> 45.0 ms
+    against 39.9 ms merged, the base matmuls as fast with the accumulation as without."""
+    x2d = x_rows.reshape(-1, x_rows.shape[-1])
+    if _kernels_apply(x2d, down, up):
+        y = x2d @ weight.t()
+        row_lora_add_(y, x2d, down, up, row_slot, base_slot)
+    else:
+        y = product().view(x2d.shape[0], -1)
+        y.addmm_(x2d, weight.t())
+    return y.view(*x_rows.shape[:-1], y.shape[-1])

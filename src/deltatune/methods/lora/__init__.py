@@ -29,7 +29,7 @@ from ...hf_compat import is_conv1d, is_quantized_linear
 from ...inject import layer_attach
 from ...kernels import LoraParams, lora_linear
 from ...kernels.row_lora import kernel_applies as row_lora_kernel_applies
-from ...kernels.row_lora import kernel_rank, row_lora_add_
+from ...kernels.row_lora import kernel_rank, linear_plus_row_lora, row_lora_add_
 from ...layer import DeltaLayer, RowAdapters, adapter_dtype, autocast_enabled
 from ...mixed_batch import SlotPlan, StackCache, needs_autograd, rows_by_tokens
 from ...model import written_out_targets
@@ -127,6 +127,13 @@ class _LoraStacks:
     down: torch.Tensor  # (slots + 1, r_max, in): A, ranks zero-padded
     up: torch.Tensor  # (slots + 1, r_max, out): (scaling · B)ᵀ, ranks zero-padded
     dora_scale: torch.Tensor | None  # (slots + 1, out): m / ‖W + s·BA‖ for DoRA adapters, 1 elsewhere
+
+
+def _bypassable_linear(base: nn.Module) -> bool:
+    """Whether `base` is a plain nn.Linear whose matmul a LoRA layer may run itself: no hooks
+    (accelerate's offloading, a user's) and no replaced forward that calling it would skip."""
+    return (type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+            and "forward" not in base.__dict__)
 
 
 def _masked_form_pays(tokens_per_row: int, adapters: int, device: torch.device) -> bool:
@@ -341,7 +348,7 @@ class LoraLinear(_LoraBase):
         """
         base = self.base_layer  # a wrapper of another method inside must run its own forward
         # In a mixed batch each row has its own adapter: the fused MLP must call forward instead.
-        if self.row_adapters is not None or type(base) is not nn.Linear or autocast_enabled():
+        if self.row_adapters is not None or not _bypassable_linear(base) or autocast_enabled():
             return None
         # Outer wrappers (Fisher, LayerNorm tuning) may swap the weight tensor per call.
         # ...and the adapter's tensors may be stand-ins for a while (kernels/block_graphs.py)
@@ -416,15 +423,21 @@ class LoraLinear(_LoraBase):
     # -- mixed batches: one adapter per row ------------------------------------------------
     def _mixed_forward(self, rows: RowAdapters, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows.check_batch(x, lambda: f"LoRA layer {type(self.get_base_layer()).__name__}({self.in_features} -> {self.out_features})")
-        result = self.base_layer(x, *args, **kwargs)
         found = self._mixed_stacks.get(rows, self.lora_A, x.device, self._stack_key, self._build_stacks)
         if found is None:  # no row's adapter is on this layer
-            return result
+            return self.base_layer(x, *args, **kwargs)
         stacks, plan = found
         self._refuse_row_dropout(plan.names)
         x_rows = rows_by_tokens(x).to(stacks.down.dtype)
-        result_rows = rows_by_tokens(result)
         masked = _masked_form_pays(x_rows.shape[1], len(plan.names), x.device)
+        weight = None if args or kwargs else self._plain_linear_weight(x, stacks)
+        if weight is not None:
+            product = _masked_lora if masked else _gathered_lora
+            out = linear_plus_row_lora(x_rows, weight, stacks.down, stacks.up, plan.row_slot, len(plan.names),
+                                       lambda: product(x_rows, stacks, plan))
+            return out.view(*x.shape[:-1], out.shape[-1])
+        result = self.base_layer(x, *args, **kwargs)
+        result_rows = rows_by_tokens(result)
         if stacks.dora_scale is None and row_lora_kernel_applies(result_rows, x_rows, stacks.down, stacks.up):
             # Captured into a CUDA graph: two kernels add every row's product into the base output.
             added = row_lora_add_(result_rows, x_rows, stacks.down, stacks.up, plan.row_slot, len(plan.names))
@@ -437,6 +450,17 @@ class LoraLinear(_LoraBase):
         if stacks.dora_scale is not None:
             lora_out = self._mixed_dora_output(stacks, plan, rows_by_tokens(result), lora_out)
         return result + lora_out.view(result.shape).to(result.dtype)
+
+    def _plain_linear_weight(self, x: torch.Tensor, stacks: _LoraStacks) -> torch.Tensor | None:
+        """The base weight where the base is a plain bias-free nn.Linear at inference whose matmul
+        linear_plus_row_lora may run itself; else None."""
+        base = self.base_layer
+        if not _bypassable_linear(base) or base.bias is not None or stacks.dora_scale is not None:
+            return None
+        weight = base.weight
+        if not (x.dtype == weight.dtype == stacks.down.dtype) or needs_autograd([x, weight, stacks.down, stacks.up]):
+            return None
+        return weight
 
     def _refuse_row_dropout(self, names: tuple[str, ...]) -> None:
         # Dropout only acts in training, and mixed batches serve inference: rather than dropping
