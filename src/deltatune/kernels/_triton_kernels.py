@@ -322,6 +322,72 @@ def _row_lora_expand_kernel(h_ptr, up_ptr, y_ptr, slot_ptr, tokens_per_row, n_to
     tl.store(y_at, (y + delta).to(y_ptr.dtype.element_ty), mask=both_ok)
 
 
+# One token per row (a decode step): no token blocks, so no tl.dot over 16 rows of which 15 are
+# padding; each program reduces one block of features for one row with plain multiply-adds.
+@triton.jit
+def _row_lora_shrink_one_kernel(x_ptr, down_ptr, h_ptr, slot_ptr, n_rows, n_in, base_slot,
+                                RANK: tl.constexpr, BLOCK_IN: tl.constexpr):
+    row = tl.program_id(0)
+    slot = tl.load(slot_ptr + row)
+    if slot == base_slot:
+        return
+    split = tl.program_id(1)
+    cols = split * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    col_ok = cols < n_in
+    ranks = tl.arange(0, RANK)
+    x = tl.load(x_ptr + row.to(tl.int64) * n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
+    a = tl.load(down_ptr + slot.to(tl.int64) * RANK * n_in + ranks[:, None] * n_in + cols[None, :],
+                mask=col_ok[None, :], other=0.0)  # (RANK, BLOCK_IN)
+    partial = tl.sum(a.to(tl.float32) * x[None, :], axis=1)
+    tl.store(h_ptr + (split * n_rows + row) * RANK + ranks, partial)
+
+
+@triton.jit
+def _row_lora_expand_one_kernel(h_ptr, up_ptr, y_ptr, slot_ptr, n_rows, n_splits, n_out, base_slot,
+                                RANK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    row = tl.program_id(0)
+    slot = tl.load(slot_ptr + row)
+    if slot == base_slot:
+        return
+    ranks = tl.arange(0, RANK)
+    splits = tl.arange(0, SPLITS)  # SPLITS: n_splits rounded up to a power of two
+    partials = tl.load(h_ptr + (splits[:, None] * n_rows + row) * RANK + ranks[None, :],
+                       mask=(splits < n_splits)[:, None], other=0.0)
+    # h and the product rounded to the storage dtype where torch's x·Aᵀ, then ·B, would round them
+    h = tl.sum(partials, axis=0).to(up_ptr.dtype.element_ty).to(tl.float32)
+    outs = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    out_ok = outs < n_out
+    up = tl.load(up_ptr + slot.to(tl.int64) * RANK * n_out + ranks[:, None] * n_out + outs[None, :],
+                 mask=out_ok[None, :], other=0.0)  # (RANK, BLOCK_OUT)
+    delta = tl.sum(h[:, None] * up.to(tl.float32), axis=0).to(y_ptr.dtype.element_ty).to(tl.float32)
+    y_at = y_ptr + row.to(tl.int64) * n_out + outs
+    y = tl.load(y_at, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(y_at, (y + delta).to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+# (BLOCK_IN, num_warps) of the one-token shrink, (BLOCK_OUT, num_warps) of its expand: the least
+# time summed over the 1B and 7B Llama projection shapes on an H200 (benchmarks/row_lora_kernels.py).
+# 200 calls in one graph: 3.8-6.2 us a pair against 5.0-10.6 us for the token-block kernels.
+ONE_TOKEN_SHRINK, ONE_TOKEN_EXPAND = (128, 4), (256, 1)
+ONE_TOKEN_KERNELS = True  # benchmarks turn it off to compare with the token-block kernels
+
+
+def _row_lora_add_one_token_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                             row_slot: torch.Tensor, base_slot: int) -> None:
+    (rows, n_in), n_out, rank = x.shape, y.shape[1], down.shape[1]
+    block_in, shrink_warps = ONE_TOKEN_SHRINK
+    block_out, expand_warps = ONE_TOKEN_EXPAND
+    splits = triton.cdiv(n_in, block_in)
+    partial_h = torch.empty((splits, rows, rank), dtype=torch.float32, device=x.device)
+    _row_lora_shrink_one_kernel[(rows, splits)](
+        x, down, partial_h, row_slot, rows, n_in, base_slot, RANK=rank, BLOCK_IN=block_in, num_warps=shrink_warps,
+    )
+    _row_lora_expand_one_kernel[(rows, triton.cdiv(n_out, block_out))](
+        partial_h, up, y, row_slot, rows, splits, n_out, base_slot, RANK=rank, SPLITS=triton.next_power_of_2(splits),
+        BLOCK_OUT=block_out, num_warps=expand_warps,
+    )
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -339,6 +405,9 @@ def row_lora_add_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torc
     """y (rows·T, out) += per row (x·downᵀ)·up, in place. x (rows·T, in); down (slots, R, in);
     up (slots, R, out); row_slot (rows,). All contiguous; R a power of two >= 16."""
     rows, (n_tokens, n_in) = row_slot.shape[0], x.shape
+    if n_tokens == rows and ONE_TOKEN_KERNELS:
+        _row_lora_add_one_token_(y, x, down, up, row_slot, base_slot)
+        return
     tokens_per_row = n_tokens // rows
     rank = down.shape[1]
     decoding = tokens_per_row <= 16
