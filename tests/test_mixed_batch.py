@@ -247,24 +247,33 @@ def test_without_autograd_the_products_are_added_into_the_base_output_in_place()
     assert_rows_match_alone(model, token_batch(), ROWS)
 
 
-def test_a_base_layer_with_hooks_is_still_called_as_a_module():
+@pytest.mark.parametrize("change", ["forward hook", "replaced forward"])
+def test_a_base_layer_with_hooks_is_still_called_as_a_module(change):
     # A bias-free nn.Linear base at inference has its matmul run inside the LoRA layer, onto the
-    # rows' products (the other tests here check those rows); one with hooks must still run them.
+    # rows' products (the other tests here check those rows); one with hooks or a replaced forward
+    # (accelerate's offloading does either) must still be called.
     model = with_adapters(tiny_llama(), LORA_CASES["lora"])
     inputs = token_batch()
     layer = dict(model.named_modules())["model.model.layers.0.self_attn.q_proj"]
+    base = layer.base_layer
     calls = []
 
-    def shift(module, args, output):
+    def shift(output):
         calls.append(1)
         return output + 0.25
 
-    handle = layer.base_layer.register_forward_hook(shift)
+    if change == "forward hook":
+        handle = base.register_forward_hook(lambda module, args, output: shift(output))
+        undo = handle.remove
+    else:
+        plain_forward = base.forward
+        base.forward = lambda x: shift(plain_forward(x))
+        undo = lambda: delattr(base, "forward")
     with torch.no_grad():
         hooked = model(input_ids=inputs, adapter_names=ROWS).logits
-    assert calls, "the base layer's hook did not run"
-    assert_rows_match_alone(model, inputs, ROWS)  # each row alone runs the hook too
-    handle.remove()
+    assert calls, f"the base layer's {change} did not run"
+    assert_rows_match_alone(model, inputs, ROWS)  # each row alone runs it too
+    undo()
     with torch.no_grad():
         plain = model(input_ids=inputs, adapter_names=ROWS).logits
     assert relative_error(hooked, plain) > 1e-3

@@ -53,12 +53,9 @@ class SlotPlan:
         return self.gather(slot_mask)
 
 
-def plan_slots(rows: RowAdapters, held: Container[str], device: torch.device,
-               names: tuple[str, ...] | None = None) -> SlotPlan | None:
-    """The slot plan of `rows` for a layer holding the adapters in `held`; None if it holds none of them.
-    names: the rows' adapters that are in `held`, in the rows' order, where the caller knows them."""
-    if names is None:
-        names = held_names(rows, held)
+def plan_slots(rows: RowAdapters, held: Container[str], device: torch.device) -> SlotPlan | None:
+    """The slot plan of `rows` for a layer holding the adapters in `held`; None if it holds none of them."""
+    names = tuple(name for name in rows.names if name in held)
     if not names:
         return None
     batch_slots = rows.slot_index(device)
@@ -67,11 +64,6 @@ def plan_slots(rows: RowAdapters, held: Container[str], device: torch.device,
         return SlotPlan(names, batch_slots, rows)
     local = index_tensor([names.index(n) if n in names else len(names) for n in rows.names] + [len(names)], device)
     return SlotPlan(names, rows.derive(("local_slots", names, str(device)), lambda: local[batch_slots]), rows)
-
-
-def held_names(rows: RowAdapters, held: Container[str]) -> tuple[str, ...]:
-    """The batch's adapters that a layer holding `held` has, in the batch's order."""
-    return tuple(name for name in rows.names if name in held)
 
 
 def tensor_versions(tensors: Iterable[torch.Tensor]) -> tuple:
@@ -110,9 +102,6 @@ class StackCache(Generic[Stacks]):
         # (add, delete, merge, unmerge). A Parameter object replaced behind the layer's back
         # (rather than written into) needs clear() too.
         self._described: dict[tuple[str, ...], tuple[tuple, Sequence[torch.Tensor]]] = {}
-        # The batch's adapter names -> those this layer holds: a server's batches repeat their
-        # sets of names, and a membership test per name and layer costs more than this lookup.
-        self._held: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._rows: RowAdapters | None = None
         self._entry: tuple[Stacks, SlotPlan] | None = None
         self._key: tuple | None = None
@@ -138,10 +127,7 @@ class StackCache(Generic[Stacks]):
         """
         if rows is self._rows:
             return self._entry
-        names = self._held.get(rows.names)
-        if names is None:
-            names = self._held[rows.names] = held_names(rows, held)
-        plan = plan_slots(rows, held, device, names)
+        plan = plan_slots(rows, held, device)
         if plan is None:
             self._rows, self._entry = rows, None
             return None
