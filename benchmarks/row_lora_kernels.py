@@ -8,6 +8,8 @@ them, of: the token-block kernels (tl.dot over blocks of 16 tokens, the path of 
 one-token kernels with the configuration deltatune uses, and the best configuration found for
 that shape; then each configuration's sum over all shapes, which chose deltatune's. Each row
 also checks the one-token result against torch's (relative error of the sum, bf16 rounding).
+Last, layers that read the same x (q/k/v, gate/up): a kernel pair each against one shared shrink
+launch and an expand each (the results must be identical: the same sums in the same order).
 
 Measured 2026-12-03 on the lent H200 (torch 2.11, triton 3.6; the scratch form of this script):
 token-block pair 4.99 / 5.05 / 6.60 / 8.25 us on 2048->2048 / 2048->512 / 2048->8192 / 8192->2048,
@@ -81,14 +83,14 @@ def main() -> int:
             splits = triton.cdiv(n_in, block_in)
             partial_h = torch.empty((splits, rows, rank), dtype=torch.float32, device="cuda")
             for warps in (1, 2, 4, 8):
-                shrink[(block_in, warps)] = graph_time(lambda: kernels._row_lora_shrink_one_kernel[(rows, splits)](
-                    x, down, partial_h, row_slot, rows, n_in, adapters, RANK=rank, BLOCK_IN=block_in, num_warps=warps))
+                shrink[(block_in, warps)] = graph_time(lambda: kernels._row_lora_shrink_one_kernel[(rows, splits, 1)](
+                    x, down, down, down, partial_h, row_slot, rows, n_in, adapters, RANK=rank, BLOCK_IN=block_in, num_warps=warps))
         splits = triton.cdiv(n_in, chosen_shrink[0])
         partial_h = torch.zeros((splits, rows, rank), dtype=torch.float32, device="cuda")
         for block_out in (128, 256, 512, 1024):
             for warps in (1, 2, 4, 8):
                 expand[(block_out, warps)] = graph_time(lambda: kernels._row_lora_expand_one_kernel[(rows, triton.cdiv(n_out, block_out))](
-                    partial_h, up, y, row_slot, rows, splits, n_out, adapters, RANK=rank, SPLITS=triton.next_power_of_2(splits),
+                    partial_h, up, y, row_slot, rows, splits, n_out, adapters, rank, RANK=rank, SPLITS=triton.next_power_of_2(splits),
                     BLOCK_OUT=block_out, num_warps=warps))
         for config, micros in shrink.items():
             shrink_sums[config] = shrink_sums.get(config, 0.0) + micros
@@ -106,7 +108,40 @@ def main() -> int:
               f"({token_blocks / chosen:.2f}x); best here {best:5.2f} us (shrink {best_shrink}, expand {best_expand}); error {error:.1e}")
     print("shrink (BLOCK_IN, warps), us summed over shapes:", sorted((round(v, 2), k) for k, v in shrink_sums.items())[:4])
     print("expand (BLOCK_OUT, warps), us summed over shapes:", sorted((round(v, 2), k) for k, v in expand_sums.items())[:4])
+    shared_shrink(kernels, rows, rank, adapters)
     return 0
+
+
+def shared_shrink(kernels, rows: int, rank: int, adapters: int) -> None:
+    """q/k/v of the 1B and 7B shapes (they read the same x): three kernel pairs against one shrink
+    launch for the three layers and three expands, as a captured decode step runs them."""
+    for n_in, outs in [(2048, (2048, 512, 512)), (4096, (4096, 4096, 4096)), (2048, (8192, 8192))]:
+        x = torch.randn(rows, n_in, device="cuda", dtype=torch.bfloat16)
+        downs = [(torch.randn(adapters + 1, rank, n_in, device="cuda") / n_in ** 0.5).bfloat16() for _ in outs]
+        ups = [torch.randn(adapters + 1, rank, n_out, device="cuda", dtype=torch.bfloat16) for n_out in outs]
+        ys = [torch.randn(rows, n_out, device="cuda", dtype=torch.bfloat16) for n_out in outs]
+        row_slot = torch.arange(rows, device="cuda") % adapters
+
+        def separate() -> None:
+            for y, down, up in zip(ys, downs, ups):
+                kernels.row_lora_add_(y, x, down, up, row_slot, adapters)
+
+        def shared() -> None:
+            partials = kernels.row_lora_shrink_one(x, downs, row_slot, adapters)
+            for index, (y, up) in enumerate(zip(ys, ups)):
+                kernels.row_lora_expand_one_(y, partials, index * rank, up, row_slot, adapters)
+
+        fresh = [torch.randn_like(y) for y in ys]
+        expected = [f.clone() for f in fresh]
+        for y, down, up in zip(expected, downs, ups):
+            kernels.row_lora_add_(y, x, down, up, row_slot, adapters)
+        partials = kernels.row_lora_shrink_one(x, downs, row_slot, adapters)
+        for index, (y, up) in enumerate(zip(fresh, ups)):
+            kernels.row_lora_expand_one_(y, partials, index * rank, up, row_slot, adapters)
+        same = all(torch.equal(a, b) for a, b in zip(fresh, expected))
+        apart, together = graph_time(separate), graph_time(shared)
+        print(f"{n_in:>6} -> {'/'.join(map(str, outs)):<15} separate pairs {apart:5.2f} us; shared shrink {together:5.2f} us "
+              f"({apart / together:.2f}x); results identical: {same}")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,21 @@ def test_row_lora_kernels_equal_the_reference_under_the_triton_interpreter():
             row_lora_add_(out.view(-1, n_out), x.view(-1, n_in), down, up, row_slot, slots)
             torch.testing.assert_close(out, y + row_lora_reference(x, down, up, row_slot), rtol=2e-3, atol=2e-3)
             assert torch.equal(out[slots], y[slots])  # the row on the base slot is untouched
+        # q/k/v: one shrink launch for three layers reading the same x, an expand each
+        from deltatune.kernels._triton_kernels import row_lora_expand_one_, row_lora_shrink_one
+        rows, n_in, slots, rank = 5, 300, 3, 16
+        x = torch.randn(rows, n_in, dtype=torch.float16)
+        row_slot = torch.tensor([0, 2, 3, 1, 0])
+        downs = [(torch.randn(slots + 1, rank, n_in) / n_in ** 0.5).half() for _ in range(3)]
+        ups = [torch.randn(slots + 1, rank, n_out, dtype=torch.float16) for n_out in (200, 70, 70)]
+        partials = row_lora_shrink_one(x, downs, row_slot, slots)
+        for layer, (down, up) in enumerate(zip(downs, ups)):
+            y = torch.randn(rows, up.shape[2], dtype=torch.float16)
+            out = y.clone()
+            row_lora_expand_one_(out, partials, layer * rank, up, row_slot, slots)
+            expected = y + row_lora_reference(x[:, None], down, up, row_slot)[:, 0]
+            torch.testing.assert_close(out[row_slot != slots], expected[row_slot != slots], rtol=2e-3, atol=2e-3)
+            assert torch.equal(out[2], y[2])
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
@@ -230,3 +245,29 @@ def test_graph_replayed_decoding_equals_eager_decoding_on_cuda():
     graphed = greedy_generate(model, prompts, 8, attention_mask=mask, adapter_names=rows, cuda_graph=True)
     eager = greedy_generate(model, prompts, 8, attention_mask=mask, adapter_names=rows, cuda_graph=False)
     assert torch.equal(graphed, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_captured_decode_shares_one_shrink_among_q_k_v_and_gate_up_on_cuda(monkeypatch):
+    from deltatune.kernels import _triton_kernels
+
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]), adapter_name="a")
+    model.add_adapter("b", dt.LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]))
+    randomize_adapters(model, seed=5, scale=0.5)
+    model = model.eval().to("cuda", torch.bfloat16)
+    prompts, mask = left_padded()
+    prompts, mask = prompts.cuda(), mask.cuda()
+    rows = ["a", "b", None, "a"]
+    launches = []
+    shrink = _triton_kernels.row_lora_shrink_one
+    monkeypatch.setattr(_triton_kernels, "row_lora_shrink_one", lambda x, downs, *a: launches.append(len(downs)) or shrink(x, downs, *a))
+    shared = greedy_generate(model, prompts, 8, attention_mask=mask, adapter_names=rows, cuda_graph=True)
+    layers = model.config.num_hidden_layers
+    assert sorted(launches) == [2] * layers + [3] * layers  # one launch per block for q/k/v, one for gate/up
+    for _, layer in model.delta_layers():
+        layer.__dict__["input_group"] = None  # each layer its own kernels
+    launches.clear()
+    apart = greedy_generate(model, prompts, 8, attention_mask=mask, adapter_names=rows, cuda_graph=True)
+    assert launches == [1] * (5 * layers)
+    assert torch.equal(shared, apart)  # the same sums in the same order
+    assert torch.equal(shared, greedy_generate(model, prompts, 8, attention_mask=mask, adapter_names=rows, cuda_graph=False))

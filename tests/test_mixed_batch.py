@@ -419,3 +419,55 @@ def test_assign_refuses_bad_slots_and_rows_split_into_groups():
     with pytest.raises(ValueError, match="route them anew"):
         rows.assign((1, 0, 2, 1))
     assert rows.slots == (0, 1, 2, 0)
+
+
+# -- siblings that read one input (q/k/v, gate/up) ---------------------------------------------
+def test_layers_reading_one_input_are_linked_per_block_and_relinked_when_the_tree_changes():
+    from deltatune.mixed_batch import InputGroup
+
+    model = with_adapters(tiny_llama(), {"a": dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "o_proj"])})
+    with model.mixed_batch(["a"]):
+        pass
+    attention = model.model.model.layers[0].self_attn
+    mlp = model.model.model.layers[0].mlp
+    assert isinstance(attention.q_proj.input_group, InputGroup)
+    assert attention.q_proj.input_group.layers == (attention.q_proj, attention.v_proj)  # k_proj has no adapter
+    assert mlp.gate_proj.input_group.layers == (mlp.gate_proj, mlp.up_proj)
+    assert attention.o_proj.input_group is None  # its input is the attention's output
+    assert model.model.model.layers[1].self_attn.q_proj.input_group is not attention.q_proj.input_group
+    model.add_adapter("b", dt.LoraConfig(r=4, target_modules=["k_proj"]))
+    with model.mixed_batch(["a", "b"]):
+        pass
+    assert attention.q_proj.input_group.layers == (attention.q_proj, attention.k_proj, attention.v_proj)
+    # a model the table knows nothing of links nothing
+    gpt2 = with_adapters(tiny_gpt2(), {"a": dt.LoraConfig(r=4, target_modules=["c_attn", "c_fc"])})
+    with gpt2.mixed_batch(["a"]):
+        pass
+    assert all(layer.input_group is None for _, layer in gpt2.delta_layers())
+
+
+def test_an_input_group_computes_once_per_input_object_and_each_layer_takes_its_part_once():
+    from deltatune.mixed_batch import InputGroup
+
+    q, k, v = object(), object(), object()
+    group = InputGroup([q, k, v])
+    calls = []
+
+    def compute(tag):
+        calls.append(tag)
+        return [f"{tag}-q", f"{tag}-k", f"{tag}-v"]
+
+    x, same_values = torch.ones(3), torch.ones(3)
+    assert group.part(q, x, lambda: compute("x")) == "x-q"
+    assert group.part(k, x, lambda: compute("x")) == "x-k"
+    # equal values in another tensor object are another input: computed anew
+    assert group.part(v, same_values, lambda: compute("y")) == "y-v"
+    assert calls == ["x", "y"]
+    # a layer called twice on one input takes a fresh part the second time
+    assert group.part(q, same_values, lambda: compute("y")) == "y-q"
+    assert group.part(q, same_values, lambda: compute("z")) == "z-q"
+    assert calls == ["x", "y", "z"]
+    assert group.part(k, same_values, lambda: None) == "z-k"
+    assert group.part(v, same_values, lambda: None) == "z-v"
+    assert group._input is None  # every part taken: nothing held
+    assert group.part(q, x, lambda: None) is None  # siblings that cannot share: each runs its own

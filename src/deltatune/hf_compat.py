@@ -64,6 +64,10 @@ class Architecture:
     ffn_block_patterns: tuple[str, ...] = ()  # parallel adapters: the whole feed-forward block
     encoder_only: bool = False  # bidirectional (BERT-style): pools position 0, no label shift
     plain_lm_head: bool = False  # the causal-LM head is a plain projection of the last hidden state
+    # Sibling modules the model calls on the same input tensor, one after the other (mixed-batch
+    # decoding shares their LoRA shrink; it checks that the tensor is the same, so a wrong entry
+    # costs speed, never correctness).
+    shared_input_groups: tuple[tuple[str, ...], ...] = ()
     fused: dict[str, FusedBlock] | None = None  # model type -> classes the fused path may replace
 
 
@@ -89,6 +93,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "llama", ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "smollm3"),
         _LLAMA_LINEAR, **_LLAMA_ROLES, plain_lm_head=True,
+        shared_input_groups=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")),
         # Those whose norm, gated MLP and rotary code the fused functions reproduce exactly
         # (tests/test_kernels.py, per family); Phi-3's MLP splits its gate_up_proj. The MoE blocks are not.
         fused={
@@ -160,6 +165,22 @@ def role_patterns(model: nn.Module, role: str) -> tuple[str, ...] | None:
     """Regex fragments of one role (e.g. "ffn_output") in this model's architecture, None if unknown."""
     arch = architecture(model)
     return getattr(arch, f"{role}_patterns") if arch else None
+
+
+def shared_input_siblings(model: nn.Module) -> list[tuple[str, ...]]:
+    """Dotted names of sibling modules that `model` calls on the same input tensor (e.g. each
+    block's q_proj, k_proj, v_proj), per the architecture table; those of a group that exist."""
+    arch = architecture(model)
+    if arch is None or not arch.shared_input_groups:
+        return []
+    found = []
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        for group in arch.shared_input_groups:
+            present = tuple(prefix + name for name in group if name in parent._modules)
+            if len(present) > 1:
+                found.append(present)
+    return found
 
 
 def suffix_regex(fragments: Iterable[str]) -> str:

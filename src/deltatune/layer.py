@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -154,6 +154,8 @@ class DeltaLayer(nn.Module):
     # Layers that add positions or key/value entries of their own (soft prompts) say so here: a
     # decode loop that keeps its own positions over a static cache cannot run them.
     extends_sequence: bool = False
+    # Siblings called on the same input (mixed_batch.InputGroup), set by DeltaModel; None: none.
+    input_group: Any = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

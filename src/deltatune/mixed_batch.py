@@ -67,13 +67,13 @@ def plan_slots(rows: RowAdapters, held: Container[str], device: torch.device) ->
 
 
 def tensor_versions(tensors: Iterable[torch.Tensor]) -> tuple:
-    """Identity, storage and in-place version of each tensor: changes when any of them is replaced,
-    moved (`.to()`), or written in place through autograd-visible ops (optimizer steps, `copy_`).
-    Writes through `.data` bypass the version counter; `StackCache.clear()` covers those."""
+    """Storage and in-place version of each tensor: changes when any of them is moved (`.to()`)
+    or written in place through autograd-visible ops (optimizer steps, `copy_`). Writes through
+    `.data`, and tensor objects replaced behind the layer's back, need `StackCache.clear()`."""
     tensors = list(tensors)
     # map() over C functions: a layer checks every adapter's tensors (a mixed batch over 32
     # adapters: 64 per layer) before each new routing, and a generator's frames cost 2x more.
-    return (*map(id, tensors), *map(torch.Tensor.data_ptr, tensors), *map(_version_of, tensors))
+    return (*map(torch.Tensor.data_ptr, tensors), *map(_version_of, tensors))
 
 
 _version_of = operator.attrgetter("_version")
@@ -142,6 +142,38 @@ class StackCache(Generic[Stacks]):
             self._key, self._stacks = full_key, build(plan.names)
         self._rows, self._entry = rows, (self._stacks, plan)
         return self._entry
+
+
+class InputGroup:
+    """Sibling layers that a model calls on the same input tensor in turn (a block's q/k/v
+    projections; its gate/up), as hf_compat.shared_input_siblings names them.
+
+    The first of them to see an input computes a part for each (LoRA, in a captured decode step:
+    one shrink launch for all three), and each takes its own while the input is the very same
+    tensor object. Matched by object, not by value: a model that wrote into x in place between
+    its siblings' calls would get parts of the old x (the models of hf_compat's table do not)."""
+
+    def __init__(self, layers: Sequence[object]) -> None:
+        self.layers = tuple(layers)
+        self.clear()
+
+    def clear(self) -> None:
+        self._input: torch.Tensor | None = None  # held while parts are left: an id is unique only while its object lives
+        self._parts: dict[int, object] = {}
+
+    def part(self, layer: object, x: torch.Tensor, compute: Callable[[], Sequence[object] | None]) -> object | None:
+        """`layer`'s part for input x. compute() gives one part per layer of the group, in order
+        (None: they cannot share this input); it runs when x is new or this layer took its part."""
+        if self._input is not x or id(layer) not in self._parts:
+            parts = compute()
+            if parts is None:
+                self.clear()
+                return None
+            self._input, self._parts = x, {id(member): part for member, part in zip(self.layers, parts)}
+        part = self._parts.pop(id(layer), None)
+        if not self._parts:
+            self.clear()  # every sibling has its part: hold neither x nor the parts any longer
+        return part
 
 
 def rows_by_tokens(x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .kernels.patch import has_fused_path, is_patched, patch_model_for_training,
 from .inject import set_submodule, wrap_modules_to_save
 from .io import KEY_PREFIX, AdapterFileError, check_tensor_fits, read_adapter, save_adapter_files
 from .layer import BASE_ROW, DeltaLayer, ModulesToSave, RowAdapters, packed_parameter_count
+from .mixed_batch import InputGroup
 from .registry import combining_methods, method_for_config, method_for_peft_type
 
 DEFAULT_ADAPTER = "default"
@@ -244,6 +245,8 @@ class DeltaModel(nn.Module):
                 layer.__dict__["row_adapters"] = None
             for layer in switched_off:
                 layer.disabled = False
+            for group in self.__dict__.get("_input_groups") or ():
+                group.clear()
 
     def _all_delta_layers(self) -> list[DeltaLayer]:
         # A forward with adapter_names pays this on every call: the walk of the module tree
@@ -251,7 +254,22 @@ class DeltaModel(nn.Module):
         layers = self.__dict__.get("_mixed_batch_layers")
         if layers is None:
             layers = self.__dict__["_mixed_batch_layers"] = [layer for _, layer in self.delta_layers()]
+            self.__dict__["_input_groups"] = self._link_input_siblings(layers)
         return layers
+
+    def _link_input_siblings(self, layers: list[DeltaLayer]) -> list[InputGroup]:
+        """Tell the layers that the model calls on one input in turn (hf_compat's table) of each other."""
+        for layer in layers:
+            layer.__dict__.pop("input_group", None)
+        modules = dict(self.model.named_modules())
+        groups = []
+        for names in hf_compat.shared_input_siblings(self.model):
+            members = [modules[name] for name in names if isinstance(modules.get(name), DeltaLayer)]
+            if len(members) > 1:
+                groups.append(InputGroup(members))
+                for member in members:
+                    member.__dict__["input_group"] = groups[-1]
+        return groups
 
     def mixed_batch_stacks(self) -> tuple:
         """Each layer's stacked adapters of its latest mixed batch (None where it has none). A CUDA

@@ -324,14 +324,23 @@ def _row_lora_expand_kernel(h_ptr, up_ptr, y_ptr, slot_ptr, tokens_per_row, n_to
 
 # One token per row (a decode step): no token blocks, so no tl.dot over 16 rows of which 15 are
 # padding; each program reduces one block of features for one row with plain multiply-adds.
+# Layers that read the same x (q/k/v, gate/up) share one shrink launch: program axis 2 picks the
+# layer (up to three down stacks), and each layer's expand reads its RANK columns of the partials.
 @triton.jit
-def _row_lora_shrink_one_kernel(x_ptr, down_ptr, h_ptr, slot_ptr, n_rows, n_in, base_slot,
+def _row_lora_shrink_one_kernel(x_ptr, down0_ptr, down1_ptr, down2_ptr, h_ptr, slot_ptr, n_rows, n_in, base_slot,
                                 RANK: tl.constexpr, BLOCK_IN: tl.constexpr):
     row = tl.program_id(0)
     slot = tl.load(slot_ptr + row)
     if slot == base_slot:
         return
     split = tl.program_id(1)
+    layer = tl.program_id(2)
+    if layer == 0:
+        down_ptr = down0_ptr
+    elif layer == 1:
+        down_ptr = down1_ptr
+    else:
+        down_ptr = down2_ptr
     cols = split * BLOCK_IN + tl.arange(0, BLOCK_IN)
     col_ok = cols < n_in
     ranks = tl.arange(0, RANK)
@@ -339,19 +348,21 @@ def _row_lora_shrink_one_kernel(x_ptr, down_ptr, h_ptr, slot_ptr, n_rows, n_in, 
     a = tl.load(down_ptr + slot.to(tl.int64) * RANK * n_in + ranks[:, None] * n_in + cols[None, :],
                 mask=col_ok[None, :], other=0.0)  # (RANK, BLOCK_IN)
     partial = tl.sum(a.to(tl.float32) * x[None, :], axis=1)
-    tl.store(h_ptr + (split * n_rows + row) * RANK + ranks, partial)
+    width = tl.num_programs(2) * RANK  # partials: (splits, rows, layers · RANK)
+    tl.store(h_ptr + (split * n_rows + row) * width + layer * RANK + ranks, partial)
 
 
 @triton.jit
-def _row_lora_expand_one_kernel(h_ptr, up_ptr, y_ptr, slot_ptr, n_rows, n_splits, n_out, base_slot,
+def _row_lora_expand_one_kernel(h_ptr, up_ptr, y_ptr, slot_ptr, n_rows, n_splits, n_out, base_slot, h_width,
                                 RANK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    # h_ptr: this layer's first column of partials (splits, rows, h_width)
     row = tl.program_id(0)
     slot = tl.load(slot_ptr + row)
     if slot == base_slot:
         return
     ranks = tl.arange(0, RANK)
     splits = tl.arange(0, SPLITS)  # SPLITS: n_splits rounded up to a power of two
-    partials = tl.load(h_ptr + (splits[:, None] * n_rows + row) * RANK + ranks[None, :],
+    partials = tl.load(h_ptr + (splits[:, None] * n_rows + row) * h_width + ranks[None, :],
                        mask=(splits < n_splits)[:, None], other=0.0)
     # h and the product rounded to the storage dtype where torch's x·Aᵀ, then ·B, would round them
     h = tl.sum(partials, axis=0).to(up_ptr.dtype.element_ty).to(tl.float32)
@@ -370,21 +381,31 @@ def _row_lora_expand_one_kernel(h_ptr, up_ptr, y_ptr, slot_ptr, n_rows, n_splits
 # 200 calls in one graph: 3.8-6.2 us a pair against 5.0-10.6 us for the token-block kernels.
 ONE_TOKEN_SHRINK, ONE_TOKEN_EXPAND = (128, 4), (256, 1)
 ONE_TOKEN_KERNELS = True  # benchmarks turn it off to compare with the token-block kernels
+MAX_SHARED_SHRINK = 3  # down stacks one shrink launch reads (q, k, v)
 
 
-def _row_lora_add_one_token_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                             row_slot: torch.Tensor, base_slot: int) -> None:
-    (rows, n_in), n_out, rank = x.shape, y.shape[1], down.shape[1]
-    block_in, shrink_warps = ONE_TOKEN_SHRINK
-    block_out, expand_warps = ONE_TOKEN_EXPAND
+def row_lora_shrink_one(x: torch.Tensor, downs: list[torch.Tensor], row_slot: torch.Tensor, base_slot: int) -> torch.Tensor:
+    """Float32 partials (splits, rows, len(downs) · R) of x·Aᵀ for one token per row, one launch for
+    up to three layers reading the same x (rows, in); each down (slots, R, in), all of one shape."""
+    (rows, n_in), rank = x.shape, downs[0].shape[1]
+    block_in, warps = ONE_TOKEN_SHRINK
     splits = triton.cdiv(n_in, block_in)
-    partial_h = torch.empty((splits, rows, rank), dtype=torch.float32, device=x.device)
-    _row_lora_shrink_one_kernel[(rows, splits)](
-        x, down, partial_h, row_slot, rows, n_in, base_slot, RANK=rank, BLOCK_IN=block_in, num_warps=shrink_warps,
+    partials = torch.empty((splits, rows, len(downs) * rank), dtype=torch.float32, device=x.device)
+    pointers = downs + [downs[0]] * (MAX_SHARED_SHRINK - len(downs))  # unused slots: never read
+    _row_lora_shrink_one_kernel[(rows, splits, len(downs))](
+        x, *pointers, partials, row_slot, rows, n_in, base_slot, RANK=rank, BLOCK_IN=block_in, num_warps=warps,
     )
+    return partials
+
+
+def row_lora_expand_one_(y: torch.Tensor, partials: torch.Tensor, column: int, up: torch.Tensor,
+                         row_slot: torch.Tensor, base_slot: int) -> None:
+    """y (rows, out) += the rows' h·up, h summed from partials[:, :, column : column + R]."""
+    (splits, rows, width), (n_out, rank) = partials.shape, (y.shape[1], up.shape[1])
+    block_out, warps = ONE_TOKEN_EXPAND
     _row_lora_expand_one_kernel[(rows, triton.cdiv(n_out, block_out))](
-        partial_h, up, y, row_slot, rows, splits, n_out, base_slot, RANK=rank, SPLITS=triton.next_power_of_2(splits),
-        BLOCK_OUT=block_out, num_warps=expand_warps,
+        partials[:, :, column:], up, y, row_slot, rows, splits, n_out, base_slot, width, RANK=rank,
+        SPLITS=triton.next_power_of_2(splits), BLOCK_OUT=block_out, num_warps=warps,
     )
 
 
@@ -406,7 +427,7 @@ def row_lora_add_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torc
     up (slots, R, out); row_slot (rows,). All contiguous; R a power of two >= 16."""
     rows, (n_tokens, n_in) = row_slot.shape[0], x.shape
     if n_tokens == rows and ONE_TOKEN_KERNELS:
-        _row_lora_add_one_token_(y, x, down, up, row_slot, base_slot)
+        row_lora_expand_one_(y, row_lora_shrink_one(x, [down], row_slot, base_slot), 0, up, row_slot, base_slot)
         return
     tokens_per_row = n_tokens // rows
     rank = down.shape[1]

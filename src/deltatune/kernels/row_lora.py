@@ -11,17 +11,21 @@ captures them as two launches per layer. Elsewhere the same sum runs as batched 
 Over a plain bias-free linear base (`linear_plus_row_lora`), outside a capture, the products are
 computed first and the base matmul accumulates onto them (cuBLAS's beta = 1, read in its epilogue
 for free): one pass over the output fewer than adding the products afterwards.
+
+Layers that read the same x (a block's q/k/v, its gate/up) may share the shrink of a decode step:
+`shrink_for_siblings` runs one launch for all of them and each layer's expand reads its columns.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from ._backend import use_triton
 
-__all__ = ["row_lora_add_", "row_lora_reference", "kernel_rank", "linear_plus_row_lora"]
+__all__ = ["row_lora_add_", "row_lora_reference", "kernel_rank", "linear_plus_row_lora", "shrink_for_siblings", "SharedShrink"]
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -67,34 +71,67 @@ def kernel_applies(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: tor
     )
 
 
+@dataclass(frozen=True)
+class SharedShrink:
+    """One layer's x·Aᵀ from a shrink launch shared with its siblings (one token per row)."""
+
+    partials: torch.Tensor  # (splits, rows, siblings · R) float32, summed over splits by the expand
+    column: int  # this layer's first column
+
+
+def shrink_for_siblings(x: torch.Tensor, downs: Sequence[torch.Tensor], row_slot: torch.Tensor,
+                        base_slot: int) -> list[SharedShrink] | None:
+    """x·Aᵀ for each of several layers reading x (rows, in), one token per row, in one kernel
+    launch while a CUDA graph is captured (a decode step: three launches become one for q/k/v);
+    None where the kernels do not run. downs: each layer's stacked A (slots, R, in), one shape."""
+    from ._triton_kernels import MAX_SHARED_SHRINK, ONE_TOKEN_KERNELS
+
+    shapes_agree = 1 < len(downs) <= MAX_SHARED_SHRINK and all(d.shape == downs[0].shape for d in downs)
+    if not (shapes_agree and ONE_TOKEN_KERNELS and x.dim() == 2 and x.shape[0] == row_slot.shape[0]
+            and all(_kernels_apply(x, down, down) for down in downs)):
+        return None
+    from ._triton_kernels import row_lora_shrink_one
+
+    partials = row_lora_shrink_one(x, list(downs), row_slot, base_slot)
+    return [SharedShrink(partials, index * downs[0].shape[1]) for index in range(len(downs))]
+
+
 def row_lora_add_(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, row_slot: torch.Tensor,
-                  base_slot: int) -> torch.Tensor:
+                  base_slot: int, shrunk: SharedShrink | None = None) -> torch.Tensor:
     """y (rows, T, out) += each row's LoRA product of x (rows, T, in), in place where the kernel
     runs (inference); otherwise returns y + product as a new tensor (autograd-safe). Use the result.
 
     down: (slots, R, in) A stacked; up: (slots, R, out) (s·B)ᵀ stacked; row_slot: (rows,) long;
-    base_slot: the all-zero slot (rows on it are left as they are)."""
+    base_slot: the all-zero slot (rows on it are left as they are); shrunk: x·downᵀ already
+    computed by shrink_for_siblings (then only the expand runs)."""
     if kernel_applies(y, x, down, up):
+        y2d, x2d = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        if shrunk is not None and x2d.shape[0] == row_slot.shape[0]:
+            from ._triton_kernels import row_lora_expand_one_
+
+            row_lora_expand_one_(y2d, shrunk.partials, shrunk.column, up, row_slot, base_slot)
+            return y
         from ._triton_kernels import row_lora_add_ as triton_add
 
-        triton_add(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), down, up, row_slot, base_slot)
+        triton_add(y2d, x2d, down, up, row_slot, base_slot)
         return y
     return y + row_lora_reference(x, down, up, row_slot).to(y.dtype)
 
 
 def linear_plus_row_lora(x_rows: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                         row_slot: torch.Tensor, base_slot: int, product: Callable[[], torch.Tensor]) -> torch.Tensor:
+                         row_slot: torch.Tensor, base_slot: int, product: Callable[[], torch.Tensor],
+                         shrunk: SharedShrink | None = None) -> torch.Tensor:
     """x_rows·weightᵀ plus each row's LoRA product: (rows, T, in) -> (rows, T, out), for a bias-free
     linear base at inference (no autograd through the result; all of one dtype).
 
     product(): the rows' products as a new contiguous tensor of rows·T·out elements, used where
-    the kernels do not run (the caller picks gathered or masked matmuls). Measured on an H200
+    the kernels do not run (the caller picks gathered or masked matmuls); shrunk: as in row_lora_add_. Measured on an H200
     (1B Llama shape, 32 x 256 tokens, 32 adapters): the prefill's device time 46.7 -> 45.0 ms
     against 39.9 ms merged, the base matmuls as fast with the accumulation as without."""
     x2d = x_rows.reshape(-1, x_rows.shape[-1])
     if _kernels_apply(x2d, down, up):
         y = x2d @ weight.t()
-        row_lora_add_(y, x2d, down, up, row_slot, base_slot)
+        row_lora_add_(y, x2d, down, up, row_slot, base_slot, shrunk)
     else:
         y = product().view(x2d.shape[0], -1)
         y.addmm_(x2d, weight.t())

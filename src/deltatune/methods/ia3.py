@@ -125,7 +125,7 @@ class IA3Layer(DeltaLayer):
     # -- mixed batches: one adapter per row ------------------------------------------------
     def _mixed_forward(self, rows: RowAdapters, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows.check_batch(x, lambda: f"IA3 layer {type(self.get_base_layer()).__name__}({self.in_features} -> {self.out_features})")
-        found = self._mixed_stacks.get(rows, self.ia3_l, x.device, self._stack_key, self._build_stacks)
+        found = self._mixed_stacks.get(rows, self.ia3_l.keys(), x.device, self._stack_key, self._build_stacks)
         if found is None:  # no row's adapter is on this layer
             return self.base_layer(x, *args, **kwargs)
         stacks, plan = found

@@ -231,7 +231,7 @@ class _BottleneckLayer(DeltaLayer):
     def _row_adapters_output(self, rows: RowAdapters, hidden: torch.Tensor) -> torch.Tensor | None:
         """Each row's adapter output for `hidden`, or None when no row's adapter is on this layer."""
         rows.check_batch(hidden, lambda: f"bottleneck adapter layer on {type(self.get_base_layer()).__name__}")
-        found = self._mixed_stacks.get(rows, self.bottleneck, hidden.device, self._stack_key, self._build_stacks)
+        found = self._mixed_stacks.get(rows, self.bottleneck.keys(), hidden.device, self._stack_key, self._build_stacks)
         return None if found is None else _bottlenecks_per_row(*found, hidden)
 
     def _stack_key(self, names: tuple[str, ...]) -> tuple[tuple, list[torch.Tensor]]:

@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from ...hf_compat import is_conv1d, is_quantized_linear
 from ...inject import layer_attach
 from ...kernels import LoraParams, lora_linear
 from ...kernels.row_lora import kernel_applies as row_lora_kernel_applies
-from ...kernels.row_lora import kernel_rank, linear_plus_row_lora, row_lora_add_
+from ...kernels.row_lora import SharedShrink, kernel_rank, linear_plus_row_lora, row_lora_add_, shrink_for_siblings
 from ...layer import DeltaLayer, RowAdapters, adapter_dtype, autocast_enabled
 from ...mixed_batch import SlotPlan, StackCache, needs_autograd, rows_by_tokens
 from ...model import written_out_targets
@@ -169,6 +169,21 @@ def _add_lora_in_place(result_rows: torch.Tensor, x_rows: torch.Tensor, stacks: 
     else:
         hidden = torch.bmm(x_rows, plan.gather(stacks.down).transpose(1, 2))
         result_rows.baddbmm_(hidden, plan.gather(stacks.up))
+
+
+def _shrink_for_siblings(layers: Sequence[DeltaLayer], rows: RowAdapters, x_rows: torch.Tensor,
+                         plan: SlotPlan) -> list[SharedShrink] | None:
+    """One shared shrink for sibling LoRA layers whose rows take the same slots (same adapters
+    held) in plain LoRA (no DoRA); None if any sibling differs."""
+    downs = []
+    for layer in layers:
+        if not isinstance(layer, LoraLinear) or layer.row_adapters is not rows:
+            return None
+        found = layer._mixed_stacks.get(rows, layer.lora_A.keys(), x_rows.device, layer._stack_key, layer._build_stacks)
+        if found is None or found[0].dora_scale is not None or found[1].row_slot is not plan.row_slot:
+            return None
+        downs.append(found[0].down)
+    return shrink_for_siblings(x_rows.reshape(-1, x_rows.shape[-1]), downs, plan.row_slot, len(plan.names))
 
 
 class _LoraBase(DeltaLayer):
@@ -423,24 +438,25 @@ class LoraLinear(_LoraBase):
     # -- mixed batches: one adapter per row ------------------------------------------------
     def _mixed_forward(self, rows: RowAdapters, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows.check_batch(x, lambda: f"LoRA layer {type(self.get_base_layer()).__name__}({self.in_features} -> {self.out_features})")
-        found = self._mixed_stacks.get(rows, self.lora_A, x.device, self._stack_key, self._build_stacks)
+        found = self._mixed_stacks.get(rows, self.lora_A.keys(), x.device, self._stack_key, self._build_stacks)
         if found is None:  # no row's adapter is on this layer
             return self.base_layer(x, *args, **kwargs)
         stacks, plan = found
         self._refuse_row_dropout(plan.names)
         x_rows = rows_by_tokens(x).to(stacks.down.dtype)
         masked = _masked_form_pays(x_rows.shape[1], len(plan.names), x.device)
+        shrunk = self._sibling_shrink(rows, x, x_rows, stacks, plan)
         weight = None if args or kwargs else self._plain_linear_weight(x, stacks)
         if weight is not None:
             product = _masked_lora if masked else _gathered_lora
             out = linear_plus_row_lora(x_rows, weight, stacks.down, stacks.up, plan.row_slot, len(plan.names),
-                                       lambda: product(x_rows, stacks, plan))
+                                       lambda: product(x_rows, stacks, plan), shrunk)
             return out.view(*x.shape[:-1], out.shape[-1])
         result = self.base_layer(x, *args, **kwargs)
         result_rows = rows_by_tokens(result)
         if stacks.dora_scale is None and row_lora_kernel_applies(result_rows, x_rows, stacks.down, stacks.up):
             # Captured into a CUDA graph: two kernels add every row's product into the base output.
-            added = row_lora_add_(result_rows, x_rows, stacks.down, stacks.up, plan.row_slot, len(plan.names))
+            added = row_lora_add_(result_rows, x_rows, stacks.down, stacks.up, plan.row_slot, len(plan.names), shrunk)
             return added.view(result.shape)
         if (stacks.dora_scale is None and result.dtype == stacks.down.dtype and result_rows.is_contiguous()
                 and not needs_autograd([x, result, stacks.down, stacks.up])):
@@ -450,6 +466,16 @@ class LoraLinear(_LoraBase):
         if stacks.dora_scale is not None:
             lora_out = self._mixed_dora_output(stacks, plan, rows_by_tokens(result), lora_out)
         return result + lora_out.view(result.shape).to(result.dtype)
+
+    def _sibling_shrink(self, rows: RowAdapters, x: torch.Tensor, x_rows: torch.Tensor, stacks: _LoraStacks,
+                        plan: SlotPlan) -> SharedShrink | None:
+        """This layer's x·Aᵀ from one shrink launch for every sibling reading the same x (q/k/v,
+        gate/up) in a captured decode step; None where each layer runs its own kernels."""
+        group = self.input_group
+        if (group is None or stacks.dora_scale is not None or x_rows.shape[1] != 1 or not x_rows.is_cuda
+                or not torch.cuda.is_current_stream_capturing()):
+            return None
+        return group.part(self, x, lambda: _shrink_for_siblings(group.layers, rows, x_rows, plan))
 
     def _plain_linear_weight(self, x: torch.Tensor, stacks: _LoraStacks) -> torch.Tensor | None:
         """The base weight where the base is a plain bias-free nn.Linear at inference whose matmul
