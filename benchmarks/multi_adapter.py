@@ -21,7 +21,9 @@ weights and the same adapters (B random too, so every adapter changes the output
              the same decoder, the like-for-like ceiling of deltatune+continuous);
   +graph     merged and deltatune decoded by deltatune.generation.greedy_generate: a static key/value
              cache and, on CUDA, the one-token step captured once as a CUDA graph and replayed
-             (deltatune's step then adds the rows' products with two Triton kernels, SGMV-style).
+             (deltatune's step then adds the rows' products with Triton kernels, SGMV-style: one
+             shrink launch shared by the layers that read the same input, q/k/v and gate/up, and
+             an expand per layer).
 
 prefill: one forward over batch x prefill-len tokens (a +graph mode's prefill is its eager mode's).
 generate: greedy decoding of --new-tokens tokens after a short --prompt-len prompt, the prompt's

@@ -146,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--max-resident", type=int, default=4, help="fewer than --adapters: loads and evictions go on")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="each request asks for 1..this many tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="each request asks for --min-new-tokens..this many tokens")
+    parser.add_argument("--min-new-tokens", type=int, default=1,
+                        help="the fewest new tokens a request asks for (= --max-new-tokens: every request as long, as in "
+                             "benchmarks/multi_adapter.py's batch)")
     parser.add_argument("--batching", nargs="+", choices=["continuous", "whole"], default=["continuous", "whole"],
                         help="the server's batching modes to run, one after the other on the same requests")
     parser.add_argument("--max-seconds", type=float, default=300, help="per mode")
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="before timing, this many requests per adapter and the base (loads them; on CUDA, captures "
                              "the decode step and prefill shapes); not counted")
     args = parser.parse_args(argv)
+    if not 1 <= args.min_new_tokens <= args.max_new_tokens:
+        parser.error(f"--min-new-tokens must be 1..--max-new-tokens ({args.max_new_tokens}), got {args.min_new_tokens}")
     if args.device == "cpu":
         torch.set_num_threads(2)
     logging.getLogger("deltatune.serve").setLevel(logging.ERROR)  # the expected load failures, counted below
@@ -176,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         vocabulary = words(shape)
         prompts = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(2, 8))) for _ in range(16)]
         bodies = [{"adapter": rng.choice([*names, None]), "prompt": rng.choice(prompts),
-                   "max_new_tokens": rng.randint(1, args.max_new_tokens)} for _ in range(args.requests)]
-        warmup = [{"adapter": name, "prompt": rng.choice(prompts), "max_new_tokens": rng.randint(1, args.max_new_tokens)}
+                   "max_new_tokens": rng.randint(args.min_new_tokens, args.max_new_tokens)} for _ in range(args.requests)]
+        warmup = [{"adapter": name, "prompt": rng.choice(prompts), "max_new_tokens": rng.randint(args.min_new_tokens, args.max_new_tokens)}
                   for _ in range(args.warmup_rounds) for name in [*names, None]]
         checked = args.device == "cpu"
         expected = references(shape, bodies, pristine, versions, replaced=names[1], tokenizer=tokenizer) if checked else None
@@ -314,7 +319,7 @@ def run_load(mode: str, shape: Shape, root: Path, versions: Path, names: list[st
     ordered = sorted(latencies)
     p50, p99 = statistics.median(ordered), ordered[int(0.99 * (answered - 1))]
     print(f"== batching: {mode} ({metrics.get('batching')}) ==")
-    print(f"{args.requests} requests of 1..{args.max_new_tokens} new tokens, {args.clients} clients, {args.adapters} adapters "
+    print(f"{args.requests} requests of {args.min_new_tokens}..{args.max_new_tokens} new tokens, {args.clients} clients, {args.adapters} adapters "
           f"(max resident {args.max_resident}), {replaced} replaced at request {args.requests // 3}, "
           f"{corrupted} corrupted at {args.requests // 2}")
     print(f"throughput: {answered / elapsed:.1f} requests/s, {generated / elapsed:,.0f} generated tokens/s over {elapsed:.1f} s")
