@@ -236,6 +236,25 @@ def test_row_lora_kernels_equal_the_reference_on_cuda(tokens):
     torch.testing.assert_close(out[2], y[2])  # the base slot's row is unchanged
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA")
+def test_a_shared_shrink_gives_each_layer_exactly_its_own_kernels_result_on_cuda():
+    from deltatune.kernels._triton_kernels import row_lora_add_ as triton_row_lora_add_
+    from deltatune.kernels._triton_kernels import row_lora_expand_one_, row_lora_shrink_one
+
+    generator = torch.Generator().manual_seed(1)
+    make = lambda *shape: torch.randn(*shape, generator=generator).to("cuda", torch.bfloat16)  # noqa: E731
+    x, row_slot = make(5, 300), torch.tensor([0, 2, 3, 1, 0], device="cuda")
+    downs, ups = [make(4, 16, 300) for _ in range(3)], [make(4, 16, n_out) for n_out in (200, 70, 70)]
+    partials = row_lora_shrink_one(x, downs, row_slot, 3)
+    for layer, (down, up) in enumerate(zip(downs, ups)):
+        y = make(5, up.shape[2])
+        shared, alone = y.clone(), y.clone()
+        row_lora_expand_one_(shared, partials, layer * 16, up, row_slot, 3)
+        triton_row_lora_add_(alone, x, down, up, row_slot, 3)
+        assert torch.equal(shared, alone)
+        assert torch.equal(shared[2], y[2])  # the base slot's row is unchanged
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
 def test_graph_replayed_decoding_equals_eager_decoding_on_cuda():
     model = two_adapters().to("cuda", torch.bfloat16)
