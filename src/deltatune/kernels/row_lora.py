@@ -125,9 +125,10 @@ def linear_plus_row_lora(x_rows: torch.Tensor, weight: torch.Tensor, down: torch
     linear base at inference (no autograd through the result; all of one dtype).
 
     product(): the rows' products as a new contiguous tensor of rows·T·out elements, used where
-    the kernels do not run (the caller picks gathered or masked matmuls); shrunk: as in row_lora_add_. Measured on an H200
-    (1B Llama shape, 32 x 256 tokens, 32 adapters): the prefill's device time 46.7 -> 45.0 ms
-    against 39.9 ms merged, the base matmuls as fast with the accumulation as without."""
+    the kernels do not run (the caller picks gathered or masked matmuls); shrunk: as in
+    row_lora_add_. Measured on an H200 (1B Llama shape, 32 x 256 tokens, 32 adapters): the
+    prefill's device time 46.7 -> 45.0 ms against 39.9 ms merged, the base matmuls as fast with
+    the accumulation as without."""
     x2d = x_rows.reshape(-1, x_rows.shape[-1])
     if _kernels_apply(x2d, down, up):
         y = x2d @ weight.t()

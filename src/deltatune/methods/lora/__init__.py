@@ -455,7 +455,7 @@ class LoraLinear(_LoraBase):
         result = self.base_layer(x, *args, **kwargs)
         result_rows = rows_by_tokens(result)
         if stacks.dora_scale is None and row_lora_kernel_applies(result_rows, x_rows, stacks.down, stacks.up):
-            # Captured into a CUDA graph: two kernels add every row's product into the base output.
+            # Captured into a CUDA graph: Triton kernels add every row's product into the base output.
             added = row_lora_add_(result_rows, x_rows, stacks.down, stacks.up, plan.row_slot, len(plan.names), shrunk)
             return added.view(result.shape)
         if (stacks.dora_scale is None and result.dtype == stacks.down.dtype and result_rows.is_contiguous()
