@@ -597,8 +597,8 @@ class DeltaModel(nn.Module):
     def trainable_parameters(self) -> ParameterReport:
         by_method: dict[str, int] = {}
         owner: dict[int, str] = {}
-        for adapter, config in self.configs.items():
-            for _, layer in self.delta_layers():
+        for _, layer in self.delta_layers():  # one walk of the module tree, not one per adapter
+            for adapter, config in self.configs.items():
                 label = "modules_to_save" if type(layer) is ModulesToSave else config.method
                 for p in layer.adapter_parameters(adapter):
                     owner.setdefault(id(p), label)
