@@ -203,12 +203,43 @@ def memory_at_peak(model, loss_fn, optimizer, input_ids, path: str, title: str, 
     mib = 2**20
     pools = peak - held_before - sum(size for size, _ in sites.values())
     lines = [f"\n===== {title}: {peak / mib:,.0f} MiB in use at the step's peak (event {peak_at} of {len(recorded.trace)})",
-             f"{held_before / mib:>10,.1f} MiB  held since before the step (weights, optimizer state, graph buffers)",
+             f"{held_before / mib:>10,.1f} MiB  held since before the step (weights, optimizer state, graph buffers), of which:",
+             *(f"{'':>10}  {size / mib:>10,.1f} MiB  {what}" for what, size in held_parts(model, optimizer, held_before)),
              f"{pools / mib:>10,.1f} MiB  CUDA-graph pools (graph temporaries)"]
     for site, (size, count) in sorted(sites.items(), key=lambda item: -item[1][0])[:rows]:
         lines.append(f"{size / mib:>10,.1f} MiB  {count:>5} x  {site}")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def held_parts(model, optimizer, held: int) -> list[tuple[str, int]]:
+    """What a training step finds allocated on the device, by kind (each storage counted once):
+    the model's trainable and frozen parameters and its buffers (4-bit codes live there), the
+    optimizer's state, gradients, the shared buffers of captured block graphs, and the rest."""
+    from deltatune.kernels.patch import _model_graphs
+
+    seen: set[int] = set()
+
+    def size(tensors) -> int:
+        total = 0
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.is_cuda and tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                total += tensor.untyped_storage().nbytes()
+        return total
+
+    parameters = list(model.parameters())
+    graphs = _model_graphs(model)
+    parts = [
+        ("trainable parameters", size(p for p in parameters if p.requires_grad)),
+        ("frozen parameters", size(p for p in parameters if not p.requires_grad)),
+        ("buffers", size(model.buffers())),
+        ("optimizer state", size(v for state in (optimizer.state.values() if optimizer is not None else ())
+                                 for v in state.values())),
+        ("gradients", size(p.grad for p in parameters if p.grad is not None)),
+        ("block-graph buffers", size(t for g in graphs for t in (*g.buffers.values(), *g.warmed.values()))),
+    ]
+    return parts + [("other (workspaces, caches, allocator rounding)", held - sum(n for _, n in parts))]
 
 
 def peak_of_warmup(model, loss_fn, optimizer, input_ids, steps: int) -> int:
