@@ -16,6 +16,9 @@ token-block pair 4.99 / 5.05 / 6.60 / 8.25 us on 2048->2048 / 2048->512 / 2048->
 one-token pair at its best configuration 4.07 / 3.84 / 4.86 / 5.34 us (7B: 6.55 -> 4.82,
 8.78 -> 5.83, 10.63 -> 6.24); best sums: shrink (BLOCK_IN 128, 4 warps), expand (BLOCK_OUT 256,
 1 warp), the configuration now in deltatune/kernels/_triton_kernels.py.
+
+2026-12-03, same machine (this script as it is now): q/k/v of the 1B shape 12.30 us as three pairs,
+9.16 us with the shared shrink (7B: 14.96 -> 12.76), gate/up 10.14 -> 8.45 us, results identical.
 """
 
 from __future__ import annotations
