@@ -471,3 +471,25 @@ def test_an_input_group_computes_once_per_input_object_and_each_layer_takes_its_
     assert group.part(v, same_values, lambda: None) == "z-v"
     assert group._input is None  # every part taken: nothing held
     assert group.part(q, x, lambda: None) is None  # siblings that cannot share: each runs its own
+
+
+def test_siblings_share_a_shrink_only_when_every_one_is_plain_lora_on_the_same_slots(monkeypatch):
+    # What _shrink_for_siblings hands the kernel (a launch needs CUDA; the rule is decided before it).
+    launched = []
+    monkeypatch.setattr(lora_module, "shrink_for_siblings", lambda x, downs, row_slot, base: launched.append(len(downs)) or ["part"] * len(downs))
+    model = with_adapters(tiny_llama(), {"a": dt.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]),
+                                         "b": dt.LoraConfig(r=8, target_modules=["q_proj"]),
+                                         "d": dt.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], use_dora=True)})
+    attention = model.model.model.layers[0].self_attn
+    x = torch.randn(4, 1, model.config.hidden_size)
+
+    def shared(row_names):
+        with model.mixed_batch(row_names) as rows:
+            stacks, plan = attention.q_proj._mixed_stacks.get(rows, attention.q_proj.lora_A.keys(), x.device,
+                                                              attention.q_proj._stack_key, attention.q_proj._build_stacks)
+            return lora_module._shrink_for_siblings(attention.q_proj.input_group.layers, rows, x, plan)
+
+    assert shared(["a", None, "a", "a"]) == ["part"] * 3 and launched == [3]
+    assert shared(["a", "b", None, "a"]) is None  # q_proj holds a and b, k_proj and v_proj only a: other slots
+    assert shared(["d", "a", None, "a"]) is None  # DoRA scales each output by its own norm
+    assert launched == [3]
