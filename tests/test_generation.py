@@ -270,8 +270,9 @@ def test_graph_replayed_decoding_equals_eager_decoding_on_cuda():
 def test_captured_decode_shares_one_shrink_among_q_k_v_and_gate_up_on_cuda(monkeypatch):
     from deltatune.kernels import _triton_kernels
 
-    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]), adapter_name="a")
-    model.add_adapter("b", dt.LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]))
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=targets), adapter_name="a")
+    model.add_adapter("b", dt.LoraConfig(r=8, target_modules=targets))
     randomize_adapters(model, seed=5, scale=0.5)
     model = model.eval().to("cuda", torch.bfloat16)
     prompts, mask = left_padded()

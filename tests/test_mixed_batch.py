@@ -476,7 +476,11 @@ def test_an_input_group_computes_once_per_input_object_and_each_layer_takes_its_
 def test_siblings_share_a_shrink_only_when_every_one_is_plain_lora_on_the_same_slots(monkeypatch):
     # What _shrink_for_siblings hands the kernel (a launch needs CUDA; the rule is decided before it).
     launched = []
-    monkeypatch.setattr(lora_module, "shrink_for_siblings", lambda x, downs, row_slot, base: launched.append(len(downs)) or ["part"] * len(downs))
+    def shrink(x, downs, row_slot, base_slot):
+        launched.append(len(downs))
+        return ["part"] * len(downs)
+
+    monkeypatch.setattr(lora_module, "shrink_for_siblings", shrink)
     model = with_adapters(tiny_llama(), {"a": dt.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"]),
                                          "b": dt.LoraConfig(r=8, target_modules=["q_proj"]),
                                          "d": dt.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], use_dora=True)})
