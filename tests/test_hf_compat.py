@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit
+from conftest import CAUSAL_LM_FAMILIES, tiny_bert_classifier, tiny_causal_lm, tiny_gpt2, tiny_llama, tiny_t5, tiny_vit
 
 import deltatune as dt
 from deltatune import hf_compat
@@ -127,3 +127,25 @@ def test_block_variants_tell_sliding_window_layers_from_full_attention_ones():
     assert len(set(variants)) == 2 and False in sliding and True in sliding
     assert all((variants[i] == variants[j]) == (sliding[i] == sliding[j]) for i in range(7) for j in range(7))
     assert len({hf_compat.block_variant(layer) for layer in tiny_llama().model.layers}) == 1
+
+
+@pytest.mark.parametrize("family", CAUSAL_LM_FAMILIES)
+def test_the_tables_shared_input_groups_get_one_input_tensor_in_this_transformers(family):
+    # Mixed-batch decoding shares the siblings' LoRA shrink only for the very same input object:
+    # if transformers stopped passing one tensor to q/k/v (or gate/up), the saving would vanish.
+    model = tiny_causal_lm(family).eval()
+    groups = hf_compat.shared_input_siblings(model)
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = [modules[name].register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, args[0]))
+               for group in groups for name in group]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
+    for handle in handles:
+        handle.remove()
+    blocks = model.config.num_hidden_layers
+    expected = 2 * blocks if family != "phi3" else 0  # Phi-3 computes q/k/v and gate/up in one projection each
+    assert len(groups) == expected
+    for group in groups:
+        assert all(seen[name] is seen[group[0]] for name in group), group
+    assert hf_compat.shared_input_siblings(tiny_gpt2()) == []
