@@ -84,14 +84,14 @@ def shrink_for_siblings(x: torch.Tensor, downs: Sequence[torch.Tensor], row_slot
     """x·Aᵀ for each of several layers reading x (rows, in), one token per row, in one kernel
     launch while a CUDA graph is captured (a decode step: three launches become one for q/k/v);
     None where the kernels do not run. downs: each layer's stacked A (slots, R, in), one shape."""
-    from ._triton_kernels import MAX_SHARED_SHRINK, ONE_TOKEN_KERNELS
-
-    shapes_agree = 1 < len(downs) <= MAX_SHARED_SHRINK and all(d.shape == downs[0].shape for d in downs)
-    if not (shapes_agree and ONE_TOKEN_KERNELS and x.dim() == 2 and x.shape[0] == row_slot.shape[0]
-            and all(_kernels_apply(x, down, down) for down in downs)):
+    if not (len(downs) > 1 and x.dim() == 2 and x.shape[0] == row_slot.shape[0]
+            and all(d.shape == downs[0].shape and _kernels_apply(x, d, d) for d in downs)):
         return None
-    from ._triton_kernels import row_lora_shrink_one
+    # imported only where the kernels apply (CUDA with Triton)
+    from ._triton_kernels import MAX_SHARED_SHRINK, ONE_TOKEN_KERNELS, row_lora_shrink_one
 
+    if len(downs) > MAX_SHARED_SHRINK or not ONE_TOKEN_KERNELS:
+        return None
     partials = row_lora_shrink_one(x, list(downs), row_slot, base_slot)
     return [SharedShrink(partials, index * downs[0].shape[1]) for index in range(len(downs))]
 
