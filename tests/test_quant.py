@@ -239,6 +239,76 @@ def _train(model, steps: int = 3, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_one_node_lora_mlp_over_4bit_projections_equals_the_composed_layers(monkeypatch, chunked):
+    """kernels.lora_mlp takes QuantLinear layers in place of weights: output and every gradient
+    equal the three one-node QLoRA linears around the gated activation (also with row chunks)."""
+    from deltatune.kernels import LoraParams, lora_mlp
+    from deltatune.kernels.fused_ops import gated_activation_reference
+    from deltatune.quant.linear import quant_lora_linear
+
+    if chunked:
+        monkeypatch.setattr(quant_linear, "CHUNK_ELEMENTS", 128 * 128)
+    torch.manual_seed(3)
+    hidden, inner = 128, 512
+    layers = [QuantLinear.from_linear(nn.Linear(i, o, bias=bias)) for i, o, bias in
+              ((hidden, inner, True), (hidden, inner, False), (inner, hidden, True))]
+    assert all((len(layer.row_chunks()) > 1) == chunked for layer in layers)
+    adapters = [(torch.randn(4, layer.in_features) * 0.1, torch.randn(layer.out_features, 4) * 0.1) for layer in layers]
+    scalings = (2.0, 0.5, 1.5)
+    x = torch.randn(2, 7, hidden)
+
+    def run(fused: bool):
+        inp = x.clone().requires_grad_(True)
+        leaves = [t.clone().requires_grad_(True) for pair in adapters for t in pair]
+        pairs = [leaves[0:2], leaves[2:4], leaves[4:6]]
+        if fused:
+            params = [LoraParams(layer, layer.bias, a, b, s) for layer, (a, b), s in zip(layers, pairs, scalings)]
+            out = lora_mlp(inp, *params)
+        else:
+            gate, up = (quant_lora_linear(inp, layer, a, b, s) for layer, (a, b), s in zip(layers[:2], pairs[:2], scalings[:2]))
+            out = quant_lora_linear(gated_activation_reference(gate, up, "silu"), layers[2], *pairs[2], scalings[2])
+        out.square().sum().backward()
+        return out.detach(), [inp.grad, *(t.grad for t in leaves)]
+
+    out, grads = run(fused=True)
+    ref_out, ref_grads = run(fused=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_qlora_model_runs_one_mlp_node_per_block_and_equals_the_plain_path():
+    """wrap(..., fused=True) over a 4-bit base: each block's MLP is one autograd node (x, gate and
+    up saved, nothing of the weights) with the loss and LoRA gradients of the unfused model."""
+    tokens = token_batch()
+
+    def loss_and_grads(fused: bool):
+        model = dt.wrap(tiny_llama(), dt.QLoraConfig(r=4, lora_alpha=8, init_lora_weights=False), fused=fused)
+        model.train()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        nodes, stack, seen = [], [loss.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            nodes.append(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, nodes
+
+    loss, grads, nodes = loss_and_grads(fused=True)
+    ref_loss, ref_grads, ref_nodes = loss_and_grads(fused=False)
+    blocks = tiny_llama().config.num_hidden_layers
+    assert nodes.count("_LoraMLPFunctionBackward") == blocks and "_LoraMLPFunctionBackward" not in ref_nodes
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_qlora_trains_only_lora_over_a_frozen_4bit_base():
     model = dt.wrap(tiny_llama(), dt.QLoraConfig(r=4, lora_alpha=8))
     buffers = {n: b.clone() for n, b in model.named_buffers()}

@@ -28,7 +28,7 @@ from .. import hf_compat
 from .block_graphs import BlockGraphs
 from .fused_ops import gated_activation, rms_norm, rotary_embedding
 from .lora_linear import LoraParams
-from .lora_mlp import lora_fast_params, lora_mlp
+from .lora_mlp import lora_fast_params, lora_mlp, takes_input
 
 __all__ = ["patch_model_for_training", "unpatch_model", "is_patched", "patched_modules", "release_block_graphs",
            "block_graph_speedups"]
@@ -52,8 +52,9 @@ def _fused_unit_offset_norm_forward(self, hidden_states: torch.Tensor) -> torch.
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     activation = hf_compat.gated_activation(self.act_fn)
     projections = [lora_fast_params(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    if all(p is not None and (p.dropout_p == 0 or not self.training) for p in projections):
-        # all three are LoRA layers without active dropout (none, or in eval mode): one autograd node
+    if all(p is not None and (p.dropout_p == 0 or not self.training) for p in projections) and takes_input(x, *projections):
+        # all three are LoRA layers without active dropout (none, or in eval mode), over weights or
+        # 4-bit bases that compute in x's dtype: one autograd node
         return lora_mlp(x, *(p._replace(dropout_p=0.0) for p in projections), activation=activation)
     return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), activation))
 
@@ -75,7 +76,9 @@ def _fused_gate_up_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     # Phi-3: up * act(gate) with gate and up the two halves of one gate_up_proj
     activation = hf_compat.gated_activation(self.activation_fn)
     gate_up, down = lora_fast_params(self.gate_up_proj), lora_fast_params(self.down_proj)
-    if all(p is not None and (p.dropout_p == 0 or not self.training) for p in (gate_up, down)):
+    # a 4-bit gate_up_proj cannot be split into two row views: its own forward runs then
+    if all(p is not None and isinstance(p.weight, torch.Tensor) and (p.dropout_p == 0 or not self.training)
+           for p in (gate_up, down)):
         return lora_mlp(x, *_row_halves(gate_up), down._replace(dropout_p=0.0), activation=activation)
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     return self.down_proj(gated_activation(gate, up, activation))

@@ -53,7 +53,7 @@ class _DequantizedMatmul(torch.autograd.Function):
         ctx.layer = layer
         # backward dequantizes in the same chunks: it may run on autograd's thread, where a CUDA
         # graph's capture is not seen (the block graphs record forward and backward together)
-        ctx.chunks = layer._compute_chunks(x.device.type)
+        ctx.chunks = layer.compute_chunks(x.device.type)
         y = _dequantized_linear(x.reshape(-1, x.shape[-1]), layer, None, ctx.chunks)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -126,7 +126,7 @@ class _QuantLoraLinearFunction(torch.autograd.Function):
             xa = F.linear(x2d * dropout_mask(x2d.shape, dropout_p, dropout_seed, x.device, x.dtype), a)
         else:
             xa = F.linear(x2d, a)
-        ctx.chunks = layer._compute_chunks(x.device.type)  # for backward too (see _DequantizedMatmul)
+        ctx.chunks = layer.compute_chunks(x.device.type)  # for backward too (see _DequantizedMatmul)
         y = _dequantized_linear(x2d, layer, bias, ctx.chunks)
         y.addmm_(xa, b.t(), alpha=scaling)
 
@@ -166,14 +166,7 @@ class _QuantLoraLinearFunction(torch.autograd.Function):
                 grad_x = torch.mm(g_xa, a)
                 if mask is not None:
                     grad_x.mul_(mask)
-                chunks = ctx.chunks
-                if len(chunks) == 1:
-                    grad_x.addmm_(g, layer._dequantize_rows(g.dtype, None), beta=scaling)
-                else:
-                    grad_x.mul_(scaling)
-                    for rows in chunks:
-                        grad_x.addmm_(g[:, rows[0] : rows[1]], layer._dequantize_rows(g.dtype, rows))
-                grad_x = grad_x.view(ctx.x_shape)
+                grad_x = layer.add_input_grad_(grad_x, g, ctx.chunks, beta=scaling).view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
@@ -284,7 +277,7 @@ class QuantLinear(nn.Module):
             qweight = qweight.row_slice(*rows)
         return backends.dequantize(qweight, dtype)
 
-    def _compute_chunks(self, device_type: str) -> list[tuple[int, int]]:
+    def compute_chunks(self, device_type: str) -> list[tuple[int, int]]:
         """row_chunks() for compute on `device_type`: on CUDA up to CUDA_CHUNK_ELEMENTS at once, or
         CAPTURE_CHUNK_ELEMENTS while a CUDA graph is being captured."""
         if device_type != "cuda":
@@ -351,12 +344,36 @@ class QuantLinear(nn.Module):
         training: bool = False,
     ) -> torch.Tensor | None:
         """``self(x) + scaling · dropout(x) Aᵀ Bᵀ`` in one autograd node (quant_lora_linear), or None
-        where this layer's own forward must run (autocast on, or x not in the compute dtype)."""
-        if not x.is_floating_point() or _autocast_dtype(x.device.type) is not None:
-            return None
-        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+        where this layer's own forward must run (see accepts)."""
+        if not self.accepts(x):
             return None
         return quant_lora_linear(x, self, lora_a, lora_b, scaling, dropout_p, training)
+
+    # -- the frozen projection of fused kernels (deltatune.kernels.lora_mlp) ---------------------
+    # A fused node takes this layer in place of a weight tensor: it asks for its row chunks once in
+    # forward (backward dequantizes in the same ones) and lets the layer do both of its products.
+    def accepts(self, x: torch.Tensor) -> bool:
+        """Whether a fused node may compute this layer on `x` directly: x is in the compute dtype
+        and autocast is off (otherwise the layer's own forward decides the dtypes)."""
+        if not x.is_floating_point() or _autocast_dtype(x.device.type) is not None:
+            return False
+        return self.compute_dtype is None or x.dtype == self.compute_dtype
+
+    def project(self, x2d: torch.Tensor, bias: torch.Tensor | None, chunks: list[tuple[int, int]]) -> torch.Tensor:
+        """x2d · Wᵀ (+ bias), a new tensor in x2d's dtype; W dequantized in `chunks` (compute_chunks)."""
+        return _dequantized_linear(x2d, self, None if bias is None else bias.to(x2d.dtype), chunks)
+
+    def add_input_grad_(self, out: torch.Tensor, grad: torch.Tensor, chunks: list[tuple[int, int]],
+                        beta: float = 1.0) -> torch.Tensor:
+        """out ← beta · out + grad · W in place (the gradient a product x · Wᵀ sends to x), W
+        dequantized in `chunks`, one slice at a time."""
+        if len(chunks) == 1:
+            return out.addmm_(grad, self._dequantize_rows(grad.dtype, None), beta=beta)
+        if beta != 1.0:
+            out.mul_(beta)
+        for first, last in chunks:
+            out.addmm_(grad[:, first:last], self._dequantize_rows(grad.dtype, (first, last)))
+        return out
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""

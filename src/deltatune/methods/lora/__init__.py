@@ -375,15 +375,18 @@ class LoraLinear(_LoraBase):
         return self._fast_path
 
     def _compute_fast_path(self, base: nn.Linear) -> LoraParams | None:
+        name = self._single_plain_adapter()
+        if name is None or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        return LoraParams(base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                          self._dropout_p(name))
+
+    def _single_plain_adapter(self) -> str | None:
+        """The name of the one active unmerged adapter where it is plain LoRA (not DoRA), else None."""
         active = self.active_unmerged()
         if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_magnitude_vector:
             return None
-        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-            return None
-        name = active[0]
-        dropout = self.lora_dropout[name]
-        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return LoraParams(base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p)
+        return active[0]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_adapters is not None:
@@ -412,16 +415,32 @@ class LoraLinear(_LoraBase):
         which dequantizes again in backward instead of saving the dequantized weight; None where
         the composed path must run. On an H100 this takes QLoRA from 1.1-1.3x to ~1.5x peft's
         tokens/s (benchmarks/qlora_throughput.py)."""
+        name = self._single_adapter_over_4bit()
+        if name is None:
+            return None
+        dropout_p = self._dropout_p(name)
+        return self.base_layer.lora_forward(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                                            dropout_p, self.training)
+
+    def lora_mlp_params(self) -> LoraParams | None:
+        """This layer's view for the one-node LoRA MLP (kernels.lora_mlp): lora_fast_path_params
+        over an nn.Linear, or over a 4-bit base the same with the base layer standing in for its
+        weight (the MLP node asks it for x·Wᵀ and g·W, dequantizing per use); else None."""
+        params = self.lora_fast_path_params()
+        name = None if params is not None or self.row_adapters is not None else self._single_adapter_over_4bit()
+        if name is None:
+            return params
         base = self.base_layer
-        if not hasattr(base, "lora_forward"):
-            return None
-        active = self.active_unmerged()
-        if len(active) != 1 or active[0] not in self.lora_A or active[0] in self.lora_magnitude_vector:
-            return None
-        name = active[0]
+        return LoraParams(base, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                          self._dropout_p(name))
+
+    def _single_adapter_over_4bit(self) -> str | None:
+        """The one active plain adapter where the base is 4-bit (has lora_forward), else None."""
+        return self._single_plain_adapter() if hasattr(self.base_layer, "lora_forward") else None
+
+    def _dropout_p(self, name: str) -> float:
         dropout = self.lora_dropout[name]
-        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return base.lora_forward(x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], dropout_p, self.training)
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
     def _dora_output(self, name: str, x_lora: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
         """The extra output of DoRA beyond the base layer's: (m/‖W'‖ − 1)·Wx + m/‖W'‖·s·BAx."""
