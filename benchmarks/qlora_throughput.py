@@ -362,7 +362,7 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, c
             loss = loss_fn(model, input_ids)
             if i == min(2, steps - 1):  # the autograd nodes of interest, once block graphs are captured
                 nodes = {name: count_graph_nodes(loss, name)
-                         for name in ("ReplayBlock", "QuantLoraLinear", "LoraLinearFunction", "DequantizedMatmul", "MatMul4Bit")}
+                         for name in ("ReplayBlock", "QuantLoraLinear", "LoraMLPFunction", "LoraLinearFunction", "DequantizedMatmul", "MatMul4Bit")}
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
