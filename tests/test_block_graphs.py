@@ -425,17 +425,19 @@ def test_replayed_blocks_keep_their_inputs_on_the_host_by_default_eager_ones_whe
     assert block_graphs.offload_setting() == "auto"
 
 
-def test_a_shape_waiting_for_its_capture_runs_eagerly_with_its_inputs_on_the_host(monkeypatch):
+def test_a_shape_waiting_for_its_capture_or_not_worth_one_runs_eagerly_with_its_inputs_on_the_host(monkeypatch):
     """By default the steps before a shape is captured (first sighting, measurement) would hold every
-    block's input on the GPU, more than the replayed steps after them: those blocks offload too, but
-    not a shape measured not to pay, refused, beyond the signature limit, or with offloading off."""
+    block's input on the GPU, more than the replayed steps after them: those blocks offload too, and
+    so do the blocks of a shape measured not to pay for a capture (the GPU sets their pace, so the
+    eager node's host time is hidden); not a refused shape, one beyond the signature limit (never
+    measured), or any with offloading off."""
     monkeypatch.delenv("DELTATUNE_OFFLOAD_CHECKPOINTS", raising=False)
     monkeypatch.delenv("DELTATUNE_BLOCK_GRAPHS", raising=False)
     graphs = block_graphs.BlockGraphs()
     assert graphs._offloads_eagerly("new shape", graphs_on=True)  # not measured yet: waits for its capture
     graphs.speedups["pays"], graphs.speedups["does not pay"] = 1.5, 1.0
     assert graphs._offloads_eagerly("pays", graphs_on=True)
-    assert not graphs._offloads_eagerly("does not pay", graphs_on=True)  # eager for good: transformers' checkpointing
+    assert graphs._offloads_eagerly("does not pay", graphs_on=True)  # eager for good, its input on the host
     assert not graphs._offloads_eagerly("new shape", graphs_on=False)  # graphs off: nothing waits for a capture
     graphs.refused.add("refused")
     assert not graphs._offloads_eagerly("refused", graphs_on=True)
