@@ -80,7 +80,8 @@ _CONSTANT_TYPES = (type(None), bool, int, float, str)
 # A shape is captured only where replaying it is expected to make the block at least this much
 # faster: where the GPU outruns the host. Where the GPU already sets the pace (big batches), the
 # graphs' memory pool would cost memory and buy nothing: on the lent H200 the 7.2B QLoRA step at
-# batch 4 took 686.5 ms eager and 694.4 ms graphed, at 8.16 against 10.46 GiB (2026-12-02).
+# batch 4 took 695.3 ms eager (inputs in host memory) and 748.7 ms graphed, at 5.95 against
+# 7.37 GiB (2026-12-03).
 MIN_SPEEDUP = 1.15
 
 
