@@ -6,7 +6,8 @@
   another family nor train/compare/tune/serve/cli;
 - train/, compare/, tune/, serve/, the CLI and inspection import no method family, and use no
   method's own config field (they ask the registry's MethodInfo instead);
-- transformers' internal names live in hf_compat: no other module names them.
+- transformers' internal names live in hf_compat: no other module names them;
+- kernels/ never imports quant/ (quant/ builds on kernels/).
 Imports inside functions count as much as those at the top of a file.
 """
 
@@ -100,6 +101,14 @@ def test_imports_follow_the_design_directions(path):
         elif here == "application" and there and (there.startswith("family") or there == "methods"):
             bad.append(name)
     assert not bad, f"{module_name(path)} ({here}) must not import {bad}"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "kernels").rglob("*.py")), ids=lambda p: p.name)
+def test_kernels_never_import_quant(path):
+    """quant/ builds on kernels/; a fused kernel reaches a 4-bit layer through the interface the
+    layer offers (QuantLinear.accepts / compute_chunks / project / add_input_grad_), not an import."""
+    bad = sorted(name for name in imports_of(path) if name.startswith("deltatune.quant"))
+    assert not bad, f"{module_name(path)} must not import {bad}"
 
 
 def method_specific_fields() -> dict[str, set[str]]:
