@@ -239,8 +239,9 @@ def _train(model, steps: int = 3, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("chunked", [False, True])
-def test_one_node_lora_mlp_over_4bit_projections_equals_the_composed_layers(monkeypatch, chunked):
+def test_one_node_lora_mlp_over_4bit_projections_equals_the_composed_layers(monkeypatch, chunked, device):
     """kernels.lora_mlp takes QuantLinear layers in place of weights: output and every gradient
     equal the three one-node QLoRA linears around the gated activation (also with row chunks)."""
     from deltatune.kernels import LoraParams, lora_mlp
@@ -248,15 +249,17 @@ def test_one_node_lora_mlp_over_4bit_projections_equals_the_composed_layers(monk
     from deltatune.quant.linear import quant_lora_linear
 
     if chunked:
-        monkeypatch.setattr(quant_linear, "CHUNK_ELEMENTS", 128 * 128)
+        for limit in ("CHUNK_ELEMENTS", "CUDA_CHUNK_ELEMENTS"):
+            monkeypatch.setattr(quant_linear, limit, 128 * 128)
     torch.manual_seed(3)
     hidden, inner = 128, 512
-    layers = [QuantLinear.from_linear(nn.Linear(i, o, bias=bias)) for i, o, bias in
+    layers = [QuantLinear.from_linear(nn.Linear(i, o, bias=bias)).to(device) for i, o, bias in
               ((hidden, inner, True), (hidden, inner, False), (inner, hidden, True))]
-    assert all((len(layer.row_chunks()) > 1) == chunked for layer in layers)
-    adapters = [(torch.randn(4, layer.in_features) * 0.1, torch.randn(layer.out_features, 4) * 0.1) for layer in layers]
+    assert all((len(layer.compute_chunks(device)) > 1) == chunked for layer in layers)
+    adapters = [(torch.randn(4, layer.in_features, device=device) * 0.1,
+                 torch.randn(layer.out_features, 4, device=device) * 0.1) for layer in layers]
     scalings = (2.0, 0.5, 1.5)
-    x = torch.randn(2, 7, hidden)
+    x = torch.randn(2, 7, hidden, device=device)
 
     def run(fused: bool):
         inp = x.clone().requires_grad_(True)
