@@ -166,15 +166,16 @@ class DeviceMemoryTrace:
         return best, best_at
 
 
-def memory_at_peak(model, loss_fn, optimizer, input_ids, path: str, title: str, rows: int = 25) -> None:
-    """Append to `path` what is in use at the peak of one training step, by allocation site.
+def memory_at_peak(model, loss_fn, optimizer, input_ids, path: str, title: str, rows: int = 25, steps: int = 1) -> None:
+    """Append to `path` what is in use at the peak of `steps` training steps, by allocation site.
 
     Memory held before the step is one line, CUDA-graph pools one line, everything else allocated
     during the step is grouped by the innermost Python frame outside torch.
     """
     try:
         with DeviceMemoryTrace(stacks=True) as recorded:
-            train_step(model, loss_fn, optimizer, input_ids)
+            for _ in range(steps):
+                train_step(model, loss_fn, optimizer, input_ids)
     except SystemError as error:
         # seen on torch 2.11 in an eager checkpointed QLoRA step: recording Python stacks while
         # autograd's thread recomputes a block; the diagnostic is lost, not the benchmark
@@ -242,14 +243,32 @@ def held_parts(model, optimizer, held: int) -> list[tuple[str, int]]:
     return parts + [("other (workspaces, caches, allocator rounding)", held - sum(n for _, n in parts))]
 
 
-def peak_of_warmup(model, loss_fn, optimizer, input_ids, steps: int) -> int:
-    """Exact peak device memory (DeviceMemoryTrace) over `steps` training steps from no captured
-    block graphs: the steps that capture them (and their warm-up) included. The shapes the timed
-    steps captured are captured again (their measured speedups are kept, not measured anew)."""
-    from deltatune.kernels import release_block_graphs
+class FirstStepsPeak:
+    """The exact peak (DeviceMemoryTrace) over a row's first `count` training steps, traced as they
+    run: what a fresh run of that shape needs, the block graphs' measurement, warm-up and capture
+    included. (Releasing the graphs after the timing and capturing again, as this script did
+    before, read 2,631 MiB for the 1.1B QLoRA step at batch 4 where a fresh run's first four steps
+    peak at 2,138: lent H200, 2026-12-03, scratch/held_census.py.) Call `started(i)` before and
+    `done(i)` after step i; `peak` is None until the last traced step is done."""
 
-    release_block_graphs(model, keep_measurements=True)
-    torch.cuda.empty_cache()
+    def __init__(self, count: int, enabled: bool = True) -> None:
+        self.count, self.enabled = count, enabled and count > 0 and torch.cuda.is_available()
+        self.trace: DeviceMemoryTrace | None = None
+        self.peak: int | None = None
+
+    def started(self, index: int) -> None:
+        if self.enabled and index == 0:
+            self.trace = DeviceMemoryTrace().__enter__()
+
+    def done(self, index: int) -> None:
+        if self.trace is not None and index == self.count - 1:
+            self.trace.__exit__(None, None, None)
+            self.peak, self.trace = self.trace.peak()[0], None
+
+
+def peak_of_steps(model, loss_fn, optimizer, input_ids, steps: int) -> int:
+    """Exact peak device memory (DeviceMemoryTrace, graph pools included) over `steps` more training
+    steps as the model stands (captured graphs replayed)."""
     with DeviceMemoryTrace() as recorded:
         for _ in range(steps):
             train_step(model, loss_fn, optimizer, input_ids)

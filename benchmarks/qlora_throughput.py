@@ -51,9 +51,10 @@ Step time is the median over the steps after warm-up, measured with CUDA events;
 time the host takes to enqueue one step when the GPU is idle (close to the step time: the step is
 bound by Python and launches). Peak memory is the most device memory in use (the model,
 adapters, optimizer state, activations, and every segment of the CUDA-graph pools, where graph
-temporaries live unseen by torch.cuda.max_memory_allocated) over the warm-up steps run again
-after the timing, from no captured block graphs, under the allocator's trace
-(_common.DeviceMemoryTrace): the steps that capture the graphs are the ones that need the most.
+temporaries live unseen by torch.cuda.max_memory_allocated) over the row's warm-up steps, traced
+as they run from no captured block graphs (measurement, warm-up and capture included), and one
+replayed step after the timing, under the allocator's trace (_common.FirstStepsPeak,
+DeviceMemoryTrace).
 "resident" is what stays allocated between steps. --memory-peak lists what is in use at one
 step's peak, by allocation site. Both libraries quantize the
 same bf16 weights to the same NF4 format and start LoRA B at zero with the same A, so their step-0
@@ -107,7 +108,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import (count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init, train_step,
+from _common import (FirstStepsPeak, count_graph_nodes, memory_at_peak, peak_of_steps, profile_steps, set_same_lora_init, train_step,
                      unsloth_lora_model)
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes, release_block_graphs
 from torch import nn
@@ -323,8 +324,10 @@ PROCESS_ALONE = ("unsloth",)  # patches transformers for the whole process: run 
 
 
 # ----------------------------------------------------------------------------- timing
-def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, clock: Clock, graphed: bool = False):
-    """(median step ms, median host ms to enqueue a step from an idle device, losses, graph nodes)."""
+def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, clock: Clock, graphed: bool = False,
+                first_peak: FirstStepsPeak | None = None):
+    """(median step ms, median host ms to enqueue a step from an idle device, losses, graph nodes);
+    `first_peak` traces the first steps' memory as they run."""
 
     def step():
         return train_step(model, loss_fn, optimizer, input_ids)
@@ -355,6 +358,8 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, c
 
     marks = []
     for i in range(steps):
+        if first_peak is not None:
+            first_peak.started(i)
         start = clock.mark()
         if graph is not None:
             loss = step()
@@ -367,6 +372,8 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps: int, warmup: int, c
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         marks.append((start, clock.mark()))
+        if first_peak is not None:
+            first_peak.done(i)
         losses.append(loss.detach().clone() if graph is not None else loss.detach())
     clock.sync()
     times = [clock.elapsed_ms(s, e) for s, e in marks][warmup:]
@@ -458,17 +465,19 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
             input_ids = make_batch(shape, result.batch, args.seed + 1, device)
             steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
             pinned_before = pinned_host_allocations(device)
+            first_peak = FirstStepsPeak(warmup, enabled=device.type == "cuda" and not graphed)
             median_ms, result.host_ms, result.losses, nodes = timed_steps(
-                wrapped, loss_fn, optimizer, input_ids, steps, warmup, clock, graphed=graphed)
+                wrapped, loss_fn, optimizer, input_ids, steps, warmup, clock, graphed=graphed, first_peak=first_peak)
             pinned = pinned_host_allocations(device)
             pinned = (pinned[0] - pinned_before[0], pinned[1] - pinned_before[1])
             result.step_ms = median_ms
             result.tokens_per_s = result.batch * shape.seq / (median_ms / 1000)
             if device.type == "cuda":
                 result.resident_gib = gib(torch.cuda.memory_allocated())
-                # the warm-up again under the allocator's trace: the exact peak, graph pools included
+                # the allocator's trace of the first steps (capture included) and of one more replayed
+                # step: the exact peak, graph pools included
                 result.peak_gib = gib(peak_memory_bytes() if graphed else
-                                      peak_of_warmup(wrapped, loss_fn, optimizer, input_ids, warmup + 1))
+                                      max(first_peak.peak or 0, peak_of_steps(wrapped, loss_fn, optimizer, input_ids, 1)))
             counted = ", ".join(f"{v} {k}" for k, v in nodes.items() if v)
             measured = ", ".join(f"{speedup:.2f}x" for speedup in block_graph_speedups(wrapped).values())
             counted += f" (replaying measured {measured} faster)" if measured else ""
@@ -659,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every mode this many times, the modes taking turns; a row reports the median "
-                             f"step and the spread of the repeats, flagged over {SPREAD_LIMIT:.0%}")
+                             f"step and the spread of the repeats, flagged over {SPREAD_LIMIT:.0%}".replace("%", "%%"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model: checks the script's logic in seconds")
     parser.add_argument("--dequant-bench", action="store_true", help="time the dequantization backends first")

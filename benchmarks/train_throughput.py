@@ -27,8 +27,9 @@ parameters), a fixed batch of random tokens, LoRA r=16 / alpha=32 on all seven p
 mode starts from the same initial weights; LoRA A gets the same random init in peft and deltatune,
 B starts at zero. Step time is the median over the steps after warm-up, measured with CUDA events;
 peak memory is the most device memory in use (weights, optimizer state, activations and the
-CUDA-graph pools' segments) over the warm-up steps run again after the timing, from no captured
-block graphs, under the allocator's trace (_common.DeviceMemoryTrace).
+CUDA-graph pools' segments) over the warm-up steps, traced as they run from no captured block
+graphs, and one replayed step after the timing, under the allocator's trace
+(_common.FirstStepsPeak, DeviceMemoryTrace).
 "host ms" is the time the host takes to enqueue one step when the GPU is idle: well below the
 step time, the GPU sets the pace; close to it, either Python and launch overhead do, or the host
 ran far enough ahead to fill CUDA's launch queue and waited there (benchmarks/host_profile.py
@@ -54,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import count_graph_nodes, memory_at_peak, peak_of_warmup, profile_steps, set_same_lora_init, train_step, unsloth_lora_model
+from _common import FirstStepsPeak, count_graph_nodes, memory_at_peak, peak_of_steps, profile_steps, set_same_lora_init, train_step, unsloth_lora_model
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes
 from torch import nn
 
@@ -246,8 +247,10 @@ def offloaded(loss_fn):
 
 
 # ----------------------------------------------------------------------------- timing
-def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup, graphed=False) -> tuple[float, float, list[float], dict]:
-    """Median step time (CUDA events), median host time to enqueue one step from an idle GPU, losses."""
+def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup, graphed=False,
+                first_peak: FirstStepsPeak | None = None) -> tuple[float, float, list[float], dict]:
+    """Median step time (CUDA events), median host time to enqueue one step from an idle GPU, losses;
+    `first_peak` traces the first steps' memory as they run."""
 
     def step():
         return train_step(model, loss_fn, optimizer, input_ids)
@@ -270,12 +273,16 @@ def timed_steps(model, loss_fn, optimizer, input_ids, steps, warmup, graphed=Fal
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
     losses, graph_nodes = [], {}
     for i in range(steps):
+        if first_peak is not None:
+            first_peak.started(i)
         starts[i].record()
         loss = step()
         if i == min(2, steps - 1) and not graphed:  # block graphs are captured on the second step
             graph_nodes = {name: count_graph_nodes(loss, name) for name in ("LoraLinearFunction", "LoraMLPFunction", "ReplayBlock")}
         ends[i].record()
         losses.append(loss.detach())
+        if first_peak is not None:
+            first_peak.done(i)
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)][warmup:]
     host_times = []
@@ -336,14 +343,16 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             raise ValueError(f"unknown mode {mode!r}")
         input_ids = make_batch(shape, args.seed + 1)
         steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
+        first_peak = FirstStepsPeak(warmup, enabled=mode != "deltatune-graphed")
         median_ms, result.host_ms, result.losses, nodes = timed_steps(
-            wrapped, loss_fn, optimizer, input_ids, steps, warmup, graphed=mode == "deltatune-graphed"
+            wrapped, loss_fn, optimizer, input_ids, steps, warmup, graphed=mode == "deltatune-graphed", first_peak=first_peak
         )
         result.step_ms = median_ms
         result.tokens_per_s = shape.batch * shape.seq / (median_ms / 1000)
-        # the warm-up again under the allocator's trace: the exact peak, graph pools included
+        # the allocator's trace of the first steps (capture included) and of one more replayed step:
+        # the exact peak, graph pools included
         result.peak_gib = (peak_memory_bytes() if mode == "deltatune-graphed" else
-                           peak_of_warmup(wrapped, loss_fn, optimizer, input_ids, warmup + 1)) / 2**30
+                           max(first_peak.peak or 0, peak_of_steps(wrapped, loss_fn, optimizer, input_ids, 1))) / 2**30
         if mode == "deltatune-graphed":
             result.note = "whole step replayed as one CUDA graph (kernels.GraphedTrainStep)"
         elif mode.startswith("deltatune"):

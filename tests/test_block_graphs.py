@@ -50,6 +50,20 @@ def test_arguments_flatten_and_refill_in_order():
     assert block_graphs._flatten((a,), {"past_key_values": object()}) is None
 
 
+def test_blocks_that_differ_only_in_which_inputs_need_grad_are_one_kind():
+    """The first block's hidden states come from a frozen embedding, the next ones' need grad: one
+    kind, measured and warmed up once, the warm-up differentiating the hidden states for both."""
+    autocast = (False, torch.bfloat16)
+    hidden, rotary = torch.ones(2, 16, 64), torch.ones(16, 8)
+    first = (block_graphs._flatten((hidden,), {"cos": rotary})[1], autocast, nn.Linear)
+    later = (block_graphs._flatten((hidden.clone().requires_grad_(),), {"cos": rotary})[1], autocast, nn.Linear)
+    longer = (block_graphs._flatten((torch.ones(2, 32, 64),), {"cos": rotary})[1], autocast, nn.Linear)
+    assert first != later and block_graphs._kind(first) == block_graphs._kind(later) != block_graphs._kind(longer)
+    assert block_graphs._widened([hidden, rotary], [], torch.empty(2, 16, 64)) == [0]
+    assert block_graphs._widened([hidden, rotary], [1], torch.empty(2, 16, 64)) == [0, 1]
+    assert block_graphs._widened([hidden, rotary], [], torch.empty(2, 16, 64, dtype=torch.float16)) == []
+
+
 def test_a_calls_skeleton_keeps_its_constants_and_no_tensor():
     a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 5.0)
     args, kwargs = (a,), {"position_embeddings": (b, c), "use_cache": False}
@@ -158,9 +172,15 @@ def test_training_through_the_graphs_equals_eager_checkpointing(monkeypatch, acc
     ref = _steps(eager, batches, opt_e, monkeypatch, graphs_on=False, accumulate=accumulate)
     got = _steps(graphed, batches, opt_g, monkeypatch, graphs_on=True, accumulate=accumulate)
     graphs = graphs_of(graphed)
-    assert graphs_of(eager).replays == 0 and graphs.replays > 0 and len(graphs.signatures) == 1
+    assert graphs_of(eager).replays == 0 and graphs.replays > 0
+    # the first block's input (frozen embeddings) needs no gradient, the second's does: two
+    # signatures of one kind, warmed up once
+    assert len(graphs.signatures) == 2 and len({block_graphs._kind(s) for s in graphs.signatures}) == 1
     assert not graphs.speedups  # DELTATUNE_BLOCK_GRAPHS=1: captured without measuring
     assert graphs.captures == 2 and len(warm_ups) == 1  # the second block of the same kind and shape: no warm-up
+    # the output is written into the input's buffer and the input's gradient over the output's
+    roles = [key[0][0] for key in graphs.buffers]
+    assert "out" not in roles and "grad_in" not in roles and "in" in roles and "grad_out" in roles
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     _assert_same_adapters(eager, graphed, 1e-5)
     assert (graphs.host is not None and graphs.host.copies > 0) == offload
@@ -200,7 +220,9 @@ def test_new_shapes_adapter_switches_and_two_forwards_before_backward(monkeypatc
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
     graphs = graphs_of(graphed)
-    assert len(graphs.signatures) == 2 and graphs.replays > 0
+    # two shapes, each met by the first block (its input needs no gradient) and the second: two kinds
+    assert len(graphs.signatures) == 4 and len({block_graphs._kind(s) for s in graphs.signatures}) == 2
+    assert graphs.replays > 0
     # two shapes and the other adapter, two blocks each; switching back replayed the kept capture
     assert graphs.captures == 3 * 2
 
@@ -332,7 +354,8 @@ def test_a_block_that_returns_more_than_a_tensor_keeps_its_own_checkpointing(mon
     ids = torch.randint(0, 97, (2, 16), device="cuda")
     model(input_ids=ids, labels=ids).loss.backward()
     graphs = graphs_of(model)
-    assert graphs.eager_calls == 0 and len(graphs.refused) == 1
+    # refused for the first block's signature and the next one's (its input needs a gradient)
+    assert graphs.eager_calls == 0 and len(graphs.refused) == 2
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -403,11 +426,11 @@ def test_measured_speedups_are_reported_per_shape_and_released_with_the_graphs()
     graphs = graphs_of(model)
     block_type = type(model.model.model.layers[0])
     autocast = (False, torch.bfloat16)
-    for needs_grad, speedup in ((False, 1.02), (True, 1.4)):
-        _, layout = block_graphs._flatten((torch.ones(2, 16, 64, requires_grad=needs_grad),), {"use_cache": False})
-        graphs.speedups[(layout, autocast, block_type)] = speedup
+    for length, speedup in ((16, 1.02), (32, 1.4)):
+        _, layout = block_graphs._flatten((torch.ones(2, length, 64),), {"use_cache": False})
+        graphs.speedups[block_graphs._kind((layout, autocast, block_type))] = speedup
     name = block_type.__name__
-    assert block_graph_speedups(model) == {f"{name} (2, 16, 64) (no input gradient)": 1.02, f"{name} (2, 16, 64)": 1.4}
+    assert block_graph_speedups(model) == {f"{name} (2, 16, 64)": 1.02, f"{name} (2, 32, 64)": 1.4}
     assert release_block_graphs(model, keep_measurements=True) == 0  # nothing was captured on a CPU
     assert len(block_graph_speedups(model)) == 2  # the same shapes would be captured again unmeasured
     assert release_block_graphs(model) == 0

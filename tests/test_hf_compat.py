@@ -72,6 +72,39 @@ def test_checkpointing_is_enabled_under_whichever_name_the_model_has():
     assert hf_compat.checkpointing_enabled(model)
 
 
+def _first_block_input_needs_grad(model, ids) -> bool:
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).requires_grad),
+        with_kwargs=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    hook.remove()
+    return seen[0]
+
+
+def test_non_reentrant_checkpointing_leaves_the_frozen_embeddings_output_without_grad():
+    """transformers 5 hooks the embeddings to make their output require grad whatever the
+    checkpointing; only reentrant checkpointing needs it (else the first block differentiates its
+    input for nothing). Hooks the user added before stay; gradients are the same either way."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (2, 7))
+    plain, reentrant, own = tiny_llama(), tiny_llama(), tiny_llama()
+    for model in (plain, reentrant, own):
+        model.load_state_dict(plain.state_dict())
+        model.model.embed_tokens.weight.requires_grad_(False)
+        model.train()
+    own.enable_input_require_grads()
+    hf_compat.enable_checkpointing(plain, {"use_reentrant": False})
+    hf_compat.enable_checkpointing(reentrant, {"use_reentrant": True})
+    hf_compat.enable_checkpointing(own, {"use_reentrant": False})
+    assert not _first_block_input_needs_grad(plain, ids)
+    assert _first_block_input_needs_grad(reentrant, ids) and _first_block_input_needs_grad(own, ids)
+    assert len(own._require_grads_hooks) == 1  # the user's own, still in transformers' list
+    for name, param in plain.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, dict(reentrant.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
+
+
 def test_module_kinds():
     gpt2, llama = tiny_gpt2(), tiny_llama()
     assert hf_compat.is_conv1d(gpt2.transformer.h[0].attn.c_attn) and not hf_compat.is_conv1d(llama.lm_head)

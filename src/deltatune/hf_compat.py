@@ -458,12 +458,33 @@ def enable_checkpointing(model: nn.Module, checkpoint_kwargs: dict | None = None
     """Turn on activation checkpointing of a transformers model under whichever name it has
     (`activation_checkpointing_enable` since 5.x, `gradient_checkpointing_enable` before);
     `options` (every_n_layers, offload) only where given, for releases that take them."""
+    hooks_before = list(getattr(model, "_require_grads_hooks", None) or ())
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **options)
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **options)
     else:
         raise AttributeError(f"{type(model).__name__} has no activation checkpointing (not a transformers PreTrainedModel).")
+    if not (checkpoint_kwargs or {}).get("use_reentrant", True):
+        _drop_input_grad_hooks(model, hooks_before)
+
+
+def _drop_input_grad_hooks(model: nn.Module, keep: list) -> None:
+    """Remove the hooks transformers' checkpointing just added to make the embeddings' output
+    require grad (5.x adds them whatever the checkpointing): only reentrant checkpointing needs
+    them. With a frozen embedding they make the first block differentiate its input for nothing,
+    and that gradient, kept on the embeddings' output, lives until the step's graph is dropped.
+    Hooks that were there before (the user's own enable_input_require_grads) stay."""
+    added = [hook for hook in getattr(model, "_require_grads_hooks", None) or () if all(hook is not k for k in keep)]
+    if not added:
+        return
+    for hook in added:
+        hook.remove()
+    model._require_grads_hooks = list(keep)
+    if keep:
+        model._require_grads_hook = keep[0]
+    elif "_require_grads_hook" in vars(model):
+        del model._require_grads_hook
 
 
 def supports_checkpointing(model: nn.Module) -> bool:

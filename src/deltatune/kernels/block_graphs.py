@@ -146,6 +146,22 @@ class BlockGraphError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- arguments
+def _kind(signature: tuple) -> tuple:
+    """A signature without which of its tensors require grad. The first block's hidden states come
+    from a frozen embedding and need no gradient, the next blocks' do: one kind of block, measured
+    and warmed up once (_widened), since a second measurement or warm-up would run eagerly beside
+    the pool the first block's graphs filled, and be the run's peak."""
+    layout, *rest = signature
+    return (tuple(entry[:5] if entry[1] == "t" else entry for entry in layout), *rest)
+
+
+def _widened(tensors: list[torch.Tensor], differentiable: list[int], output_like: torch.Tensor) -> list[int]:
+    """The inputs a block's warm-up and measurement differentiate: those that require grad, and any
+    shaped like its output (the hidden states), so that they stand for every block of the kind."""
+    return [i for i, t in enumerate(tensors)
+            if i in differentiable or (t.shape == output_like.shape and t.dtype == output_like.dtype)]
+
+
 def _flatten(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], tuple] | None:
     """The tensors among a block's arguments and a hashable description of the rest, or None
     where an argument is neither a tensor, a tuple/list of tensors nor a constant."""
@@ -256,7 +272,8 @@ class _Captured:
     """The forward and backward graphs of one block for one signature, and where they read and write."""
 
     def __init__(self, owner: "BlockGraphs", block: nn.Module, call_args: tuple, call_kwargs: dict,
-                 tensors: list[torch.Tensor], trainable: list[nn.Parameter], output_like: torch.Tensor | None) -> None:
+                 tensors: list[torch.Tensor], trainable: list[nn.Parameter],
+                 warmed: tuple[torch.Tensor, frozenset[int]] | None) -> None:
         # weak: the model's BlockGraphs owns this capture, and a capture must not keep it (and
         # its graphs' memory) alive after the model is gone
         self.owner = weakref.proxy(owner)
@@ -267,7 +284,10 @@ class _Captured:
         self.fill(tuple(tensors))
         self.param_dtype = trainable[0].dtype if trainable else torch.float32
         self.grad_sizes = [p.numel() for p in trainable]
-        self._capture(block, call_args, call_kwargs, output_like)
+        if warmed is not None and not set(self.differentiable) <= warmed[1]:
+            warmed = None  # that warm-up did not differentiate an input this block does
+        self.warmed_for = warmed[1] if warmed is not None else frozenset()
+        self._capture(block, call_args, call_kwargs, warmed[0] if warmed is not None else None)
 
     def _forward_body(self, block, call_args, call_kwargs) -> None:
         with torch.no_grad():
@@ -276,13 +296,17 @@ class _Captured:
             raise TypeError(f"{type(block).__name__} returns {type(out).__name__}, not one tensor")
         self.output.copy_(out)
 
-    def _backward_body(self, block, call_args, call_kwargs) -> None:
-        grads = _block_gradients(block, call_args, call_kwargs, self.inputs, self.differentiable, self.trainable,
+    def _backward_body(self, block, call_args, call_kwargs, differentiable: list[int] | None = None) -> None:
+        differentiable = self.differentiable if differentiable is None else differentiable
+        grads = _block_gradients(block, call_args, call_kwargs, self.inputs, differentiable, self.trainable,
                                  self.grad_output)
-        for index, grad in zip(self.differentiable, grads):
-            target = self.input_grads[index]
-            target.zero_() if grad is None else target.copy_(grad)
-        param_grads = grads[len(self.differentiable):]
+        # the output's gradient buffer last: another input's gradient may still be a view of it
+        slot = getattr(self, "output_slot", None)
+        for index, grad in sorted(zip(differentiable, grads), key=lambda pair: pair[0] == slot):
+            target = self.input_grads.get(index)
+            if target is not None:  # (a warm-up differentiates more inputs than the capture keeps)
+                target.zero_() if grad is None else target.copy_(grad)
+        param_grads = grads[len(differentiable):]
         if param_grads:
             flat = [torch.zeros_like(p).view(-1) if g is None else g.reshape(-1).to(self.param_dtype)
                     for g, p in zip(param_grads, self.trainable)]
@@ -333,25 +357,43 @@ class _Captured:
             if not isinstance(probe, torch.Tensor):
                 raise TypeError(f"{type(block).__name__} returns {type(probe).__name__}, not one tensor")
             self._shape_buffers(probe)
+            wide = _widened(self.inputs, self.differentiable, probe)
             del probe
             self._forward_body(block, call_args, call_kwargs)
-            self._backward_body(block, call_args, call_kwargs)
+            self._backward_body(block, call_args, call_kwargs, wide)
+        self.warmed_for = frozenset(wide)
 
     def _shape_buffers(self, output_like: torch.Tensor) -> None:
         """The shared buffers the graphs write: the output, its gradient, the inputs' and the
         parameters' gradients."""
         owner = self.owner
-        self.output = owner.buffer(("out",), output_like)
+        # The forward writes its output last, when the block has read its input for good, and the
+        # backward the input's gradient once it has read the output's: so the output goes into the
+        # input's buffer where they have one shape (the hidden states), and that input's gradient
+        # over the output's gradient. Two hidden-state-sized buffers fewer held for the whole run.
+        self.output_slot = next((i for i, t in enumerate(self.inputs)
+                                 if t.shape == output_like.shape and t.dtype == output_like.dtype), None)
+        if self.output_slot is None:
+            self.output = owner.buffer(("out",), output_like)
+        else:
+            self.output = self.inputs[self.output_slot]
+            owner.last_copied.pop(id(self.output), None)  # the warm-up's forward writes over it
         self.grad_output = owner.buffer(("grad_out",), output_like)
         self.grad_output.zero_()
-        self.input_grads = {i: owner.buffer(("grad_in", i), self.inputs[i]) for i in self.differentiable}
+        self.input_grads = {i: self.grad_output if i == self.output_slot else owner.buffer(("grad_in", i), self.inputs[i])
+                            for i in self.differentiable}
         total = sum(self.grad_sizes)
         self.flat_grads = owner.buffer(("grads",), torch.empty(total, dtype=self.param_dtype, device=output_like.device))
 
     # -- replay ---------------------------------------------------------------------------------
     def fill(self, tensors: tuple[torch.Tensor, ...]) -> None:
-        for buffer, tensor in zip(self.inputs, tensors):
-            self.owner.copy_in(buffer, tensor)
+        for index, (buffer, tensor) in enumerate(zip(self.inputs, tensors)):
+            if index == getattr(self, "output_slot", None):
+                # the forward replay writes its output over this buffer: never "already holds it"
+                buffer.copy_(tensor)
+                self.owner.last_copied.pop(id(buffer), None)
+            else:
+                self.owner.copy_in(buffer, tensor)
 
     def forward(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         self.fill(tensors)
@@ -416,11 +458,12 @@ def _block_gradients(block: nn.Module, call_args: tuple, call_kwargs: dict, inpu
 
 def _eager_checkpointed_step(block: nn.Module, call_args: tuple, call_kwargs: dict, tensors: list[torch.Tensor],
                              trainable: list[nn.Parameter]) -> None:
-    """What a checkpointed block costs eagerly: its forward under no_grad, then its recompute and
-    backward (gradients thrown away; nothing in the model changes)."""
+    """What a checkpointed block of this kind costs eagerly: its forward under no_grad, then its
+    recompute and backward, its hidden states differentiated as any but the first block's are
+    (_widened; gradients thrown away; nothing in the model changes)."""
     with torch.no_grad():
         out = _run_block(block, call_args, call_kwargs, tensors)
-    differentiable = [i for i, t in enumerate(tensors) if t.requires_grad]
+    differentiable = _widened(tensors, [i for i, t in enumerate(tensors) if t.requires_grad], out)
     _block_gradients(block, call_args, call_kwargs, tensors, differentiable, trainable, torch.ones_like(out))
 
 
@@ -692,9 +735,10 @@ class BlockGraphs:
         self.sightings: dict[tuple[int, Hashable], int] = {}
         self.signatures: set[Hashable] = set()
         self.refused: set[Hashable] = set()
-        # per signature and block variant, the output buffer of the capture that warmed up for it
-        self.warmed: dict[Hashable, torch.Tensor] = {}
-        # per signature: how much faster replaying was measured to be (replay_speedup), and
+        # per kind of signature (_kind) and block variant: the output buffer of the capture that
+        # warmed up for it, and which inputs that warm-up differentiated
+        self.warmed: dict[Hashable, tuple[torch.Tensor, frozenset[int]]] = {}
+        # per kind of signature: how much faster replaying was measured to be (replay_speedup), and
         # whether that pays for a capture (MIN_SPEEDUP)
         self.speedups: dict[Hashable, float] = {}
         self.last_copied: dict[int, tuple[weakref.ref, int]] = {}
@@ -734,15 +778,16 @@ class BlockGraphs:
         return self.host
 
     def _pays(self, signature, block, args, kwargs, tensors, trainable, autocast) -> bool:
-        """Whether capturing this signature is worth its memory, measured once per signature."""
-        if signature not in self.speedups:
+        """Whether capturing this signature is worth its memory, measured once per kind (_kind)."""
+        kind = _kind(signature)
+        if kind not in self.speedups:
             with torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
                 speedup = replay_speedup(lambda: _eager_checkpointed_step(block, args, kwargs, tensors, trainable))
-            self.speedups[signature] = speedup
+            self.speedups[kind] = speedup
             logger.info("deltatune: %s with inputs %s would run %.2fx faster replayed: %s", type(block).__name__,
                         [tuple(t.shape) for t in tensors], speedup,
                         "capturing it" if speedup >= MIN_SPEEDUP else "it runs eagerly (the GPU sets the pace)")
-        return self.speedups[signature] >= MIN_SPEEDUP
+        return self.speedups[kind] >= MIN_SPEEDUP
 
     def clear(self, keep_measurements: bool = False) -> None:
         self.captured.clear()
@@ -753,6 +798,8 @@ class BlockGraphs:
         self.buffers.clear()
         self.warmed.clear()
         self.last_copied.clear()
+        # (the capture stream stays: cuBLAS keeps a workspace per stream for good, so a new stream
+        # per release would leave one behind each time)
         self.pool = None
         self.host = None  # its pinned buffers go with the last input waiting in them
 
@@ -830,8 +877,9 @@ class BlockGraphs:
             return None
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        if self.stream is None or self.stream.device != tensors[0].device:
             self.stream = torch.cuda.Stream(device=tensors[0].device)
-        warm_key = (signature, hf_compat.block_variant(block))
+        warm_key = (_kind(signature), hf_compat.block_variant(block))
         try:
             with torch.autocast("cuda", dtype=autocast[1], enabled=autocast[0], cache_enabled=False):
                 captured = _Captured(self, block, args, kwargs, tensors, trainable, self.warmed.get(warm_key))
@@ -843,7 +891,7 @@ class BlockGraphs:
                            type(block).__name__, type(error).__name__, error)
             return None
         self.signatures.add(signature)
-        self.warmed[warm_key] = captured.output
+        self.warmed[warm_key] = (captured.output, captured.warmed_for)
         self.captured[key] = captured
         self.captures += 1
         # Keep a few states per block and signature (adapters switched back and forth replay without

@@ -258,11 +258,9 @@ def block_graph_speedups(model: nn.Module) -> dict[str, float]:
     speedups = {}
     for graphs in _model_graphs(model):
         for (layout, _, block_type), speedup in graphs.speedups.items():
-            tensors = [entry for entry in layout if entry[1] == "t"]  # (name, "t", shape, dtype, device, requires_grad)
+            tensors = [entry for entry in layout if entry[1] == "t"]  # (name, "t", shape, dtype, device)
             label = f"{block_type.__name__} {tuple(tensors[0][2]) if tensors else ()}"
-            if not any(entry[5] for entry in tensors):
-                label += " (no input gradient)"  # the first block: the embeddings do not train
-            while label in speedups:
+            while label in speedups:  # other constants or dtypes, one shape
                 label += "'"
             speedups[label] = speedup
     return speedups
