@@ -243,6 +243,19 @@ def held_parts(model, optimizer, held: int) -> list[tuple[str, int]]:
     return parts + [("other (workspaces, caches, allocator rounding)", held - sum(n for _, n in parts))]
 
 
+def settled_warmup(steps: int, warmup: int) -> tuple[int, int]:
+    """(steps, warmup) with the warm-up covering the steps in which deltatune's block graphs may
+    still measure and capture (a reading against capturing is taken again in the next steps:
+    kernels.block_graphs.MEASUREMENTS), the timed steps as many as asked."""
+    from deltatune.kernels import block_graphs
+
+    floor = block_graphs.CAPTURE_ON_SIGHTING + block_graphs.MEASUREMENTS - 1
+    if warmup >= floor:
+        return steps, warmup
+    print(f"(warm-up raised from {warmup} to {floor} steps: the block graphs' measurement steps)")
+    return steps + floor - warmup, floor
+
+
 class FirstStepsPeak:
     """The exact peak (DeviceMemoryTrace) over a row's first `count` training steps, traced as they
     run: what a fresh run of that shape needs, the block graphs' measurement, warm-up and capture

@@ -108,7 +108,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import (FirstStepsPeak, count_graph_nodes, memory_at_peak, peak_of_steps, profile_steps, set_same_lora_init, train_step,
+from _common import (FirstStepsPeak, settled_warmup, count_graph_nodes, memory_at_peak, peak_of_steps, profile_steps, set_same_lora_init, train_step,
                      unsloth_lora_model)
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes, release_block_graphs
 from torch import nn
@@ -464,6 +464,7 @@ def run_mode(mode: str, shape_key: str, shape: Shape, args, device: torch.device
                 torch.cuda.reset_peak_memory_stats()
             input_ids = make_batch(shape, result.batch, args.seed + 1, device)
             steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
+            steps, warmup = settled_warmup(steps, warmup)
             pinned_before = pinned_host_allocations(device)
             first_peak = FirstStepsPeak(warmup, enabled=device.type == "cuda" and not graphed)
             median_ms, result.host_ms, result.losses, nodes = timed_steps(

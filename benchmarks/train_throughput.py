@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from _common import FirstStepsPeak, count_graph_nodes, memory_at_peak, peak_of_steps, profile_steps, set_same_lora_init, train_step, unsloth_lora_model
+from _common import FirstStepsPeak, settled_warmup, count_graph_nodes, memory_at_peak, peak_of_steps, profile_steps, set_same_lora_init, train_step, unsloth_lora_model
 from deltatune.kernels import block_graph_speedups, peak_memory_bytes
 from torch import nn
 
@@ -343,6 +343,7 @@ def run_mode(mode: str, shape: Shape, checkpointing: bool, args) -> Result:
             raise ValueError(f"unknown mode {mode!r}")
         input_ids = make_batch(shape, args.seed + 1)
         steps, warmup = (args.steps, args.warmup) if shape.layers <= 16 else (args.big_steps, args.big_warmup)
+        steps, warmup = settled_warmup(steps, warmup)
         first_peak = FirstStepsPeak(warmup, enabled=mode != "deltatune-graphed")
         median_ms, result.host_ms, result.losses, nodes = timed_steps(
             wrapped, loss_fn, optimizer, input_ids, steps, warmup, graphed=mode == "deltatune-graphed", first_peak=first_peak

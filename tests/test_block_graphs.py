@@ -64,6 +64,31 @@ def test_blocks_that_differ_only_in_which_inputs_need_grad_are_one_kind():
     assert block_graphs._widened([hidden, rotary], [], torch.empty(2, 16, 64, dtype=torch.float16)) == []
 
 
+def test_a_reading_against_capturing_is_taken_again_in_the_next_steps(monkeypatch):
+    """The first reading may be low by chance (one process of four read 1.08x, the others
+    1.27-1.59x): a "no" is measured again when the first block comes round in the next steps, up to
+    MEASUREMENTS readings; the best decides, and a "yes" is never measured again."""
+    readings = iter([1.0, 1.3, 2.0])
+    taken = []
+    monkeypatch.setattr(block_graphs, "replay_speedup", lambda run: taken.append(1) or next(readings))
+    graphs = block_graphs.BlockGraphs()
+    signature = (block_graphs._flatten((torch.ones(2, 16, 64),), {})[1], (False, torch.bfloat16), nn.Linear)
+
+    def pays(seen: int) -> bool:
+        return graphs._pays(signature, None, (), {}, [], [], (False, torch.bfloat16), seen)
+
+    first = block_graphs.CAPTURE_ON_SIGHTING
+    assert not pays(first) and len(taken) == 1
+    assert not pays(first) and len(taken) == 1  # the next block of the same step: not measured again
+    assert pays(first + 1) and len(taken) == 2  # the first block in the next step: 1.3x, captured
+    assert pays(first + 2) and len(taken) == 2
+    assert graphs.speedups[block_graphs._kind(signature)] == 1.3
+    always_low = iter([1.0] * 10)
+    monkeypatch.setattr(block_graphs, "replay_speedup", lambda run: taken.append(1) or next(always_low))
+    graphs.clear()
+    assert not any(pays(first + i) for i in range(6)) and len(taken) == 2 + block_graphs.MEASUREMENTS
+
+
 def test_a_calls_skeleton_keeps_its_constants_and_no_tensor():
     a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 5.0)
     args, kwargs = (a,), {"position_embeddings": (b, c), "use_cache": False}
@@ -535,7 +560,9 @@ def test_a_shape_is_captured_only_where_replaying_pays(monkeypatch, speedup):
         opt_g.zero_grad(set_to_none=True)
     torch.testing.assert_close(torch.stack(got), ref, rtol=1e-5, atol=1e-5)
     graphs = graphs_of(graphed)
-    assert len(measured) == 1, "measured once per shape, not per block or step"
+    # once per shape, not per block or step; a "no" read again in the next steps, the best kept
+    pays = speedup > block_graphs.MIN_SPEEDUP
+    assert len(measured) == (1 if pays else block_graphs.MEASUREMENTS)
     assert (graphs.captures, graphs.replays > 0) == ((2, True) if speedup > block_graphs.MIN_SPEEDUP else (0, False))
     from deltatune.kernels import release_block_graphs
 
