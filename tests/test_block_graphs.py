@@ -89,6 +89,15 @@ def test_a_reading_against_capturing_is_taken_again_in_the_next_steps(monkeypatc
     assert not any(pays(first + i) for i in range(6)) and len(taken) == 2 + block_graphs.MEASUREMENTS
 
 
+def test_releasing_the_graphs_keeps_the_capture_stream():
+    # cuBLAS keeps a workspace per stream for good: a new capture stream per release would leak them
+    graphs = block_graphs.BlockGraphs()
+    stream = object()  # stands in for the torch.cuda.Stream a capture made
+    graphs.stream = stream
+    graphs.clear()
+    assert graphs.stream is stream and graphs.pool is None
+
+
 def test_a_calls_skeleton_keeps_its_constants_and_no_tensor():
     a, b, c = torch.ones(2), torch.zeros(3), torch.full((1,), 5.0)
     args, kwargs = (a,), {"position_embeddings": (b, c), "use_cache": False}
@@ -344,6 +353,32 @@ def test_host_checkpoints_hold_two_inputs_on_the_gpu_however_far_the_host_runs_a
     assert [len(slots) for slots in host.pinned.values()] == [n]  # the second step reused the first's
     with pytest.raises(block_graphs.BlockGraphError, match="fetched back twice"):
         host.fetch(copies[0])
+
+
+@cuda
+def test_a_replayed_block_frees_its_fetched_input_before_the_next_fetch():
+    # _ReplayBlock.backward copies the fetched input into the graph's own buffer, drops it, and only
+    # then starts fetching the next block's input: one fetched input on the GPU at a time, not two
+    host = block_graphs._HostCheckpoints(torch.device("cuda"))
+    n, numel = 6, 1 << 18  # 1 MiB of float32 each
+    copies = []
+    for i in range(n):
+        source = torch.full((numel,), float(i), device="cuda")
+        copies.append(host.offload(source))
+        host.settle(copies[-1])
+    del source
+    graph_buffer = torch.empty(numel, device="cuda")
+    base, extra, sums = torch.cuda.memory_allocated(), 0, []
+    for waiting in reversed(copies):
+        fetched = host.fetch(waiting, then_prefetch=False)
+        graph_buffer.copy_(fetched)
+        del fetched
+        host.prefetch_previous(waiting)
+        extra = max(extra, torch.cuda.memory_allocated() - base)
+        sums.append(graph_buffer.sum())
+    assert extra <= 4 * numel + (1 << 16)  # only the input being fetched
+    torch.cuda.synchronize()
+    assert [s.item() for s in sums] == [float(i) * numel for i in reversed(range(n))]
 
 
 @cuda

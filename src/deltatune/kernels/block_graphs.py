@@ -284,6 +284,7 @@ class _Captured:
         self.owner = weakref.proxy(owner)
         self.trainable = trainable
         self.differentiable = [i for i, t in enumerate(tensors) if t.requires_grad]
+        self.output_slot: int | None = None  # the input whose buffer the output is written into (_shape_buffers)
         # shared by every block and signature of the model (filled before each replay)
         self.inputs = [owner.buffer(("in", i), t) for i, t in enumerate(tensors)]
         self.fill(tuple(tensors))
@@ -306,8 +307,7 @@ class _Captured:
         grads = _block_gradients(block, call_args, call_kwargs, self.inputs, differentiable, self.trainable,
                                  self.grad_output)
         # the output's gradient buffer last: another input's gradient may still be a view of it
-        slot = getattr(self, "output_slot", None)
-        for index, grad in sorted(zip(differentiable, grads), key=lambda pair: pair[0] == slot):
+        for index, grad in sorted(zip(differentiable, grads), key=lambda pair: pair[0] == self.output_slot):
             target = self.input_grads.get(index)
             if target is not None:  # (a warm-up differentiates more inputs than the capture keeps)
                 target.zero_() if grad is None else target.copy_(grad)
@@ -393,7 +393,7 @@ class _Captured:
     # -- replay ---------------------------------------------------------------------------------
     def fill(self, tensors: tuple[torch.Tensor, ...]) -> None:
         for index, (buffer, tensor) in enumerate(zip(self.inputs, tensors)):
-            if index == getattr(self, "output_slot", None):
+            if index == self.output_slot:
                 # the forward replay writes its output over this buffer: never "already holds it"
                 buffer.copy_(tensor)
                 self.owner.last_copied.pop(id(buffer), None)
