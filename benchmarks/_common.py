@@ -261,9 +261,8 @@ class FirstStepsPeak:
     run: what a fresh run of that shape needs, the block graphs' measurement, warm-up and capture
     included. (Releasing the graphs after the timing and capturing again, as this script did
     before, read 2,631 MiB for the 1.1B QLoRA step at batch 4 where a fresh run's first four steps
-    peak at 2,138: lent H200, 2026-12-03,
-    benchmarks/graph_memory_census.py 1b 4 peak.) Call `started(i)` before and
-    `done(i)` after step i; `peak` is None until the last traced step is done."""
+    peak at 2,138: lent H200, 2026-12-03, benchmarks/graph_memory_census.py 1b 4 peak.) Call
+    `started(i)` before and `done(i)` after step i; `peak` is None until the last traced step is done."""
 
     def __init__(self, count: int, enabled: bool = True) -> None:
         self.count, self.enabled = count, enabled and count > 0 and torch.cuda.is_available()
